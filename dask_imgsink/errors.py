@@ -1,0 +1,58 @@
+"""Errors raised for bad input rows, with the row's whereabouts and the fix."""
+
+from __future__ import annotations
+
+
+class RowProblem(ValueError):
+    """A problem with one row's value, before we know where the row sits.
+
+    Raised by the engine-free helpers (encoder, key rules); the writer adds the
+    partition, row and key and raises :class:`BadRowError`, or records the row
+    as skipped when ``on_error="skip"``.
+    """
+
+    def __init__(self, reason: str, fix: str = "") -> None:
+        self.reason = reason
+        self.fix = fix
+        super().__init__(f"{reason}. {fix}".strip() if fix else reason)
+
+
+class BadRowError(ValueError):
+    """A row that cannot be written; names the partition, row, key, reason and fix."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        fix: str = "",
+        partition: int | str | None = None,
+        row: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.fix = fix
+        self.partition = partition
+        self.row = row
+        self.key = key
+        where = []
+        if partition is not None:
+            where.append(f"partition {partition}")
+        if row is not None:
+            where.append(f"row {row}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        prefix = ", ".join(where)
+        text = f"{prefix}: {reason}" if prefix else reason
+        if fix:
+            text += f". Fix: {fix}"
+        super().__init__(text)
+
+    def __reduce__(self):  # keep the fields when Dask ships the error to the client
+        return (
+            _rebuild_bad_row,
+            (self.reason, self.fix, self.partition, self.row, self.key),
+        )
+
+
+def _rebuild_bad_row(reason, fix, partition, row, key) -> BadRowError:
+    return BadRowError(reason, fix=fix, partition=partition, row=row, key=key)

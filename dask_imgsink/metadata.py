@@ -1,0 +1,136 @@
+"""Per-shard Parquet metadata: one schema for every shard, typed user columns, key.json.
+
+Every shard's Parquet holds the writer's columns (:data:`WRITER_FIELDS`) followed
+by the user's metadata columns with their real Arrow types. The schema is fixed
+before any data is seen (from the DataFrame's ``meta``), so every shard, and an
+empty dataset, agree and ``dd.read_parquet(out)`` reads them together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: The writer's own columns, first in every shard's Parquet.
+WRITER_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("tar_file", pa.string(), nullable=False),
+    pa.field("member", pa.string(), nullable=False),
+    pa.field("offset", pa.int64(), nullable=False),
+    pa.field("size", pa.int64(), nullable=False),
+    pa.field("format", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("channels", pa.int8(), nullable=False),
+]
+WRITER_COLUMNS = [f.name for f in WRITER_FIELDS]
+
+#: Columns kept only in staged run indexes (exact packing): each sample's byte range.
+SAMPLE_RANGE_FIELDS = [pa.field("_sample_start", pa.int64()), pa.field("_sample_end", pa.int64())]
+
+SCHEMA_FIX = "pass metadata_schema={'column': pa.list_(pa.string()), ...} to give its Arrow type"
+
+
+def user_schema_from_meta(
+    meta: pd.DataFrame,
+    columns: list[str],
+    overrides: Mapping[str, pa.DataType] | pa.Schema | None = None,
+) -> pa.Schema:
+    """The Arrow schema of the user's metadata columns, from an empty frame.
+
+    Object columns hold no type information; they become ``string`` (what text
+    columns are when ``dataframe.convert-string`` is off) unless ``overrides``
+    names their type.
+
+    Raises
+    ------
+    ValueError
+        If a column clashes with one of :data:`WRITER_COLUMNS`.
+    """
+    clash = [c for c in columns if c in WRITER_COLUMNS or c in ("_sample_start", "_sample_end")]
+    if clash:
+        raise ValueError(
+            f"metadata column(s) {clash} clash with columns the writer adds to each shard's "
+            f"Parquet ({WRITER_COLUMNS}); rename them (ddf.rename(columns=...)) or choose "
+            "metadata_columns=[...] without them"
+        )
+    if isinstance(overrides, pa.Schema):
+        overrides = {f.name: f.type for f in overrides}
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(columns)
+    if unknown:
+        raise ValueError(f"metadata_schema names column(s) {sorted(unknown)} that are not metadata columns {columns}")
+    fields = []
+    for col in columns:
+        if col in overrides:
+            fields.append(pa.field(col, overrides[col]))
+        elif meta[col].dtype == object:
+            fields.append(pa.field(col, pa.string()))
+        else:
+            inferred = pa.Schema.from_pandas(meta[[col]], preserve_index=False).field(col)
+            fields.append(inferred)
+    return pa.schema(fields)
+
+
+def shard_schema(user_schema: pa.Schema) -> pa.Schema:
+    """Writer columns followed by the user's columns."""
+    return pa.schema(WRITER_FIELDS + list(user_schema))
+
+
+def user_table(frame: pd.DataFrame, schema: pa.Schema, where: str) -> pa.Table:
+    """Convert the user's metadata columns of a partition to Arrow with ``schema``.
+
+    Raises
+    ------
+    TypeError
+        Naming the column whose values do not fit its type, and the fix.
+    """
+    columns = []
+    for field in schema:
+        try:
+            columns.append(pa.Array.from_pandas(frame[field.name], type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise TypeError(
+                f"{where}: metadata column {field.name!r} does not fit Arrow type {field.type} "
+                f"({exc}); {SCHEMA_FIX}, or leave it out with metadata_columns=[...]"
+            ) from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def json_rows(table: pa.Table) -> list[bytes]:
+    """One UTF-8 JSON object per row (NaN becomes null, times become ISO strings)."""
+    return [
+        json.dumps(_json_value(row), default=_json_default, ensure_ascii=False, allow_nan=False).encode()
+        for row in table.to_pylist()
+    ]
+
+
+def write_parquet(table: pa.Table, fs, path: str) -> None:
+    """Write ``table`` to ``path`` on ``fs`` (an fsspec filesystem)."""
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
