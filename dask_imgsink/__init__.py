@@ -1,5 +1,6 @@
 """dask-imgsink: write Dask DataFrames of images as WebDataset shards with Parquet metadata."""
 
+from .accessor import WriteBag, to_webdataset
 from .encode import EncodedImage, EncodeOptions, encode_image
 from .errors import BadRowError
 from .stage import ImageWriterStage
@@ -15,5 +16,7 @@ __all__ = [
     "ImageBatch",
     "ImageObject",
     "ImageWriterStage",
+    "WriteBag",
     "encode_image",
+    "to_webdataset",
 ]

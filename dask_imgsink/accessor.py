@@ -1,0 +1,352 @@
+"""The Dask side: partitions -> write tasks -> (plan -> assemble) -> commit -> Bag[FileGroupTask].
+
+The graph reads like ``to_parquet``'s: one picklable per-partition writer
+(:class:`PartitionWriter`) holding the settings, then, for exact packing, a plan
+task and one assembly task per partition, then one barrier task that commits.
+Task names start with ``imgsink-`` so progress bars and the dashboard show
+what runs. Nothing here knows image formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from functools import partial
+from typing import Any, Mapping, Sequence
+
+import dask
+import dask.bag as db
+import dask.threaded
+import pandas as pd
+import pyarrow as pa
+from dask.base import tokenize
+from dask.dataframe.extensions import register_dataframe_accessor
+from dask.highlevelgraph import HighLevelGraph
+
+from .commit import commit_job, prepare_output
+from .encode import EncodeOptions
+from .keys import generated_key
+from .metadata import user_schema_from_meta, user_table
+from .options import WriteOptions
+from .packing import PartitionResult, ShardPlan, assemble_shards, plan_shards
+from .storage import join, remove_quietly, resolve
+from .tasks import FileGroupTask
+from .writer import Rows, ShardTarget, write_rows
+
+CONVERT_STRING_HELP = (
+    "Dask converts object columns to strings by default (the 'dataframe.convert-string' "
+    "setting), which turns arrays into their text repr and cannot hold encoded bytes. Fix: "
+    "build the DataFrame under `with dask.config.set({'dataframe.convert-string': False}): "
+    "ddf = dd.from_pandas(pdf, npartitions=...)`, or create the image column inside "
+    "`map_partitions` with an object `meta`, or hold encoded bytes in a "
+    "`pd.ArrowDtype(pa.binary())` column"
+)
+
+
+class WriteBag(db.Bag):
+    """A ``dask.bag.Bag`` of :class:`FileGroupTask` that computes on threads by default.
+
+    A plain Bag defaults to the multiprocessing scheduler, which would ship every
+    partition of images to subprocesses. Under a ``distributed.Client`` (or with
+    ``scheduler=``) the usual rules apply and the cluster runs it.
+    """
+
+    __dask_scheduler__ = staticmethod(dask.threaded.get)
+
+
+def check_image_dtype(dtype: Any, column: str, where: str = "") -> None:
+    """Raise ``TypeError`` unless ``dtype`` can hold images (object or Arrow binary)."""
+    if isinstance(dtype, pd.ArrowDtype):
+        if pa.types.is_binary(dtype.pyarrow_dtype) or pa.types.is_large_binary(dtype.pyarrow_dtype):
+            return
+        if pa.types.is_string(dtype.pyarrow_dtype) or pa.types.is_large_string(dtype.pyarrow_dtype):
+            raise TypeError(f"{where}the image column {column!r} has a string dtype ({dtype}). {CONVERT_STRING_HELP}")
+    if isinstance(dtype, pd.StringDtype):
+        raise TypeError(f"{where}the image column {column!r} has a string dtype ({dtype}). {CONVERT_STRING_HELP}")
+    if dtype == object:
+        return
+    raise TypeError(
+        f"{where}the image column {column!r} has dtype {dtype}; it must be an object column "
+        "(NumPy arrays, encoded bytes, PIL images or {'bytes', 'path'} dicts) or a "
+        "pd.ArrowDtype(pa.binary()) column of encoded bytes"
+    )
+
+
+def _column_values(frame: pd.DataFrame, column: str | None) -> list | None:
+    return None if column is None else frame[column].tolist()
+
+
+class PartitionWriter:
+    """Write one partition: encode its rows and stage its shards (or its run).
+
+    Called by Dask as ``writer(partition_frame, partition_index)``; returns a
+    :class:`~dask_imgsink.packing.PartitionResult`. Each call (each attempt,
+    should Dask rerun it) writes to a fresh staging folder, so a rerun never
+    collides with a lost attempt's files.
+    """
+
+    def __init__(self, opts: WriteOptions) -> None:
+        self.opts = opts
+
+    def __dask_tokenize__(self):
+        return ("dask_imgsink.PartitionWriter", *self.opts.token())
+
+    def __call__(self, frame: pd.DataFrame, partition: int) -> PartitionResult:
+        opts = self.opts
+        check_image_dtype(frame[opts.image_column].dtype, opts.image_column, f"partition {partition}: ")
+        exact = opts.packing == "exact"
+        if opts.key_column is None:
+            keys = [generated_key(opts.first_partition + partition, r) for r in range(len(frame))]
+        else:
+            keys = frame[opts.key_column].tolist()
+        rows = Rows(
+            images=frame[opts.image_column].tolist(),
+            keys=keys,
+            texts=_column_values(frame, opts.text_column),
+            labels=_column_values(frame, opts.label_column),
+            meta=user_table(frame, opts.user_schema, f"partition {partition}") if opts.metadata_columns else None,
+        )
+        fs, _ = resolve(opts.url, opts.storage_options)
+        attempt: list[str] = []
+
+        def target_for(chunk: int) -> ShardTarget:
+            if not attempt:
+                attempt.append(opts.new_attempt_dir(f"write-{partition:06d}"))
+                fs.makedirs(attempt[0], exist_ok=True)
+            if exact:
+                stem, tar_file = f"run-{partition:06d}", ""
+            else:
+                stem = opts.partition_stem(partition, chunk)
+                tar_file = f"{stem}.tar"
+            return ShardTarget(join(attempt[0], f"{stem}.tar"), join(attempt[0], f"{stem}.parquet"), tar_file)
+
+        try:
+            shards, skipped = write_rows(
+                rows,
+                fs=fs,
+                target_for=target_for,
+                images_per_tar=None if exact else opts.images_per_tar,
+                options=opts.encode,
+                on_error=opts.on_error,
+                partition=partition,
+                encode_threads=opts.encode_threads,
+                sample_ranges=exact,
+            )
+        except BaseException:
+            if attempt:
+                remove_quietly(fs, attempt[0], recursive=True)
+            raise
+        return PartitionResult(partition, len(frame), shards, skipped)
+
+
+def _commit_exact(plan: ShardPlan, assembled: list[list], num_partitions: int, opts: WriteOptions):
+    shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
+    return commit_job([(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped, num_partitions, opts)
+
+
+def _commit_per_partition(results: list[PartitionResult], num_partitions: int, opts: WriteOptions):
+    results = sorted(results, key=lambda r: r.partition)
+    shards = [(s, [r.partition]) for r in results for s in r.shards]
+    skipped = [s for r in results for s in r.skipped]
+    return commit_job(shards, sum(r.rows_in for r in results), skipped, num_partitions, opts)
+
+
+def to_webdataset(
+    ddf,
+    output_dir: str,
+    *,
+    image_column: str = "image",
+    key_column: str | None = None,
+    images_per_tar: int = 1000,
+    image_format: str = "jpeg",
+    quality: int = 92,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    metadata_columns: Sequence[str] | None = None,
+    metadata_schema: Mapping[str, pa.DataType] | pa.Schema | None = None,
+    deterministic_name: bool = True,
+    name_prefix: str = "shard",
+    encode_threads: int | None = None,
+    storage_options: dict | None = None,
+    packing: str = "exact",
+    mode: str = "error",
+    on_error: str = "raise",
+    jpeg_alpha: str = "error",
+    reencode: bool = False,
+    dataset_name: str | None = None,
+    compute: bool = False,
+    compute_kwargs: dict | None = None,
+) -> WriteBag | list[FileGroupTask]:
+    """Write a Dask DataFrame of images as WebDataset shards with Parquet metadata.
+
+    Each sample becomes ``key.jpg`` (or ``.png``/``.webp``, or the format of
+    already-encoded bytes) plus ``key.txt`` (``text_column``), ``key.cls``
+    (``label_column``) and ``key.json`` (metadata columns) in a ``.tar``; each
+    tar gets a ``.parquet`` with one row per image. The job then writes
+    ``_index.json`` (wids shard index), ``README.md`` (dataset card) and
+    ``_SUCCESS``.
+
+    Parameters
+    ----------
+    ddf : dask.dataframe.DataFrame
+        One row per image.
+    output_dir : str
+        Local path or fsspec URL of the dataset directory.
+    image_column : str, default "image"
+        Object column of NumPy arrays, encoded bytes, PIL images or
+        ``{"bytes", "path"}`` dicts, or a ``pd.ArrowDtype(pa.binary())`` column.
+    key_column : str, optional
+        Sample keys (no ``.``, ``/``, ``\\``, control characters; at most 95
+        bytes). By default keys are generated from partition and row, unique in
+        the dataset.
+    images_per_tar : int, default 1000
+        Images per shard.
+    image_format : {"jpeg", "png", "webp"}, default "jpeg"
+        Format of pixel inputs. Encoded bytes are kept as they are unless ``reencode``.
+    quality : int, default 92
+        JPEG/WebP quality.
+    text_column, label_column : str, optional
+        Columns written as ``key.txt`` and ``key.cls``.
+    metadata_columns : list of str, optional
+        Columns for ``key.json`` and the Parquet; default every column but the
+        image and key columns.
+    metadata_schema : dict or pyarrow.Schema, optional
+        Arrow types for metadata columns whose dtype does not say (object
+        columns default to ``string``).
+    deterministic_name : bool, default True
+        Same input and options give the same names and bytes. ``False`` puts a
+        job token in the shard names.
+    name_prefix : str, default "shard"
+        Shards are ``{name_prefix}-000000.tar``, ... (exact packing) or
+        ``{name_prefix}-{partition:06d}-{chunk:06d}.tar`` (per-partition).
+    encode_threads : int, optional
+        Encoder threads per worker process; default the worker's thread count
+        (or the CPUs of this process outside a worker).
+    storage_options : dict, optional
+        Passed to fsspec, as in ``dask.dataframe.to_parquet``.
+    packing : {"exact", "per_partition"}, default "exact"
+        ``"exact"``: every shard holds ``images_per_tar`` images but the last,
+        in row order, names contiguous. ``"per_partition"``: each partition
+        writes its own shards, with no cross-partition step.
+    mode : {"error", "overwrite", "append"}, default "error"
+        What to do when ``output_dir`` is not empty: refuse, replace the
+        dataset there (at commit time), or add shards after those listed in its
+        ``_index.json``.
+    on_error : {"raise", "skip"}, default "raise"
+        A bad row raises :class:`~dask_imgsink.BadRowError` naming its
+        partition, row and key, or is left out and recorded in ``_errors.parquet``.
+    jpeg_alpha : {"error", "drop", "white"}, default "error"
+        4-channel images written as JPEG: raise, drop alpha, or composite over white.
+    reencode : bool, default False
+        Re-encode encoded inputs whose format is not ``image_format``.
+    dataset_name : str, optional
+        Name in the index and card; default the directory's name.
+    compute : bool, default False
+        Run now and return the list of :class:`FileGroupTask`.
+    compute_kwargs : dict, optional
+        Passed to ``compute`` when ``compute=True``.
+
+    Returns
+    -------
+    WriteBag or list of FileGroupTask
+        A lazy ``dask.bag.Bag`` of one :class:`FileGroupTask` per shard pair
+        (nothing is written until computed), or the computed list.
+
+    Raises
+    ------
+    TypeError
+        If the image column cannot hold images (for example it became text
+        through ``dataframe.convert-string``).
+    ValueError
+        For an unknown column or option.
+    FileExistsError
+        ``mode="error"`` and ``output_dir`` is not empty.
+    """
+    columns = list(ddf.columns)
+    for name, col in (("image_column", image_column), ("key_column", key_column),
+                      ("text_column", text_column), ("label_column", label_column)):
+        if col is not None and col not in columns:
+            raise ValueError(f"{name}={col!r} is not a column of the DataFrame; columns: {columns}")
+    check_image_dtype(ddf._meta[image_column].dtype, image_column)
+    if metadata_columns is None:
+        metadata_columns = [c for c in columns if c not in (image_column, key_column)]
+    else:
+        metadata_columns = list(metadata_columns)
+        missing = [c for c in metadata_columns if c not in columns]
+        if missing:
+            raise ValueError(f"metadata_columns {missing} are not columns of the DataFrame; columns: {columns}")
+        if image_column in metadata_columns:
+            raise ValueError(f"metadata_columns must not include the image column {image_column!r}")
+    user_schema = user_schema_from_meta(ddf._meta, metadata_columns, metadata_schema)
+    encode = EncodeOptions(image_format=image_format, quality=quality, jpeg_alpha=jpeg_alpha, reencode=reencode)
+
+    fs, root = resolve(output_dir, storage_options)
+    opts = WriteOptions(
+        url=str(output_dir),
+        root=root,
+        storage_options=storage_options,
+        image_column=image_column,
+        key_column=key_column,
+        text_column=text_column,
+        label_column=label_column,
+        metadata_columns=tuple(metadata_columns),
+        user_schema=user_schema,
+        images_per_tar=int(images_per_tar),
+        encode=encode,
+        deterministic_name=deterministic_name,
+        name_prefix=name_prefix,
+        encode_threads=encode_threads,
+        packing=packing,
+        mode=mode,
+        on_error=on_error,
+        dataset_name=dataset_name or posixpath.basename(root.rstrip("/")) or "dataset",
+    )
+    first_shard, first_partition = prepare_output(fs, root, opts.url, mode, name_prefix)
+    opts = dataclasses.replace(opts, first_shard=first_shard, first_partition=first_partition)
+
+    bag = _build_graph(ddf, opts)
+    if not compute:
+        return bag
+    try:
+        return bag.compute(**(compute_kwargs or {}))
+    except BaseException:
+        remove_quietly(fs, opts.job_dir, recursive=True)
+        raise
+
+
+def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
+    token = tokenize(*opts.token())
+    parts = ddf.to_delayed(optimize_graph=True)
+    n = len(parts)
+    writer = dask.delayed(PartitionWriter(opts), pure=True)
+    written = [writer(part, i, dask_key_name=(f"imgsink-encode-write-{token}", i)) for i, part in enumerate(parts)]
+    if opts.packing == "exact":
+        plan = dask.delayed(partial(plan_shards, opts=opts), pure=True)(
+            written, dask_key_name=f"imgsink-plan-{token}"
+        )
+        assemble = dask.delayed(partial(assemble_shards, opts=opts), pure=True)
+        assembled = [assemble(plan, i, dask_key_name=(f"imgsink-assemble-{token}", i)) for i in range(n)]
+        final = dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
+            plan, assembled, n, dask_key_name=f"imgsink-commit-{token}"
+        )
+    else:
+        final = dask.delayed(partial(_commit_per_partition, opts=opts), pure=True)(
+            written, n, dask_key_name=f"imgsink-commit-{token}"
+        )
+    name = f"imgsink-tasks-{token}"
+    graph = HighLevelGraph.from_collections(name, {(name, 0): final.key}, dependencies=[final])
+    return WriteBag(graph, name, 1)
+
+
+@register_dataframe_accessor("imgsink")
+class ImgsinkAccessor:
+    """``ddf.imgsink``: write a Dask DataFrame of images as WebDataset shards."""
+
+    def __init__(self, ddf) -> None:
+        self._ddf = ddf
+
+    def to_webdataset(self, output_dir: str, **kwargs) -> WriteBag | list[FileGroupTask]:
+        return to_webdataset(self._ddf, output_dir, **kwargs)
+
+
+ImgsinkAccessor.to_webdataset.__doc__ = to_webdataset.__doc__

@@ -1,0 +1,298 @@
+"""The job commit: output-directory policy, publishing staged shards, index, card, _SUCCESS.
+
+Modelled on Hadoop/Spark output committers: tasks only ever write below
+``<output>/_temporary/<job id>/``; the single commit task, which runs after
+every shard is staged, moves them to their final names, then writes
+``_errors.parquet`` (if rows were skipped), ``_index.json`` (a wids shard index
+with our totals beside it), the dataset card ``README.md``, and ``_SUCCESS``
+last, and finally removes the job's staging folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .options import (
+    CARD_FILE,
+    ERRORS_FILE,
+    INDEX_FILE,
+    STAGING_DIR,
+    SUCCESS_FILE,
+    WriteOptions,
+)
+from .storage import is_local, join, publish, remove_quietly, resolve, write_bytes_atomic
+from .tasks import FileGroupTask
+from .writer import SkippedRow, WrittenShard
+
+logger = logging.getLogger("dask_imgsink")
+
+ERRORS_SCHEMA = pa.schema(
+    [("job_id", pa.string()), ("partition", pa.int64()), ("row", pa.int64()),
+     ("key", pa.string()), ("reason", pa.string())]
+)
+
+
+def existing_entries(fs, root: str) -> list[str]:
+    """Names in the output directory, ignoring the staging folder."""
+    if not fs.exists(root):
+        return []
+    if not fs.isdir(root):
+        raise NotADirectoryError(f"the output path {root!r} exists and is not a directory")
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
+    return sorted(n for n in names if n != STAGING_DIR)
+
+
+def read_index(fs, root: str) -> dict | None:
+    path = join(root, INDEX_FILE)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.load(f)
+
+
+def _not_empty_error(url: str, names: list[str]) -> FileExistsError:
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return FileExistsError(
+        f"the output directory {url!r} is not empty ({len(names)} entries: {shown}); "
+        "pass mode='overwrite' to replace what is there, or mode='append' to add shards "
+        "to the dataset there"
+    )
+
+
+def prepare_output(fs, root: str, url: str, mode: str, name_prefix: str) -> tuple[int, int]:
+    """Check the output directory against ``mode`` before any work is scheduled.
+
+    Returns
+    -------
+    first_shard, first_partition : int
+        Where numbering starts: 0, or after the dataset already there (append).
+
+    Raises
+    ------
+    FileExistsError
+        ``mode="error"`` and the directory holds anything (besides ``_temporary``).
+    ValueError
+        ``mode="append"`` onto a directory that holds files but no ``_index.json``.
+    """
+    names = existing_entries(fs, root)
+    if mode == "error" and names:
+        raise _not_empty_error(url, names)
+    if mode != "append" or not names:
+        return 0, 0
+    index = read_index(fs, root)
+    if index is None:
+        raise ValueError(
+            f"mode='append' needs the dataset's {INDEX_FILE} in {url!r}, and there is none: "
+            "it is not a complete dask-imgsink dataset. Use mode='overwrite' to replace it"
+        )
+    return _next_numbers(index, name_prefix)
+
+
+def _next_numbers(index: dict, name_prefix: str) -> tuple[int, int]:
+    shard = index.get("next_shard")
+    part = index.get("next_partition")
+    if shard is None:  # an index written by another tool: continue after its numbers
+        pattern = re.compile(rf"^{re.escape(name_prefix)}-(\d+)\.tar$")
+        found = [int(m.group(1)) for e in index.get("shardlist", []) if (m := pattern.match(e["url"]))]
+        shard = max(found) + 1 if found else len(index.get("shardlist", []))
+    return int(shard), int(part or 0)
+
+
+def _clear_output(fs, root: str) -> None:
+    """Remove an old dataset: its completion marker first, so it never looks whole."""
+    for name in (SUCCESS_FILE, INDEX_FILE):
+        remove_quietly(fs, join(root, name))
+    for name in existing_entries(fs, root):
+        remove_quietly(fs, join(root, name), recursive=True)
+
+
+def _display_path(fs, path: str) -> str:
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _card(name: str, index: dict, opts: WriteOptions) -> bytes:
+    ext = {"jpeg": "jpg"}.get(opts.encode.image_format, opts.encode.image_format)
+    members = [f"`key.{ext}` (image; encoded inputs keep their own format)"]
+    if opts.text_column:
+        members.append(f"`key.txt` (column `{opts.text_column}`)")
+    if opts.label_column:
+        members.append(f"`key.cls` (column `{opts.label_column}`)")
+    if opts.metadata_columns:
+        members.append("`key.json` (metadata columns)")
+    text = f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "*.tar"
+---
+
+# {name}
+
+WebDataset shards written by dask-imgsink: {index['num_samples']} images in
+{len(index['shardlist'])} shards (`{INDEX_FILE}` lists them with their sample counts).
+
+- Each `*.tar` holds one sample per image: {", ".join(members)}.
+- Each `*.parquet` beside a tar holds one row per image: `key`, `tar_file`, `member`,
+  `offset` and `size` (byte range of the image inside the tar), `format`, `width`,
+  `height`, `channels`, then the metadata columns
+  ({", ".join(f"`{c}`" for c in opts.metadata_columns) or "none"}).
+- `{SUCCESS_FILE}` marks a complete dataset; rows left out are listed in `{ERRORS_FILE}`.
+"""
+    return text.encode()
+
+
+def commit_job(
+    shards: list[tuple[WrittenShard, list[int]]],
+    rows_in: int,
+    skipped: list[SkippedRow],
+    num_partitions: int,
+    opts: WriteOptions,
+) -> list[FileGroupTask]:
+    """Publish the job's staged shards and write the dataset's index files.
+
+    Parameters
+    ----------
+    shards : list of (WrittenShard, source partitions)
+        In final order; each ``target.tar_file`` is the final tar name.
+    rows_in : int
+        Rows the job read (images written + rows skipped).
+    skipped : list of SkippedRow
+    num_partitions : int
+    opts : WriteOptions
+
+    Returns
+    -------
+    list of FileGroupTask
+        One per shard pair, naming the final paths.
+    """
+    fs, root = resolve(opts.url, opts.storage_options)
+    fs.makedirs(root, exist_ok=True)
+    old_index = None
+    if opts.mode == "error":
+        names = existing_entries(fs, root)
+        if names:
+            raise _not_empty_error(opts.url, names)
+    elif opts.mode == "overwrite":
+        _clear_output(fs, root)
+    else:
+        old_index = read_index(fs, root)
+        if old_index is not None and _next_numbers(old_index, opts.name_prefix)[0] != opts.first_shard:
+            raise RuntimeError(
+                f"another job appended to {opts.url!r} after this one was planned; "
+                "run the append again"
+            )
+        remove_quietly(fs, join(root, SUCCESS_FILE))
+
+    num_images = sum(s.num_images for s, _ in shards)
+    totals = {"rows": rows_in, "images": num_images, "skipped": len(skipped), "shards": len(shards)}
+    tasks = []
+    entries = []
+    for shard, partitions in shards:
+        stem = shard.target.tar_file[: -len(".tar")]
+        tar_final = join(root, f"{stem}.tar")
+        parquet_final = join(root, f"{stem}.parquet")
+        publish(fs, shard.target.parquet_path, parquet_final)
+        publish(fs, shard.target.tar_path, tar_final)
+        entries.append({"url": f"{stem}.tar", "nsamples": shard.num_images, "filesize": shard.tar_bytes})
+        tasks.append(
+            FileGroupTask(
+                task_id=stem,
+                dataset_name=opts.dataset_name,
+                data=[_display_path(fs, tar_final), _display_path(fs, parquet_final)],
+                _metadata={
+                    "output_dir": opts.url,
+                    "images_per_tar": opts.images_per_tar,
+                    "num_images": shard.num_images,
+                    "bytes": shard.tar_bytes,
+                    "partition": partitions[0] if partitions else None,
+                    "partitions": partitions,
+                    "packing": opts.packing,
+                    "job_id": opts.job_id,
+                    "job_rows_in": rows_in,
+                    "job_images_written": num_images,
+                    "job_rows_skipped": len(skipped),
+                },
+            )
+        )
+
+    if skipped or (old_index and fs.exists(join(root, ERRORS_FILE))):
+        _write_errors(fs, root, skipped, opts, append=old_index is not None)
+
+    index = _build_index(old_index, entries, totals, num_partitions, opts)
+    write_bytes_atomic(fs, join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
+    write_bytes_atomic(fs, join(root, CARD_FILE), _card(opts.dataset_name, index, opts))
+    write_bytes_atomic(fs, join(root, SUCCESS_FILE), b"")
+    remove_quietly(fs, opts.job_dir, recursive=True)
+    try:
+        if fs.exists(opts.staging_root) and not fs.ls(opts.staging_root, detail=False):
+            fs.rmdir(opts.staging_root)
+    except OSError:
+        pass  # another job is staging there
+    logger.info("committed %d shards (%d images, %d rows skipped) to %s",
+                len(shards), num_images, len(skipped), opts.url)
+    return tasks
+
+
+def _build_index(old: dict | None, entries: list[dict], totals: dict, num_partitions: int,
+                 opts: WriteOptions) -> dict:
+    old = old or {}
+    shardlist = list(old.get("shardlist", [])) + entries
+    old_totals = old.get("totals", {})
+    job = {
+        "job_id": opts.job_id,
+        **totals,
+        "options": {
+            "packing": opts.packing,
+            "images_per_tar": opts.images_per_tar,
+            "image_format": opts.encode.image_format,
+            "quality": opts.encode.quality,
+            "image_column": opts.image_column,
+            "key_column": opts.key_column,
+            "text_column": opts.text_column,
+            "label_column": opts.label_column,
+            "metadata_columns": list(opts.metadata_columns),
+            "on_error": opts.on_error,
+        },
+    }
+    next_shard = opts.first_shard + (totals["shards"] if opts.packing == "exact" else 0)
+    return {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": opts.dataset_name,
+        "shardlist": shardlist,
+        "num_samples": sum(e["nsamples"] for e in shardlist),
+        "totals": {k: old_totals.get(k, 0) + v for k, v in totals.items()},
+        "next_shard": next_shard,
+        "next_partition": opts.first_partition + num_partitions,
+        "jobs": list(old.get("jobs", [])) + [job],
+        "writer": "dask-imgsink",
+    }
+
+
+def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions, append: bool) -> None:
+    table = pa.table(
+        {
+            "job_id": [opts.job_id] * len(skipped),
+            "partition": [int(s.partition) for s in skipped],
+            "row": [s.row for s in skipped],
+            "key": [s.key for s in skipped],
+            "reason": [s.reason for s in skipped],
+        },
+        schema=ERRORS_SCHEMA,
+    )
+    path = join(root, ERRORS_FILE)
+    if append and fs.exists(path):
+        with fs.open(path, "rb") as f:
+            table = pa.concat_tables([pq.read_table(f).cast(ERRORS_SCHEMA), table])
+    staged = join(opts.job_dir, ERRORS_FILE)
+    fs.makedirs(opts.job_dir, exist_ok=True)
+    with fs.open(staged, "wb") as f:
+        pq.write_table(table, f)
+    publish(fs, staged, path)

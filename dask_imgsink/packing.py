@@ -1,0 +1,218 @@
+"""Exact packing: staged per-partition runs -> contiguous shards of exactly N images.
+
+Each write task encodes its partition once into a staged *run* (one tar holding
+every sample, plus a Parquet index recording each sample's byte range). A plan
+task learns every run's image count (small numbers only) and cuts the global
+row order into shards of ``images_per_tar``. Then one assembly task per
+partition builds the shards that *start* in its run by copying whole samples
+byte-range by byte-range from one or more runs: no re-encoding, memory bounded
+by the copy buffer and one shard's metadata, whatever the number of partitions.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import BadRowError
+from .metadata import shard_schema, write_parquet
+from .options import WriteOptions
+from .storage import join, remove_quietly, resolve
+from .tarshard import TarShardWriter
+from .writer import ShardTarget, SkippedRow, WrittenShard
+
+
+@dataclass
+class PartitionResult:
+    """What one write task produced: its shards (or run), its skipped rows, its row count."""
+
+    partition: int
+    rows_in: int
+    shards: list[WrittenShard]
+    skipped: list[SkippedRow]
+
+    @property
+    def num_images(self) -> int:
+        return sum(s.num_images for s in self.shards)
+
+
+@dataclass
+class Piece:
+    """Rows ``[start, stop)`` of run ``run`` (an index into ``ShardPlan.runs``)."""
+
+    run: int
+    start: int
+    stop: int
+
+
+@dataclass
+class ShardPlan:
+    """The cut of all runs into shards; only counts and paths, O(partitions) in size."""
+
+    runs: list[tuple[int, WrittenShard]]  # (partition, run) for runs holding images
+    images_per_tar: int
+    first_shard: int
+    rows_in: int
+    skipped: list[SkippedRow] = field(default_factory=list)
+    run_starts: list[int] = field(default_factory=list)  # global row of each run's first image
+
+    @property
+    def num_images(self) -> int:
+        if not self.runs:
+            return 0
+        return self.run_starts[-1] + self.runs[-1][1].num_images
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.images_per_tar)
+
+    def shards_starting_in(self, partition: int) -> list[tuple[int, list[Piece]]]:
+        """The shards (local index, pieces) whose first image is in ``partition``'s run."""
+        run = next((i for i, (p, _) in enumerate(self.runs) if p == partition), None)
+        if run is None:
+            return []
+        lo = self.run_starts[run]
+        hi = lo + self.runs[run][1].num_images
+        n = self.images_per_tar
+        out = []
+        for s in range(-(-lo // n), -(-hi // n)):
+            out.append((s, self._pieces(s * n, min((s + 1) * n, self.num_images))))
+        return out
+
+    def _pieces(self, start: int, stop: int) -> list[Piece]:
+        pieces = []
+        run = bisect.bisect_right(self.run_starts, start) - 1
+        while start < stop:
+            base = self.run_starts[run]
+            end = min(stop, base + self.runs[run][1].num_images)
+            pieces.append(Piece(run, start - base, end - base))
+            start = end
+            run += 1
+        return pieces
+
+
+def plan_shards(results: list[PartitionResult], opts: WriteOptions) -> ShardPlan:
+    """Cut the runs of all partitions, in partition order, into shards."""
+    runs, starts, total = [], [], 0
+    for res in sorted(results, key=lambda r: r.partition):
+        for run in res.shards:
+            if run.num_images:
+                runs.append((res.partition, run))
+                starts.append(total)
+                total += run.num_images
+    return ShardPlan(
+        runs=runs,
+        images_per_tar=opts.images_per_tar,
+        first_shard=opts.first_shard,
+        rows_in=sum(r.rows_in for r in results),
+        skipped=[s for r in sorted(results, key=lambda r: r.partition) for s in r.skipped],
+        run_starts=starts,
+    )
+
+
+class _RunReader:
+    """Opens one run at a time (pieces come in run order), so memory stays flat."""
+
+    def __init__(self, fs, plan: ShardPlan) -> None:
+        self.fs, self.plan = fs, plan
+        self.current: int | None = None
+        self.index: pa.Table | None = None
+        self.tar = None
+
+    def open(self, run: int) -> tuple[pa.Table, object]:
+        if run != self.current:
+            self.close()
+            target = self.plan.runs[run][1].target
+            with self.fs.open(target.parquet_path, "rb") as f:
+                self.index = pq.read_table(f)
+            self.tar = self.fs.open(target.tar_path, "rb")
+            self.current = run
+        return self.index, self.tar
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+        self.tar, self.index, self.current = None, None, None
+
+
+def assemble_shards(plan: ShardPlan, partition: int, opts: WriteOptions) -> list[tuple[int, WrittenShard, list[int]]]:
+    """Build the shards that start in ``partition``'s run.
+
+    Returns ``(index, shard, source partitions)`` for each.
+
+    Files go to a fresh staging folder of this attempt; the commit publishes them.
+
+    Raises
+    ------
+    BadRowError
+        If two samples of one shard share a key (they came from different partitions).
+    """
+    todo = plan.shards_starting_in(partition)
+    if not todo:
+        return []
+    fs, _ = resolve(opts.url, opts.storage_options)
+    attempt = opts.new_attempt_dir(f"assemble-{partition:06d}")
+    fs.makedirs(attempt, exist_ok=True)
+    reader = _RunReader(fs, plan)
+    schema = shard_schema(opts.user_schema)
+    done: list[tuple[int, WrittenShard, list[int]]] = []
+    try:
+        for local_index, pieces in todo:
+            index = plan.first_shard + local_index
+            stem = opts.exact_stem(index)
+            target = ShardTarget(join(attempt, f"{stem}.tar"), join(attempt, f"{stem}.parquet"), f"{stem}.tar")
+            tables = []
+            with fs.open(target.tar_path, "wb") as out:
+                writer = TarShardWriter(out)
+                for piece in pieces:
+                    run_index, src = reader.open(piece.run)
+                    rows = run_index.slice(piece.start, piece.stop - piece.start)
+                    first = rows.column("_sample_start")[0].as_py()
+                    last = rows.column("_sample_end")[-1].as_py()
+                    begin = writer.copy_members(src, first, last - first)
+                    shift = begin - first
+                    rows = rows.set_column(
+                        rows.schema.get_field_index("offset"), "offset",
+                        pc.add(rows.column("offset"), pa.scalar(shift, pa.int64())),
+                    )
+                    rows = rows.set_column(
+                        rows.schema.get_field_index("tar_file"), "tar_file",
+                        pa.array([target.tar_file] * rows.num_rows, pa.string()),
+                    )
+                    tables.append(rows.drop_columns(["_sample_start", "_sample_end"]))
+                size = writer.close()
+            table = pa.concat_tables(tables)
+            table = pa.Table.from_arrays(table.columns, schema=schema)
+            _check_unique_keys(table, plan, pieces, index)
+            write_parquet(table, fs, target.parquet_path)
+            sources = sorted({plan.runs[p.run][0] for p in pieces})
+            done.append((index, WrittenShard(target, table.num_rows, size), sources))
+    except BaseException:
+        reader.close()
+        remove_quietly(fs, attempt, recursive=True)
+        raise
+    reader.close()
+    return done
+
+
+def _check_unique_keys(table: pa.Table, plan: ShardPlan, pieces: list[Piece], index: int) -> None:
+    keys = table.column("key")
+    if pc.count_distinct(keys).as_py() == table.num_rows:
+        return
+    seen: dict[str, int] = {}
+    partitions = [plan.runs[p.run][0] for p in pieces for _ in range(p.stop - p.start)]
+    for row, key in enumerate(keys.to_pylist()):
+        if key in seen:
+            raise BadRowError(
+                f"the key is used twice in shard {index} (partitions {partitions[seen[key]]} "
+                f"and {partitions[row]}); WebDataset would merge the two samples",
+                fix="make keys unique across the DataFrame, e.g. ddf.drop_duplicates(subset='key')",
+                partition=partitions[row],
+                key=key,
+            )
+        seen[key] = row
+
