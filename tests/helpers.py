@@ -1,0 +1,124 @@
+"""Test data makers and independent readers (tarfile, pyarrow, webdataset), not our own code."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def make_image(i: int, h: int = 48, w: int = 64, channels: int = 3) -> np.ndarray:
+    """A smooth, deterministic test image that differs with ``i``."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    planes = [128 + 70 * np.sin(yy / 9.0 + i * 0.7 + c) * np.cos(xx / 11.0 - i * 0.3 + 2 * c) for c in range(channels)]
+    img = np.rint(np.stack(planes, axis=-1))
+    return img.astype(np.uint8)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.squeeze()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_frame(n: int, start: int = 0, images: str = "array") -> pd.DataFrame:
+    """Rows ``start..start+n``: key, image, caption, score, label."""
+    idx = range(start, start + n)
+    if images == "array":
+        values = pd.Series([make_image(i) for i in idx], dtype=object)
+    elif images == "png":
+        values = pd.Series([png_bytes(make_image(i)) for i in idx], dtype=object)
+    elif images == "arrow-binary":
+        values = pd.Series([png_bytes(make_image(i)) for i in idx], dtype=pd.ArrowDtype(pa.binary()))
+    else:
+        raise ValueError(images)
+    return pd.DataFrame(
+        {
+            "key": pd.Series([f"img{i:05d}" for i in idx], dtype=object),
+            "image": values,
+            "caption": pd.Series([f"caption number {i}" for i in idx], dtype=object),
+            "score": [float(i % 10) for i in idx],
+            "label": [i % 4 for i in idx],
+        }
+    )
+
+
+def _partition_frame(bounds: tuple[int, int], images: str) -> pd.DataFrame:
+    lo, hi = bounds
+    return make_frame(hi - lo, lo, images)
+
+
+def make_ddf(source: str, sizes: list[int], tmp_path: Path, images: str = "array"):
+    """A Dask DataFrame with partitions of ``sizes`` rows, built by ``source``."""
+    bounds, lo = [], 0
+    for n in sizes:
+        bounds.append((lo, lo + n))
+        lo += n
+    meta = make_frame(1, images=images).iloc[:0]
+    with dask.config.set({"dataframe.convert-string": False}):
+        if source == "from_pandas":
+            pdf = pd.concat([_partition_frame(b, images) for b in bounds], ignore_index=True)
+            return dd.from_pandas(pdf, npartitions=len(sizes), sort=False)
+        if source == "from_map":
+            return dd.from_map(_partition_frame, bounds, images=images, meta=meta, enforce_metadata=False)
+        if source == "from_delayed":
+            parts = [dask.delayed(_partition_frame)(b, images) for b in bounds]
+            return dd.from_delayed(parts, meta=meta, verify_meta=False)
+        if source == "read_parquet":
+            folder = tmp_path / "source-parquet"
+            folder.mkdir()
+            for i, b in enumerate(bounds):
+                frame = _partition_frame(b, "png")
+                frame["image"] = pd.Series(list(frame["image"]), dtype=pd.ArrowDtype(pa.binary()))
+                pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), folder / f"part-{i:03d}.parquet")
+            return dd.read_parquet(str(folder), split_row_groups=False)
+    raise ValueError(source)
+
+
+def read_tar_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar in order, read with the standard library."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path) as tf:
+        for member in tf.getmembers():
+            key, ext = member.name.split(".", 1)
+            data = tf.extractfile(member).read()
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = data
+    return samples
+
+
+def read_dataset(out: Path) -> dict:
+    """Everything written: index, shard names, samples in order, Parquet tables."""
+    out = Path(out)
+    index = json.loads((out / "_index.json").read_text())
+    shards = [e["url"] for e in index["shardlist"]]
+    samples = []
+    tables = []
+    for name in shards:
+        samples.extend(read_tar_samples(out / name))
+        tables.append(pq.read_table(out / name.replace(".tar", ".parquet")))
+    return {"index": index, "shards": shards, "samples": samples, "tables": tables}
+
+
+def decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def file_bytes(out: Path, suffixes=(".tar", ".parquet")) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir()) if p.suffix in suffixes}

@@ -1,0 +1,161 @@
+"""The encoder: every input kind, scaling, pass-through, and each bad input's message."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dask_imgsink.encode import EncodeOptions, encode_image, sniff_format
+from dask_imgsink.errors import RowProblem
+from helpers import decode, make_image, png_bytes, psnr
+
+JPEG = EncodeOptions()
+PNG = EncodeOptions(image_format="png")
+
+
+@pytest.mark.parametrize("shape, channels", [((48, 64, 3), 3), ((48, 64), 1), ((48, 64, 1), 1)])
+def test_uint8_arrays_encode_to_jpeg_with_high_psnr(shape, channels):
+    img = make_image(3, channels=3)
+    arr = img if len(shape) == 3 and shape[2] == 3 else img[:, :, :1].reshape(shape)
+    out = encode_image(arr, JPEG)
+    assert (out.format, out.extension, out.width, out.height, out.channels) == ("jpeg", "jpg", 64, 48, channels)
+    back = decode(out.data)
+    assert psnr(back.reshape(arr.shape), arr) > 40
+
+
+def test_rgba_to_png_keeps_alpha_exactly():
+    rgba = np.concatenate([make_image(1), np.full((48, 64, 1), 77, np.uint8)], axis=2)
+    out = encode_image(rgba, PNG)
+    assert out.channels == 4
+    np.testing.assert_array_equal(decode(out.data), rgba)
+
+
+def test_rgba_to_webp_keeps_alpha():
+    rgba = np.concatenate([make_image(1), np.full((48, 64, 1), 200, np.uint8)], axis=2)
+    out = encode_image(rgba, EncodeOptions(image_format="webp"))
+    back = decode(out.data)
+    assert back.shape == (48, 64, 4) and out.format == "webp"
+
+
+def test_rgba_to_jpeg_raises_and_says_how_to_fix():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    with pytest.raises(RowProblem, match="alpha") as info:
+        encode_image(rgba, JPEG)
+    assert "jpeg_alpha='drop'" in str(info.value) and "png" in str(info.value)
+
+
+def test_jpeg_alpha_drop_and_white_are_explicit_conversions():
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 0  # fully transparent
+    dropped = decode(encode_image(rgba, EncodeOptions(jpeg_alpha="drop")).data)
+    white = decode(encode_image(rgba, EncodeOptions(jpeg_alpha="white")).data)
+    assert abs(int(dropped[..., 0].mean()) - 200) < 4 and dropped[..., 1].mean() < 4
+    assert white.mean() > 250  # transparent over white is white
+
+
+def test_uint16_is_scaled_not_clipped():
+    arr = np.full((8, 8), 65535, np.uint16)
+    arr[:4] = 32896  # 128 * 257
+    back = decode(encode_image(arr, PNG).data)
+    assert back[5, 0] == 255 and back[0, 0] == 128
+
+
+def test_float_in_unit_range_is_scaled_not_clipped():
+    arr = np.zeros((8, 8, 3), np.float32)
+    arr[:4] = 1.0
+    arr[4:] = 0.5
+    back = decode(encode_image(arr, PNG).data)
+    assert back[0, 0, 0] == 255 and back[7, 0, 0] == 128
+
+
+def test_float_outside_unit_range_is_an_error_with_the_range():
+    with pytest.raises(RowProblem, match=r"spans \[255, 255\]"):
+        encode_image(np.full((4, 4), 255.0), PNG)
+    with pytest.raises(RowProblem, match="NaN"):
+        encode_image(np.full((4, 4), np.nan), PNG)
+
+
+def test_other_integer_dtypes_in_byte_range_are_accepted_exactly():
+    arr = make_image(5).astype(np.int64)
+    np.testing.assert_array_equal(decode(encode_image(arr, PNG).data), arr)
+    with pytest.raises(RowProblem, match="0-255"):
+        encode_image(np.full((4, 4), 300, np.int32), PNG)
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 64), (48, 64, 2), (4,), (0, 5, 3)])
+def test_bad_shapes_are_errors(shape):
+    with pytest.raises(RowProblem):
+        encode_image(np.zeros(shape, np.uint8), JPEG)
+
+
+def test_pil_images_of_several_modes():
+    rgb = make_image(2)
+    assert psnr(decode(encode_image(Image.fromarray(rgb), JPEG).data), rgb) > 40
+    gray = Image.fromarray(rgb[:, :, 0])
+    out = encode_image(gray, PNG)
+    assert out.channels == 1
+    np.testing.assert_array_equal(decode(out.data), rgb[:, :, 0])
+    pal = Image.fromarray(rgb).convert("P")
+    assert encode_image(pal, PNG).channels == 3
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
+def test_encoded_bytes_pass_through_unchanged(fmt):
+    buf = io.BytesIO()
+    Image.fromarray(make_image(4)).save(buf, format=fmt.upper())
+    data = buf.getvalue()
+    out = encode_image(data, JPEG)
+    assert out.data == data and out.format == fmt and (out.width, out.height, out.channels) == (64, 48, 3)
+    assert sniff_format(data) == fmt
+
+
+def test_reencode_converts_other_formats_when_asked():
+    data = png_bytes(make_image(4))
+    out = encode_image(data, EncodeOptions(reencode=True))
+    assert out.format == "jpeg" and out.data[:3] == b"\xff\xd8\xff"
+
+
+def test_huggingface_dicts_with_bytes_or_path(tmp_path):
+    data = png_bytes(make_image(6))
+    assert encode_image({"bytes": data, "path": "x.png"}, JPEG).data == data
+    path = tmp_path / "img.png"
+    path.write_bytes(data)
+    assert encode_image({"bytes": None, "path": str(path)}, JPEG).data == data
+    with pytest.raises(RowProblem, match="neither"):
+        encode_image({"bytes": None, "path": None}, JPEG)
+
+
+def test_memoryview_and_bytearray_are_bytes():
+    data = png_bytes(make_image(6))
+    assert encode_image(bytearray(data), JPEG).data == data
+    assert encode_image(memoryview(data), JPEG).data == data
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (b"GIF89a....", "not a JPEG, PNG or WebP"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "cannot be read"),
+        (None, "missing"),
+        (float("nan"), "missing"),
+        ("[[1, 2], [3, 4]]", "convert-string"),
+        (12, "cannot write an image of type int"),
+        (np.zeros((4, 4), bool), "bool"),
+    ],
+)
+def test_bad_values_give_clear_errors(value, match):
+    with pytest.raises(RowProblem, match=match):
+        encode_image(value, JPEG)
+
+
+def test_unknown_options_are_rejected():
+    with pytest.raises(ValueError, match="image_format"):
+        EncodeOptions(image_format="gif")
+    with pytest.raises(ValueError, match="jpeg_alpha"):
+        EncodeOptions(jpeg_alpha="keep")
+    with pytest.raises(ValueError, match="quality"):
+        EncodeOptions(quality=0)
