@@ -10,6 +10,7 @@ what runs. Nothing here knows image formats.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import posixpath
 from functools import partial
 from typing import Any, Mapping, Sequence
@@ -43,15 +44,35 @@ CONVERT_STRING_HELP = (
 )
 
 
+# Bag's own graph optimisation (linear fusion) breaks graphs built over a
+# ``dd.from_delayed`` DataFrame with dask 2026.8 ("Missing dependency
+# ('fromdelayed-...')", or a cycle under distributed), while Delayed's (cull only)
+# computes them fine; our collections use Delayed's for every source.
+_delayed_optimize = importlib.import_module("dask.delayed").optimize
+
+
+class WriteItem(db.Item):
+    """A reduction of a :class:`WriteBag` (``count()``, ``sum()``, ...), optimised the same way."""
+
+    __dask_optimize__ = staticmethod(_delayed_optimize)
+    __dask_scheduler__ = staticmethod(dask.threaded.get)
+
+
 class WriteBag(db.Bag):
     """A ``dask.bag.Bag`` of :class:`FileGroupTask` that computes on threads by default.
 
     A plain Bag defaults to the multiprocessing scheduler, which would ship every
     partition of images to subprocesses. Under a ``distributed.Client`` (or with
-    ``scheduler=``) the usual rules apply and the cluster runs it.
+    ``scheduler=``) the usual rules apply and the cluster runs it. Methods that
+    return Bags return ``WriteBag``; reductions return :class:`WriteItem`.
     """
 
+    __dask_optimize__ = staticmethod(_delayed_optimize)
     __dask_scheduler__ = staticmethod(dask.threaded.get)
+
+    def reduction(self, *args, **kwargs):
+        out = super().reduction(*args, **kwargs)
+        return WriteItem(out.dask, out.key) if isinstance(out, db.Item) else out
 
 
 def check_image_dtype(dtype: Any, column: str, where: str = "") -> None:

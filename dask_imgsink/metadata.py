@@ -58,6 +58,7 @@ def user_schema_from_meta(
             f"metadata column(s) {clash} clash with columns the writer adds to each shard's "
             f"Parquet ({WRITER_COLUMNS}); rename them (ddf.rename(columns=...)) or choose "
             "metadata_columns=[...] without them"
+            + (" (to use the 'key' column as the sample keys, pass key_column='key')" if "key" in clash else "")
         )
     if isinstance(overrides, pa.Schema):
         overrides = {f.name: f.type for f in overrides}
