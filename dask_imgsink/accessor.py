@@ -24,7 +24,7 @@ from dask.base import tokenize
 from dask.dataframe.extensions import register_dataframe_accessor
 from dask.highlevelgraph import HighLevelGraph
 
-from .commit import commit_job, prepare_output
+from .commit import abort_job, commit_job, prepare_output
 from .encode import EncodeOptions
 from .keys import generated_key
 from .metadata import user_schema_from_meta, user_table
@@ -283,6 +283,29 @@ def to_webdataset(
     FileExistsError
         ``mode="error"`` and ``output_dir`` is not empty.
     """
+    fs, opts = _build_options(
+        ddf, output_dir, image_column=image_column, key_column=key_column, images_per_tar=images_per_tar,
+        image_format=image_format, quality=quality, text_column=text_column, label_column=label_column,
+        metadata_columns=metadata_columns, metadata_schema=metadata_schema,
+        deterministic_name=deterministic_name, name_prefix=name_prefix, encode_threads=encode_threads,
+        storage_options=storage_options, packing=packing, mode=mode, on_error=on_error,
+        jpeg_alpha=jpeg_alpha, reencode=reencode, dataset_name=dataset_name,
+    )
+    bag = _build_graph(ddf, opts)
+    if not compute:
+        return bag
+    try:
+        return bag.compute(**(compute_kwargs or {}))
+    except BaseException:
+        abort_job(fs, opts)
+        raise
+
+
+def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per_tar, image_format,
+                   quality, text_column, label_column, metadata_columns, metadata_schema,
+                   deterministic_name, name_prefix, encode_threads, storage_options, packing, mode,
+                   on_error, jpeg_alpha, reencode, dataset_name) -> tuple[Any, WriteOptions]:
+    """Validate the arguments against the DataFrame and the output directory."""
     columns = list(ddf.columns)
     for name, col in (("image_column", image_column), ("key_column", key_column),
                       ("text_column", text_column), ("label_column", label_column)):
@@ -325,14 +348,7 @@ def to_webdataset(
     first_shard, first_partition = prepare_output(fs, root, opts.url, mode, name_prefix)
     opts = dataclasses.replace(opts, first_shard=first_shard, first_partition=first_partition)
 
-    bag = _build_graph(ddf, opts)
-    if not compute:
-        return bag
-    try:
-        return bag.compute(**(compute_kwargs or {}))
-    except BaseException:
-        remove_quietly(fs, opts.job_dir, recursive=True)
-        raise
+    return fs, opts
 
 
 def _build_graph(ddf, opts: WriteOptions) -> WriteBag:

@@ -229,15 +229,24 @@ def commit_job(
     write_bytes_atomic(fs, join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
     write_bytes_atomic(fs, join(root, CARD_FILE), _card(opts.dataset_name, index, opts))
     write_bytes_atomic(fs, join(root, SUCCESS_FILE), b"")
-    remove_quietly(fs, opts.job_dir, recursive=True)
-    try:
-        if fs.exists(opts.staging_root) and not fs.ls(opts.staging_root, detail=False):
-            fs.rmdir(opts.staging_root)
-    except OSError:
-        pass  # another job is staging there
+    abort_job(fs, opts)
     logger.info("committed %d shards (%d images, %d rows skipped) to %s",
                 len(shards), num_images, len(skipped), opts.url)
     return tasks
+
+
+def abort_job(fs, opts: WriteOptions) -> None:
+    """Remove the job's staging folder, and the staging root if no other job uses it.
+
+    Best effort after a failure: a task of the failed job that is still running
+    may write below ``_temporary`` afterwards; nothing there looks final.
+    """
+    try:
+        remove_quietly(fs, opts.job_dir, recursive=True)
+        if fs.exists(opts.staging_root) and not fs.ls(opts.staging_root, detail=False):
+            fs.rmdir(opts.staging_root)
+    except OSError:
+        pass  # another job is staging there, or a straggling task of this one
 
 
 def _build_index(old: dict | None, entries: list[dict], totals: dict, num_partitions: int,

@@ -58,7 +58,11 @@ def _partition_frame(bounds: tuple[int, int], images: str) -> pd.DataFrame:
 
 
 def make_ddf(source: str, sizes: list[int], tmp_path: Path, images: str = "array"):
-    """A Dask DataFrame with partitions of ``sizes`` rows, built by ``source``."""
+    """A Dask DataFrame of ``sum(sizes)`` rows built by ``source``.
+
+    Every source but ``from_pandas`` keeps the partition sizes; ``from_pandas``
+    splits the rows evenly over ``len(sizes)`` partitions.
+    """
     bounds, lo = [], 0
     for n in sizes:
         bounds.append((lo, lo + n))

@@ -1,0 +1,180 @@
+"""The job commit: atomic publication, output modes, skipped-row accounting, empty input."""
+
+from __future__ import annotations
+
+import json
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from dask_imgsink import BadRowError
+from helpers import make_ddf, make_frame, read_dataset
+
+
+def _final_looking(out) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name != "_temporary") if out.exists() else []
+
+
+def _with_bad_row(n_parts: int = 4, bad_partition: int = 3, per: int = 6) -> dd.DataFrame:
+    pdf = make_frame(n_parts * per)
+    pdf.at[bad_partition * per + 2, "image"] = np.zeros((8, 8, 4), np.uint8)  # RGBA into JPEG
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_pandas(pdf, npartitions=n_parts, sort=False)
+
+
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_failed_job_leaves_nothing_that_looks_like_a_dataset(client, tmp_path, packing):
+    out = tmp_path / "out"
+    bag = _with_bad_row().imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4, packing=packing)
+    with pytest.raises(BadRowError) as info:
+        bag.compute()
+    assert info.value.partition == 3 and info.value.key == "img00020" and "alpha" in str(info.value)
+    assert _final_looking(out) == []  # no _SUCCESS, no _index.json, no shard under a final name
+
+
+def test_compute_true_failure_leaves_nothing_final_looking(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BadRowError):
+        _with_bad_row(n_parts=1, bad_partition=0).imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    assert _final_looking(out) == [] and not (out / "_temporary").exists()
+
+
+def test_success_publishes_everything_and_removes_staging(tmp_path):
+    out = tmp_path / "out"
+    make_ddf("from_pandas", [5, 5], tmp_path).imgsink.to_webdataset(
+        str(out), key_column="key", images_per_tar=4, compute=True)
+    assert _final_looking(out) == [
+        "README.md", "_SUCCESS", "_index.json",
+        "shard-000000.parquet", "shard-000000.tar", "shard-000001.parquet", "shard-000001.tar",
+        "shard-000002.parquet", "shard-000002.tar",
+    ]
+    assert not (out / "_temporary").exists()
+    index = json.loads((out / "_index.json").read_text())
+    assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+    assert index["shardlist"][0] == {"url": "shard-000000.tar", "nsamples": 4,
+                                     "filesize": (out / "shard-000000.tar").stat().st_size}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"*.tar\"\n---")
+
+
+def test_mode_error_refuses_a_non_empty_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="mode='overwrite'"):
+        make_ddf("from_pandas", [3], tmp_path).imgsink.to_webdataset(str(out), key_column="key")
+    assert _final_looking(out) == ["notes.txt"]
+
+
+def test_mode_overwrite_replaces_the_old_dataset_without_mixing(tmp_path):
+    out = tmp_path / "out"
+    make_ddf("from_pandas", [25], tmp_path).imgsink.to_webdataset(
+        str(out), key_column="key", images_per_tar=10, compute=True)
+    (out / "stray.bin").write_bytes(b"x")
+    bag = make_ddf("from_pandas", [8], tmp_path).imgsink.to_webdataset(
+        str(out), key_column="key", images_per_tar=10, mode="overwrite")
+    assert (out / "shard-000002.tar").exists()  # nothing removed before the job commits
+    bag.compute()
+    data = read_dataset(out)
+    assert data["shards"] == ["shard-000000.tar"] and len(data["samples"]) == 8
+    assert not (out / "shard-000002.tar").exists() and not (out / "stray.bin").exists()
+
+
+def test_mode_overwrite_keeps_the_old_dataset_when_the_new_job_fails(tmp_path):
+    out = tmp_path / "out"
+    make_ddf("from_pandas", [12], tmp_path).imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    before = {name: (out / name).read_bytes() for name in _final_looking(out)}
+    with pytest.raises(BadRowError):
+        _with_bad_row().imgsink.to_webdataset(str(out), key_column="key", mode="overwrite", compute=True)
+    assert {name: (out / name).read_bytes() for name in _final_looking(out)} == before
+
+
+def test_mode_append_continues_numbering_and_extends_the_index(client, tmp_path):
+    out = tmp_path / "out"
+    first = make_ddf("from_pandas", [25], tmp_path).drop(columns="key")
+    first.imgsink.to_webdataset(str(out), images_per_tar=10, compute=True)
+    second = make_ddf("from_map", [7, 5], tmp_path).drop(columns="key")
+    tasks = second.imgsink.to_webdataset(str(out), images_per_tar=10, mode="append", compute=True)
+    assert [t.task_id for t in tasks] == ["shard-000003", "shard-000004"]
+    data = read_dataset(out)
+    assert data["shards"] == [f"shard-{i:06d}.tar" for i in range(5)]
+    assert data["index"]["totals"] == {"rows": 37, "images": 37, "skipped": 0, "shards": 5}
+    assert len(data["index"]["jobs"]) == 2 and data["index"]["num_samples"] == 37
+    keys = [k for k, _ in data["samples"]]
+    assert len(set(keys)) == 37  # generated keys stay unique across jobs
+    loaded = list(wds.WebDataset(str(out / "shard-{000000..000004}.tar"), shardshuffle=False))
+    assert len(loaded) == 37 and (out / "_SUCCESS").exists()
+
+
+def test_mode_append_per_partition_names_do_not_collide(tmp_path):
+    out = tmp_path / "out"
+    for _ in range(2):
+        make_ddf("from_pandas", [3, 3], tmp_path).drop(columns="key").imgsink.to_webdataset(
+            str(out), packing="per_partition", mode="append", compute=True)
+    data = read_dataset(out)
+    assert data["shards"] == [f"shard-{p:06d}-000000.tar" for p in range(4)]
+    assert len({k for k, _ in data["samples"]}) == 12
+
+
+def test_mode_append_refuses_a_directory_that_is_not_a_dataset(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="_index.json"):
+        make_ddf("from_pandas", [3], tmp_path).imgsink.to_webdataset(str(out), key_column="key", mode="append")
+
+
+def test_skip_records_bad_rows_and_the_counts_add_up(client, tmp_path):
+    pdf = make_frame(20)
+    pdf.at[2, "image"] = None
+    pdf.at[9, "image"] = np.zeros((8, 8, 4), np.uint8)
+    pdf.at[15, "key"] = "bad/key"
+    out = tmp_path / "out"
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(pdf, npartitions=4, sort=False)
+    tasks = ddf.imgsink.to_webdataset(str(out), key_column="key", images_per_tar=5,
+                                      on_error="skip", compute=True)
+    data = read_dataset(out)
+    errors = pq.read_table(out / "_errors.parquet").to_pandas()
+    assert errors[["partition", "row", "key"]].values.tolist() == [
+        [0, 2, "img00002"], [1, 4, "img00009"], [3, 0, "bad/key"]]
+    assert "missing" in errors.reason[0] and "alpha" in errors.reason[1] and "'/'" in errors.reason[2]
+    assert data["index"]["totals"] == {"rows": 20, "images": 17, "skipped": 3, "shards": 4}
+    assert len(data["samples"]) == 17
+    assert [e["nsamples"] for e in data["index"]["shardlist"]] == [5, 5, 5, 2]
+    for t in tasks:
+        assert (t.metadata["job_rows_in"], t.metadata["job_images_written"], t.metadata["job_rows_skipped"]) == (20, 17, 3)
+
+
+def test_duplicate_keys_across_partitions_in_one_shard_are_an_error(tmp_path):
+    pdf = make_frame(6)
+    pdf.at[4, "key"] = "img00001"
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(pdf, npartitions=2, sort=False)
+    with pytest.raises(BadRowError, match="used twice in shard 0"):
+        ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", compute=True)
+    assert _final_looking(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_empty_dataframe_gives_a_valid_empty_dataset(client, tmp_path, packing):
+    ddf = make_ddf("from_pandas", [4, 4], tmp_path)
+    ddf = ddf[ddf.score > 100]
+    out = tmp_path / "out"
+    tasks = ddf.imgsink.to_webdataset(str(out), key_column="key", packing=packing, compute=True)
+    assert tasks == []
+    assert _final_looking(out) == ["README.md", "_SUCCESS", "_index.json"]
+    index = json.loads((out / "_index.json").read_text())
+    assert index["shardlist"] == [] and index["totals"] == {"rows": 0, "images": 0, "skipped": 0, "shards": 0}
+
+
+def test_empty_partitions_write_no_files(tmp_path):
+    out = tmp_path / "out"
+    make_ddf("from_map", [0, 3, 0, 0, 2], tmp_path).imgsink.to_webdataset(
+        str(out), key_column="key", packing="per_partition", compute=True)
+    assert read_dataset(out)["shards"] == ["shard-000001-000000.tar", "shard-000004-000000.tar"]
