@@ -58,7 +58,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from distributed import Client, LocalCluster
 
     from .accessor import to_webdataset
-    from .commit import read_index
+    from .commit import existing_entries, read_index
     from .storage import resolve
     from .verify import verify_dataset
 
@@ -67,6 +67,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if mode is None:
         index = read_index(fs, root) if fs.exists(root) else None
         mode = "overwrite" if index and index.get("writer") == "dask-imgsink" else "error"
+    if mode == "error" and existing_entries(fs, root):
+        print(f"dask-imgsink demo: {args.output_dir} is not empty and holds no earlier demo dataset; "
+              "choose an empty directory or pass --mode overwrite", file=sys.stderr)
+        return 2
     with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker,
                       processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         print(f"local Dask cluster: {len(client.scheduler_info()['workers'])} worker processes")
