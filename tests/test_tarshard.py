@@ -64,3 +64,11 @@ def test_long_or_non_ascii_names_are_refused():
         member_header("k" * 97 + ".jpg", 1)
     with pytest.raises(ValueError, match="ASCII"):
         member_header("clé.jpg", 1)
+
+
+@pytest.mark.parametrize("name, size", [("a.jpg", 0), ("k" * 95 + ".json", 123456), ("x_1.txt", 8**11 - 1)])
+def test_headers_are_byte_identical_to_tarfiles_ustar(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = size, 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    assert member_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii")
