@@ -30,6 +30,7 @@ from .keys import generated_key
 from .metadata import user_schema_from_meta, user_table
 from .options import WriteOptions
 from .packing import PartitionResult, ShardPlan, assemble_shards, plan_shards
+from .pool import default_encode_threads
 from .storage import join, remove_quietly, resolve
 from .tasks import FileGroupTask
 from .writer import Rows, ShardTarget, write_rows
@@ -351,6 +352,25 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
     return fs, opts
 
 
+def _assembly_groups(num_partitions: int) -> list[range]:
+    """Contiguous groups of partitions, one assembly task each.
+
+    Assembly copies bytes; it needs as many tasks as there are threads to run
+    them, not one per partition (most partitions of a filtered DataFrame start
+    no shard, and each task costs a scheduler round trip). Two tasks per thread
+    of the active Client, or per CPU of this machine without one.
+    """
+    try:
+        from distributed import get_client
+
+        threads = sum(get_client().nthreads().values())
+    except (ImportError, ValueError):
+        threads = default_encode_threads()
+    tasks = max(1, min(num_partitions, 2 * threads))
+    size = -(-num_partitions // tasks) if num_partitions else 1
+    return [range(start, min(start + size, num_partitions)) for start in range(0, num_partitions, size)]
+
+
 def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     token = tokenize(*opts.token())
     parts = ddf.to_delayed(optimize_graph=True)
@@ -362,7 +382,8 @@ def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
             written, dask_key_name=f"imgsink-plan-{token}"
         )
         assemble = dask.delayed(partial(assemble_shards, opts=opts), pure=True)
-        assembled = [assemble(plan, i, dask_key_name=(f"imgsink-assemble-{token}", i)) for i in range(n)]
+        groups = _assembly_groups(n)
+        assembled = [assemble(plan, g, dask_key_name=(f"imgsink-assemble-{token}", i)) for i, g in enumerate(groups)]
         final = dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
             plan, assembled, n, dask_key_name=f"imgsink-commit-{token}"
         )

@@ -139,8 +139,8 @@ class _RunReader:
         self.tar, self.index, self.current = None, None, None
 
 
-def assemble_shards(plan: ShardPlan, partition: int, opts: WriteOptions) -> list[tuple[int, WrittenShard, list[int]]]:
-    """Build the shards that start in ``partition``'s run.
+def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions) -> list[tuple[int, WrittenShard, list[int]]]:
+    """Build the shards that start in the runs of ``partitions``.
 
     Returns ``(index, shard, source partitions)`` for each.
 
@@ -151,11 +151,11 @@ def assemble_shards(plan: ShardPlan, partition: int, opts: WriteOptions) -> list
     BadRowError
         If two samples of one shard share a key (they came from different partitions).
     """
-    todo = plan.shards_starting_in(partition)
+    todo = [shard for p in partitions for shard in plan.shards_starting_in(p)]
     if not todo:
         return []
     fs, _ = resolve(opts.url, opts.storage_options)
-    attempt = opts.new_attempt_dir(f"assemble-{partition:06d}")
+    attempt = opts.new_attempt_dir(f"assemble-{partitions[0]:06d}")
     fs.makedirs(attempt, exist_ok=True)
     reader = _RunReader(fs, plan)
     schema = shard_schema(opts.user_schema)

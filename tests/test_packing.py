@@ -117,7 +117,7 @@ def _merge_peak(tmp_path, partitions: int, total: int) -> tuple[int, int]:
     tracemalloc.start()
     try:
         for p in range(partitions):
-            assemble_shards(plan, p, opts)
+            assemble_shards(plan, range(p, p + 1), opts)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -131,3 +131,12 @@ def test_merge_peak_memory_does_not_grow_with_partitions(tmp_path):
     # bounded by the copy buffer (8 MiB) plus one shard's metadata, whatever the partitions
     assert few < 12e6 and many < 12e6
     assert many <= few * 1.5
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 200])
+def test_assembly_groups_cover_every_partition_once_in_order(n):
+    from dask_imgsink.accessor import _assembly_groups
+
+    groups = _assembly_groups(n)
+    assert [p for g in groups for p in g] == list(range(n))
+    assert all(len(g) for g in groups) and len(groups) <= max(1, n)
