@@ -54,6 +54,15 @@ def demo_dataframe(images: int, partitions: int, size: int):
                            divisions=[None] * (partitions + 1), enforce_metadata=False)
 
 
+def _print_report(report, prefix: str = "") -> int:
+    """Print a verify report; return the exit code (0 when the dataset is complete and consistent)."""
+    state = "all consistent" if report.ok else ("complete, with problems:" if report.complete else "INCOMPLETE")
+    print(f"{prefix}{report.shards} shards, {report.images} images, {report.bytes / 1e6:.1f} MB, {state}")
+    for problem in report.problems:
+        print(f"  {problem}")
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from distributed import Client, LocalCluster
 
@@ -88,22 +97,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     size = sum(t.metadata["bytes"] for t in tasks)
     print(f"wrote {len(tasks)} shards, {written} images, {size / 1e6:.1f} MB to {args.output_dir} "
           f"in {elapsed:.1f} s ({written / elapsed:.0f} images/s, generating included)")
-    print(f"read back: {report.shards} shards, {report.images} images, "
-          f"{'all consistent' if report.ok else 'PROBLEMS:'}")
-    for problem in report.problems:
-        print(f"  {problem}")
-    return 0 if report.ok else 1
+    return _print_report(report, "read back: ")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_dataset
 
-    report = verify_dataset(args.path, decode=args.decode)
-    print(f"{report.shards} shards, {report.images} images, {report.bytes / 1e6:.1f} MB, "
-          f"{'complete' if report.complete else 'INCOMPLETE'}")
-    for problem in report.problems:
-        print(f"  {problem}")
-    return 0 if report.ok else 1
+    return _print_report(verify_dataset(args.path, decode=args.decode))
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
