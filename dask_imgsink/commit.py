@@ -16,6 +16,7 @@ import posixpath
 import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .options import (
@@ -78,8 +79,19 @@ def prepare_output(fs, root: str, url: str, mode: str, name_prefix: str) -> tupl
     FileExistsError
         ``mode="error"`` and the directory holds anything (besides ``_temporary``).
     ValueError
-        ``mode="append"`` onto a directory that holds files but no ``_index.json``.
+        ``mode="append"`` onto a directory that holds files but no ``_index.json``,
+        or ``mode="overwrite"`` of a directory holding the working directory.
     """
+    if mode == "overwrite" and is_local(fs):
+        import os
+
+        cwd = os.path.abspath(os.getcwd())
+        target = os.path.abspath(root)
+        if cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep):
+            raise ValueError(
+                f"mode='overwrite' would delete {url!r}, which holds the current working "
+                "directory; write the dataset to a directory of its own"
+            )
     names = existing_entries(fs, root)
     if mode == "error" and names:
         raise _not_empty_error(url, names)
@@ -104,12 +116,13 @@ def _next_numbers(index: dict, name_prefix: str) -> tuple[int, int]:
     return int(shard), int(part or 0)
 
 
-def _clear_output(fs, root: str) -> None:
-    """Remove an old dataset: its completion marker first, so it never looks whole."""
+def _clear_output(fs, root: str, keep: set[str] = frozenset()) -> None:
+    """Remove an old dataset (but ``keep``): its completion marker first, so it never looks whole."""
     for name in (SUCCESS_FILE, INDEX_FILE):
         remove_quietly(fs, join(root, name))
     for name in existing_entries(fs, root):
-        remove_quietly(fs, join(root, name), recursive=True)
+        if name not in keep:
+            remove_quietly(fs, join(root, name), recursive=True)
 
 
 def _display_path(fs, path: str) -> str:
@@ -174,21 +187,28 @@ def commit_job(
     """
     fs, root = resolve(opts.url, opts.storage_options)
     fs.makedirs(root, exist_ok=True)
-    old_index = None
-    if opts.mode == "error":
-        names = existing_entries(fs, root)
-        if names:
-            raise _not_empty_error(opts.url, names)
-    elif opts.mode == "overwrite":
-        _clear_output(fs, root)
-    else:
-        old_index = read_index(fs, root)
-        if old_index is not None and _next_numbers(old_index, opts.name_prefix)[0] != opts.first_shard:
-            raise RuntimeError(
-                f"another job appended to {opts.url!r} after this one was planned; "
-                "run the append again"
+    moves = []
+    for shard, _ in shards:
+        stem = shard.target.tar_file[: -len(".tar")]
+        moves.append((shard.target.parquet_path, join(root, f"{stem}.parquet")))
+        moves.append((shard.target.tar_path, join(root, f"{stem}.tar")))
+    # Dask may run this task again (its worker died): whatever an earlier attempt
+    # already published is ours, and an index that lists this job was written by it.
+    published = {posixpath.basename(final) for staged, final in moves
+                 if not fs.exists(staged) and fs.exists(final)}
+    old_index = read_index(fs, root)
+    indexed = old_index is not None and any(j.get("job_id") == opts.job_id for j in old_index.get("jobs", []))
+    if not indexed:
+        _apply_mode(fs, root, opts, old_index, keep=published)
+    for staged, final in moves:
+        if posixpath.basename(final) in published:
+            continue
+        if not fs.exists(staged):
+            raise FileNotFoundError(
+                f"the staged file {staged!r} is gone before the commit published it; "
+                "something removed the job's staging folder. Run the job again"
             )
-        remove_quietly(fs, join(root, SUCCESS_FILE))
+        publish(fs, staged, final)
 
     num_images = sum(s.num_images for s, _ in shards)
     totals = {"rows": rows_in, "images": num_images, "skipped": len(skipped), "shards": len(shards)}
@@ -198,8 +218,6 @@ def commit_job(
         stem = shard.target.tar_file[: -len(".tar")]
         tar_final = join(root, f"{stem}.tar")
         parquet_final = join(root, f"{stem}.parquet")
-        publish(fs, shard.target.parquet_path, parquet_final)
-        publish(fs, shard.target.tar_path, tar_final)
         entries.append({"url": f"{stem}.tar", "nsamples": shard.num_images, "filesize": shard.tar_bytes})
         tasks.append(
             FileGroupTask(
@@ -222,17 +240,41 @@ def commit_job(
             )
         )
 
-    if skipped or (old_index and fs.exists(join(root, ERRORS_FILE))):
-        _write_errors(fs, root, skipped, opts, append=old_index is not None)
-
-    index = _build_index(old_index, entries, totals, num_partitions, opts)
-    write_bytes_atomic(fs, join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
+    if indexed:
+        index = old_index
+    else:
+        if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
+            _write_errors(fs, root, skipped, opts)
+        previous = old_index if opts.mode == "append" else None
+        index = _build_index(previous, entries, totals, num_partitions, opts)
+        write_bytes_atomic(fs, join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
     write_bytes_atomic(fs, join(root, CARD_FILE), _card(opts.dataset_name, index, opts))
     write_bytes_atomic(fs, join(root, SUCCESS_FILE), b"")
     abort_job(fs, opts)
     logger.info("committed %d shards (%d images, %d rows skipped) to %s",
                 len(shards), num_images, len(skipped), opts.url)
     return tasks
+
+
+def _apply_mode(fs, root: str, opts: WriteOptions, old_index: dict | None, keep: set[str]) -> None:
+    """Check or clear the output directory just before publishing, as ``mode`` says.
+
+    ``keep`` names files an earlier attempt of this commit already published.
+    """
+    if opts.mode == "error":
+        names = [n for n in existing_entries(fs, root) if n not in keep and n != ERRORS_FILE]
+        if names:
+            raise _not_empty_error(opts.url, names)
+    elif opts.mode == "overwrite":
+        _clear_output(fs, root, keep)
+    else:
+        if old_index is not None and _next_numbers(old_index, opts.name_prefix) != (
+            opts.first_shard, opts.first_partition
+        ):
+            raise RuntimeError(
+                f"another job appended to {opts.url!r} after this one was planned; run the append again"
+            )
+        remove_quietly(fs, join(root, SUCCESS_FILE))
 
 
 def abort_job(fs, opts: WriteOptions) -> None:
@@ -285,7 +327,8 @@ def _build_index(old: dict | None, entries: list[dict], totals: dict, num_partit
     }
 
 
-def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions, append: bool) -> None:
+def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions) -> None:
+    """Write the skipped rows to ``_errors.parquet``, after earlier jobs' rows when appending."""
     table = pa.table(
         {
             "job_id": [opts.job_id] * len(skipped),
@@ -297,9 +340,11 @@ def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions, 
         schema=ERRORS_SCHEMA,
     )
     path = join(root, ERRORS_FILE)
-    if append and fs.exists(path):
+    if opts.mode == "append" and fs.exists(path):
         with fs.open(path, "rb") as f:
-            table = pa.concat_tables([pq.read_table(f).cast(ERRORS_SCHEMA), table])
+            old = pq.read_table(f).cast(ERRORS_SCHEMA)
+        old = old.filter(pc.not_equal(old.column("job_id"), opts.job_id))  # a rerun replaces its rows
+        table = pa.concat_tables([old, table])
     staged = join(opts.job_dir, ERRORS_FILE)
     fs.makedirs(opts.job_dir, exist_ok=True)
     with fs.open(staged, "wb") as f:

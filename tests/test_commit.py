@@ -178,3 +178,78 @@ def test_empty_partitions_write_no_files(tmp_path):
     make_ddf("from_map", [0, 3, 0, 0, 2], tmp_path).imgsink.to_webdataset(
         str(out), key_column="key", packing="per_partition", compute=True)
     assert read_dataset(out)["shards"] == ["shard-000001-000000.tar", "shard-000004-000000.tar"]
+
+
+def _staged_job(tmp_path, out, sizes, mode):
+    """Run a job's write, plan and assemble steps in this process; return the commit to call."""
+    import dask_imgsink.accessor as acc
+
+    ddf = make_ddf("from_map", sizes, tmp_path)
+    _, opts = acc._build_options(
+        ddf, str(out), image_column="image", key_column="key", images_per_tar=4, image_format="jpeg",
+        quality=92, text_column="caption", label_column=None, metadata_columns=None, metadata_schema=None,
+        deterministic_name=True, name_prefix="shard", encode_threads=None, storage_options=None,
+        packing="exact", mode=mode, on_error="raise", jpeg_alpha="error", reencode=False, dataset_name=None,
+    )
+    frames = ddf.to_delayed()
+    results = [acc.PartitionWriter(opts)(f.compute(), i) for i, f in enumerate(frames)]
+    plan = acc.plan_shards(results, opts)
+    assembled = [acc.assemble_shards(plan, range(len(frames)), opts)]
+    return lambda: acc._commit_exact(plan, assembled, len(frames), opts)
+
+
+@pytest.mark.parametrize("mode", ["error", "overwrite", "append"])
+def test_a_commit_that_runs_again_gives_the_same_dataset(tmp_path, mode):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    for target in (reference, out):
+        if mode != "error":  # something already there to overwrite or append to
+            make_ddf("from_pandas", [9], tmp_path).imgsink.to_webdataset(
+                str(target), key_column="key", images_per_tar=4, compute=True)
+    _staged_job(tmp_path, reference, [3, 6], mode)()
+    commit = _staged_job(tmp_path, out, [3, 6], mode)
+    first = commit()
+    second = commit()  # as when the worker died after the commit finished
+    assert [t.data for t in first] == [t.data for t in second]
+    files = lambda d: {n: (d / n).read_bytes() for n in _final_looking(d) if n not in ("_index.json", "README.md")}  # noqa: E731
+    assert files(out) == files(reference)
+    index = json.loads((out / "_index.json").read_text())
+    assert index["shardlist"] == json.loads((reference / "_index.json").read_text())["shardlist"]
+
+
+@pytest.mark.parametrize("mode", ["error", "overwrite", "append"])
+def test_a_commit_that_died_after_publishing_completes_on_its_rerun(tmp_path, monkeypatch, mode):
+    # Killing a worker exactly inside the commit cannot be timed from a test, so the
+    # crash is an exception injected after every shard is published, before the index.
+    import dask_imgsink.commit as commit_module
+
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    for target in (reference, out):
+        if mode != "error":
+            make_ddf("from_pandas", [21], tmp_path).imgsink.to_webdataset(
+                str(target), key_column="key", images_per_tar=4, compute=True)
+    _staged_job(tmp_path, reference, [3, 6], mode)()
+    commit = _staged_job(tmp_path, out, [3, 6], mode)
+    real = commit_module.write_bytes_atomic
+
+    def crash_on_index(fs, path, data):
+        if path.endswith("_index.json"):
+            raise ConnectionError("worker died")
+        return real(fs, path, data)
+
+    monkeypatch.setattr(commit_module, "write_bytes_atomic", crash_on_index)
+    with pytest.raises(ConnectionError):
+        commit()
+    assert not (out / "_SUCCESS").exists()
+    monkeypatch.setattr(commit_module, "write_bytes_atomic", real)
+    commit()
+    files = lambda d: {n: (d / n).read_bytes() for n in _final_looking(d) if n not in ("_index.json", "README.md")}  # noqa: E731
+    assert files(out) == files(reference)
+    assert read_dataset(out)["index"]["shardlist"] == read_dataset(reference)["index"]["shardlist"]
+
+
+def test_overwrite_refuses_the_directory_holding_the_working_directory(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    monkeypatch.chdir(out / "sub")
+    with pytest.raises(ValueError, match="working directory"):
+        make_ddf("from_pandas", [3], tmp_path).imgsink.to_webdataset(str(out), key_column="key", mode="overwrite")
