@@ -2,7 +2,8 @@
 
 The graph reads like ``to_parquet``'s: one picklable per-partition writer
 (:class:`PartitionWriter`) holding the settings, then, for exact packing, a plan
-task and one assembly task per partition, then one barrier task that commits.
+task and a few assembly tasks (one per group of partitions), then one barrier
+task that commits.
 Task names start with ``imgsink-`` so progress bars and the dashboard show
 what runs. Nothing here knows image formats.
 """

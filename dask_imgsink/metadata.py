@@ -36,6 +36,18 @@ SAMPLE_RANGE_FIELDS = [pa.field("_sample_start", pa.int64()), pa.field("_sample_
 SCHEMA_FIX = "pass metadata_schema={'column': pa.list_(pa.string()), ...} to give its Arrow type"
 
 
+def check_metadata_names(columns: list[str]) -> None:
+    """Raise ``ValueError`` if a metadata column would clash with a writer column."""
+    clash = [c for c in columns if c in WRITER_COLUMNS or c in ("_sample_start", "_sample_end")]
+    if clash:
+        raise ValueError(
+            f"metadata column(s) {clash} clash with columns the writer adds to each shard's "
+            f"Parquet ({WRITER_COLUMNS}); rename them (ddf.rename(columns=...)) or choose "
+            "metadata_columns=[...] without them"
+            + (" (to use the 'key' column as the sample keys, pass key_column='key')" if "key" in clash else "")
+        )
+
+
 def user_schema_from_meta(
     meta: pd.DataFrame,
     columns: list[str],
@@ -52,14 +64,7 @@ def user_schema_from_meta(
     ValueError
         If a column clashes with one of :data:`WRITER_COLUMNS`.
     """
-    clash = [c for c in columns if c in WRITER_COLUMNS or c in ("_sample_start", "_sample_end")]
-    if clash:
-        raise ValueError(
-            f"metadata column(s) {clash} clash with columns the writer adds to each shard's "
-            f"Parquet ({WRITER_COLUMNS}); rename them (ddf.rename(columns=...)) or choose "
-            "metadata_columns=[...] without them"
-            + (" (to use the 'key' column as the sample keys, pass key_column='key')" if "key" in clash else "")
-        )
+    check_metadata_names(columns)
     if isinstance(overrides, pa.Schema):
         overrides = {f.name: f.type for f in overrides}
     overrides = dict(overrides or {})

@@ -3,8 +3,8 @@
 Each write task encodes its partition once into a staged *run* (one tar holding
 every sample, plus a Parquet index recording each sample's byte range). A plan
 task learns every run's image count (small numbers only) and cuts the global
-row order into shards of ``images_per_tar``. Then one assembly task per
-partition builds the shards that *start* in its run by copying whole samples
+row order into shards of ``images_per_tar``. Then each assembly task (one per
+group of partitions) builds the shards that *start* in its runs by copying whole samples
 byte-range by byte-range from one or more runs: no re-encoding, memory bounded
 by the copy buffer and one shard's metadata, whatever the number of partitions.
 """
@@ -61,6 +61,13 @@ class ShardPlan:
     run_starts: list[int] = field(default_factory=list)  # global row of each run's first image
 
     @property
+    def run_of(self) -> dict[int, int]:
+        """Partition -> index of its run in ``runs``."""
+        if not hasattr(self, "_run_of"):
+            self._run_of = {p: i for i, (p, _) in enumerate(self.runs)}
+        return self._run_of
+
+    @property
     def num_images(self) -> int:
         if not self.runs:
             return 0
@@ -72,7 +79,7 @@ class ShardPlan:
 
     def shards_starting_in(self, partition: int) -> list[tuple[int, list[Piece]]]:
         """The shards (local index, pieces) whose first image is in ``partition``'s run."""
-        run = next((i for i, (p, _) in enumerate(self.runs) if p == partition), None)
+        run = self.run_of.get(partition)
         if run is None:
             return []
         lo = self.run_starts[run]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from .encode import EncodeOptions
+from .metadata import check_metadata_names
 from .storage import join, publish, remove_quietly, resolve
 from .tasks import FileGroupTask, ImageBatch
 from .writer import Rows, ShardTarget, write_rows
@@ -87,6 +88,7 @@ class ImageWriterStage:
         base = self.construct_base_name(task)
         objects = task.data
         metas = [dict(obj.metadata or {}) for obj in objects]
+        check_metadata_names(sorted({name for m in metas for name in m} | {"image_path"}))
         meta = pa.Table.from_pylist(
             [{"image_path": obj.image_path, **m} for obj, m in zip(objects, metas)]
         ) if objects else None

@@ -150,3 +150,9 @@ def test_empty_ids_get_generated_unique_keys(tmp_path):
     result = ImageWriterStage(str(tmp_path)).process(batch)
     keys = [k for k, _ in read_tar_samples(result.data[0])]
     assert len(set(keys)) == 3 and all("." not in k for k in keys)
+
+
+def test_metadata_keys_that_clash_with_writer_columns_are_refused(tmp_path):
+    batch = ImageBatch(data=[ImageObject(image_id="a", image_data=make_image(0), metadata={"width": 3})])
+    with pytest.raises(ValueError, match="clash"):
+        ImageWriterStage(str(tmp_path)).process(batch)
