@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .metadata import read_parquet
 from .options import (
     CARD_FILE,
     ERRORS_FILE,
@@ -341,8 +342,7 @@ def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions) 
     )
     path = join(root, ERRORS_FILE)
     if opts.mode == "append" and fs.exists(path):
-        with fs.open(path, "rb") as f:
-            old = pq.read_table(f).cast(ERRORS_SCHEMA)
+        old = read_parquet(fs, path).cast(ERRORS_SCHEMA)
         old = old.filter(pc.not_equal(old.column("job_id"), opts.job_id))  # a rerun replaces its rows
         table = pa.concat_tables([old, table])
     staged = join(opts.job_dir, ERRORS_FILE)

@@ -136,6 +136,17 @@ def json_rows(table: pa.Table) -> list[bytes]:
     ]
 
 
+def read_parquet(fs, path: str) -> pa.Table:
+    """Read one small Parquet file on ``fs``, on this thread.
+
+    Arrow's reader thread pools can abort the interpreter at exit when torn down
+    with a thread still alive (apache/arrow#34314, seen here in the CLI); these
+    files are small, so they are read without them.
+    """
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f, pre_buffer=False).read(use_threads=False)
+
+
 def write_parquet(table: pa.Table, fs, path: str) -> None:
     """Write ``table`` to ``path`` on ``fs`` (an fsspec filesystem)."""
     with fs.open(path, "wb") as f:

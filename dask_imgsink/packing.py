@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .errors import BadRowError
-from .metadata import shard_schema, write_parquet
+from .metadata import read_parquet, shard_schema, write_parquet
 from .options import WriteOptions
 from .storage import join, remove_quietly, resolve
 from .tarshard import TarShardWriter
@@ -134,8 +133,7 @@ class _RunReader:
         if run != self.current:
             self.close()
             target = self.plan.runs[run][1].target
-            with self.fs.open(target.parquet_path, "rb") as f:
-                self.index = pq.read_table(f)
+            self.index = read_parquet(self.fs, target.parquet_path)
             self.tar = self.fs.open(target.tar_path, "rb")
             self.current = run
         return self.index, self.tar

@@ -7,8 +7,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
+from .metadata import read_parquet
 from .options import INDEX_FILE, SUCCESS_FILE
 from .storage import join, resolve
 
@@ -77,8 +76,7 @@ def _verify_shard(fs, root: str, entry: dict, report: VerifyReport, decode: bool
         report.problems.append(f"{name}: a sample's members are not adjacent, or a key repeats")
     if len(keys) != entry["nsamples"]:
         report.problems.append(f"{name}: {len(keys)} samples, the index says {entry['nsamples']}")
-    with fs.open(parquet_path, "rb") as f:
-        table = pq.read_table(f)
+    table = read_parquet(fs, parquet_path)
     report.images += table.num_rows
     if table.column("key").to_pylist() != keys:
         report.problems.append(f"{name}: the Parquet keys differ from the tar's samples")
