@@ -25,7 +25,7 @@ from dask.base import tokenize
 from dask.dataframe.extensions import register_dataframe_accessor
 from dask.highlevelgraph import HighLevelGraph
 
-from .commit import abort_job, commit_job, prepare_output
+from .commit import commit_job, prepare_output, remove_staging
 from .encode import EncodeOptions
 from .keys import generated_key
 from .metadata import user_schema_from_meta, user_table
@@ -299,7 +299,7 @@ def to_webdataset(
     try:
         return bag.compute(**(compute_kwargs or {}))
     except BaseException:
-        abort_job(fs, opts)
+        remove_staging(fs, opts)
         raise
 
 

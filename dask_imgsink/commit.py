@@ -251,7 +251,7 @@ def commit_job(
         write_bytes_atomic(fs, join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
     write_bytes_atomic(fs, join(root, CARD_FILE), _card(opts.dataset_name, index, opts))
     write_bytes_atomic(fs, join(root, SUCCESS_FILE), b"")
-    abort_job(fs, opts)
+    remove_staging(fs, opts)
     logger.info("committed %d shards (%d images, %d rows skipped) to %s",
                 len(shards), num_images, len(skipped), opts.url)
     return tasks
@@ -278,11 +278,12 @@ def _apply_mode(fs, root: str, opts: WriteOptions, old_index: dict | None, keep:
         remove_quietly(fs, join(root, SUCCESS_FILE))
 
 
-def abort_job(fs, opts: WriteOptions) -> None:
+def remove_staging(fs, opts: WriteOptions) -> None:
     """Remove the job's staging folder, and the staging root if no other job uses it.
 
-    Best effort after a failure: a task of the failed job that is still running
-    may write below ``_temporary`` afterwards; nothing there looks final.
+    Called by the commit, and after a failed ``compute=True`` run; after a failure
+    it is best effort: a task of the failed job that is still running may write
+    below ``_temporary`` afterwards, where nothing looks final.
     """
     try:
         remove_quietly(fs, opts.job_dir, recursive=True)
