@@ -87,9 +87,6 @@ class WriteOptions:
         """Base name of chunk ``chunk`` of ``partition`` (per-partition packing)."""
         return f"{self._stem_prefix()}-{self.first_partition + partition:06d}-{chunk:06d}"
 
-    def final_path(self, name: str) -> str:
-        return join(self.root, name)
-
     # --------------------------------------------------------------- staging
 
     @property
