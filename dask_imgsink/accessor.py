@@ -79,12 +79,12 @@ class WriteBag(db.Bag):
 
 def check_image_dtype(dtype: Any, column: str, where: str = "") -> None:
     """Raise ``TypeError`` unless ``dtype`` can hold images (object or Arrow binary)."""
-    if isinstance(dtype, pd.ArrowDtype):
-        if pa.types.is_binary(dtype.pyarrow_dtype) or pa.types.is_large_binary(dtype.pyarrow_dtype):
-            return
-        if pa.types.is_string(dtype.pyarrow_dtype) or pa.types.is_large_string(dtype.pyarrow_dtype):
-            raise TypeError(f"{where}the image column {column!r} has a string dtype ({dtype}). {CONVERT_STRING_HELP}")
-    if isinstance(dtype, pd.StringDtype):
+    arrow = dtype.pyarrow_dtype if isinstance(dtype, pd.ArrowDtype) else None
+    if arrow is not None and (pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow)):
+        return
+    if isinstance(dtype, pd.StringDtype) or (
+        arrow is not None and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow))
+    ):
         raise TypeError(f"{where}the image column {column!r} has a string dtype ({dtype}). {CONVERT_STRING_HELP}")
     if dtype == object:
         return
@@ -285,14 +285,9 @@ def to_webdataset(
     FileExistsError
         ``mode="error"`` and ``output_dir`` is not empty.
     """
-    fs, opts = _build_options(
-        ddf, output_dir, image_column=image_column, key_column=key_column, images_per_tar=images_per_tar,
-        image_format=image_format, quality=quality, text_column=text_column, label_column=label_column,
-        metadata_columns=metadata_columns, metadata_schema=metadata_schema,
-        deterministic_name=deterministic_name, name_prefix=name_prefix, encode_threads=encode_threads,
-        storage_options=storage_options, packing=packing, mode=mode, on_error=on_error,
-        jpeg_alpha=jpeg_alpha, reencode=reencode, dataset_name=dataset_name,
-    )
+    # every keyword but the compute ones is a write setting (locals() holds only the arguments here)
+    settings = {k: v for k, v in locals().items() if k not in ("ddf", "output_dir", "compute", "compute_kwargs")}
+    fs, opts = _build_options(ddf, output_dir, **settings)
     bag = _build_graph(ddf, opts)
     if not compute:
         return bag

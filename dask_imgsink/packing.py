@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -59,12 +60,10 @@ class ShardPlan:
     skipped: list[SkippedRow] = field(default_factory=list)
     run_starts: list[int] = field(default_factory=list)  # global row of each run's first image
 
-    @property
+    @cached_property
     def run_of(self) -> dict[int, int]:
         """Partition -> index of its run in ``runs``."""
-        if not hasattr(self, "_run_of"):
-            self._run_of = {p: i for i, (p, _) in enumerate(self.runs)}
-        return self._run_of
+        return {p: i for i, (p, _) in enumerate(self.runs)}
 
     @property
     def num_images(self) -> int:

@@ -88,7 +88,7 @@ class ImageWriterStage:
         base = self.construct_base_name(task)
         objects = task.data
         metas = [dict(obj.metadata or {}) for obj in objects]
-        check_metadata_names(sorted({name for m in metas for name in m} | {"image_path"}))
+        check_metadata_names(sorted({name for m in metas for name in m}))
         meta = pa.Table.from_pylist(
             [{"image_path": obj.image_path, **m} for obj, m in zip(objects, metas)]
         ) if objects else None

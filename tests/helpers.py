@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import tarfile
@@ -126,3 +127,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def file_bytes(out: Path, suffixes=(".tar", ".parquet")) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir()) if p.suffix in suffixes}
+
+
+def job_options(ddf, out, **overrides):
+    """The validated WriteOptions ``to_webdataset`` would use, to drive its steps in-process."""
+    from dask_imgsink.accessor import _build_options, to_webdataset
+
+    defaults = {
+        name: p.default for name, p in inspect.signature(to_webdataset).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("compute", "compute_kwargs")
+    }
+    return _build_options(ddf, str(out), **{**defaults, **overrides})[1]

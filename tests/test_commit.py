@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from dask_imgsink import BadRowError
-from helpers import make_ddf, make_frame, read_dataset
+from helpers import job_options, make_ddf, make_frame, read_dataset
 
 
 def _final_looking(out) -> list[str]:
@@ -185,12 +185,7 @@ def _staged_job(tmp_path, out, sizes, mode):
     import dask_imgsink.accessor as acc
 
     ddf = make_ddf("from_map", sizes, tmp_path)
-    _, opts = acc._build_options(
-        ddf, str(out), image_column="image", key_column="key", images_per_tar=4, image_format="jpeg",
-        quality=92, text_column="caption", label_column=None, metadata_columns=None, metadata_schema=None,
-        deterministic_name=True, name_prefix="shard", encode_threads=None, storage_options=None,
-        packing="exact", mode=mode, on_error="raise", jpeg_alpha="error", reencode=False, dataset_name=None,
-    )
+    opts = job_options(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode)
     frames = ddf.to_delayed()
     results = [acc.PartitionWriter(opts)(f.compute(), i) for i, f in enumerate(frames)]
     plan = acc.plan_shards(results, opts)

@@ -15,9 +15,9 @@ import pytest
 import webdataset as wds
 
 import dask_imgsink.encode as encode_module
-from dask_imgsink.accessor import PartitionWriter, _build_options
+from dask_imgsink.accessor import PartitionWriter
 from dask_imgsink.packing import assemble_shards, plan_shards
-from helpers import file_bytes, make_ddf, read_dataset
+from helpers import file_bytes, job_options, make_ddf, read_dataset
 
 UNEVEN = [0, 23, 0, 0, 3, 1, 0, 41, 7, 0, 0, 2]  # 77 rows; one partition spans 4+ shards
 
@@ -103,13 +103,7 @@ def _merge_peak(tmp_path, partitions: int, total: int) -> tuple[int, int]:
     with dask.config.set({"dataframe.convert-string": False}):
         ddf = dd.from_pandas(frames[0], npartitions=1)
     out = tmp_path / f"p{partitions}"
-    _, opts = _build_options(
-        ddf, str(out), image_column="image", key_column="key", images_per_tar=total // 2,
-        image_format="jpeg", quality=92, text_column=None, label_column=None, metadata_columns=None,
-        metadata_schema=None, deterministic_name=True, name_prefix="shard", encode_threads=None,
-        storage_options=None, packing="exact", mode="error", on_error="raise", jpeg_alpha="error",
-        reencode=False, dataset_name=None,
-    )
+    opts = job_options(ddf, out, key_column="key", images_per_tar=total // 2)
     writer = PartitionWriter(opts)
     results = [writer(frame, p) for p, frame in enumerate(frames)]
     run_bytes = sum(r.shards[0].tar_bytes for r in results)
