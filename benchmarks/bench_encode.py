@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dask_imgsink import ImageBatch, ImageObject, ImageWriterStage
-from dask_imgsink.encode import EncodeOptions, encode_image
-from dask_imgsink.pool import default_encode_threads, map_ordered
+from dask_imgsink.core.encode import EncodeOptions, encode_image
+from dask_imgsink.core.pool import default_encode_threads, map_ordered
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
           "hubble_deep_field", "retina", "stereo_motorcycle"]

@@ -1,10 +1,11 @@
 """dask-imgsink: write Dask DataFrames of images as WebDataset shards with Parquet metadata."""
 
-from .accessor import WriteBag, to_webdataset
-from .encode import EncodedImage, EncodeOptions, encode_image
+from .core.encode import EncodedImage, EncodeOptions, encode_image
+from .core.stage import ImageWriterStage
+from .core.tasks import FileGroupTask, ImageBatch, ImageObject
 from .errors import BadRowError
-from .stage import ImageWriterStage
-from .tasks import FileGroupTask, ImageBatch, ImageObject
+from .job.accessor import WriteBag, to_webdataset
+from .read.verify import verify_dataset
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "WriteBag",
     "encode_image",
     "to_webdataset",
+    "verify_dataset",
 ]

@@ -66,10 +66,11 @@ def _print_report(report, prefix: str = "") -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from distributed import Client, LocalCluster
 
-    from .accessor import to_webdataset
-    from .commit import existing_entries, read_index
+    from .format.index import read_index
+    from .job.accessor import to_webdataset
+    from .job.commit import existing_entries
+    from .read.verify import verify_dataset
     from .storage import resolve
-    from .verify import verify_dataset
 
     fs, root = resolve(args.output_dir)
     mode = args.mode
@@ -101,13 +102,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_dataset
+    from .read.verify import verify_dataset
 
     return _print_report(verify_dataset(args.path, decode=args.decode))
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .commit import read_index
+    from .format.index import read_index
     from .storage import resolve
 
     fs, root = resolve(args.path)

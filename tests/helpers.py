@@ -131,7 +131,7 @@ def file_bytes(out: Path, suffixes=(".tar", ".parquet")) -> dict[str, bytes]:
 
 def job_options(ddf, out, **overrides):
     """The validated WriteOptions ``to_webdataset`` would use, to drive its steps in-process."""
-    from dask_imgsink.accessor import _build_options, to_webdataset
+    from dask_imgsink.job.accessor import _build_options, to_webdataset
 
     defaults = {
         name: p.default for name, p in inspect.signature(to_webdataset).parameters.items()

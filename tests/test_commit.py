@@ -182,7 +182,7 @@ def test_empty_partitions_write_no_files(tmp_path):
 
 def _staged_job(tmp_path, out, sizes, mode):
     """Run a job's write, plan and assemble steps in this process; return the commit to call."""
-    import dask_imgsink.accessor as acc
+    import dask_imgsink.job.accessor as acc
 
     ddf = make_ddf("from_map", sizes, tmp_path)
     opts = job_options(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode)
@@ -215,7 +215,7 @@ def test_a_commit_that_runs_again_gives_the_same_dataset(tmp_path, mode):
 def test_a_commit_that_died_after_publishing_completes_on_its_rerun(tmp_path, monkeypatch, mode):
     # Killing a worker exactly inside the commit cannot be timed from a test, so the
     # crash is an exception injected after every shard is published, before the index.
-    import dask_imgsink.commit as commit_module
+    import dask_imgsink.job.commit as commit_module
 
     reference, out = tmp_path / "reference", tmp_path / "out"
     for target in (reference, out):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dask_imgsink.encode import EncodeOptions, encode_image, sniff_format
+from dask_imgsink.core.encode import EncodeOptions, encode_image, sniff_format
 from dask_imgsink.errors import RowProblem
 from helpers import decode, make_image, png_bytes, psnr
 

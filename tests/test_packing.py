@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-import dask_imgsink.encode as encode_module
-from dask_imgsink.accessor import PartitionWriter
-from dask_imgsink.packing import assemble_shards, plan_shards
+import dask_imgsink.core.encode as encode_module
+from dask_imgsink.job.accessor import PartitionWriter
+from dask_imgsink.job.packing import assemble_shards, plan_shards
 from helpers import file_bytes, job_options, make_ddf, read_dataset
 
 UNEVEN = [0, 23, 0, 0, 3, 1, 0, 41, 7, 0, 0, 2]  # 77 rows; one partition spans 4+ shards
@@ -129,7 +129,7 @@ def test_merge_peak_memory_does_not_grow_with_partitions(tmp_path):
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 200])
 def test_assembly_groups_cover_every_partition_once_in_order(n):
-    from dask_imgsink.accessor import _assembly_groups
+    from dask_imgsink.job.accessor import _assembly_groups
 
     groups = _assembly_groups(n)
     assert [p for g in groups for p in g] == list(range(n))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from dask_imgsink.pool import default_encode_threads, get_encoder_pool, map_ordered
+from dask_imgsink.core.pool import default_encode_threads, get_encoder_pool, map_ordered
 
 
 def test_one_pool_per_process_and_size():

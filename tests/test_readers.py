@@ -13,7 +13,7 @@ import textwrap
 import fsspec
 import pyarrow.parquet as pq
 
-from dask_imgsink.verify import verify_dataset
+from dask_imgsink.read.verify import verify_dataset
 from helpers import make_ddf, read_dataset
 
 

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from dask_imgsink.tarshard import BLOCK, RECORD, TarShardWriter, member_header
+from dask_imgsink.core.tarshard import BLOCK, RECORD, TarShardWriter, member_header
 
 
 def _write(members):

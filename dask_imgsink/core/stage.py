@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from .encode import EncodeOptions
-from .metadata import check_metadata_names
-from .storage import join, publish, remove_quietly, resolve
+from ..format.schema import check_metadata_names
+from ..storage import join, publish, remove_quietly, resolve
 from .tasks import FileGroupTask, ImageBatch
 from .writer import Rows, ShardTarget, write_rows
 

@@ -12,16 +12,12 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from .encode import EncodeOptions
-from .storage import join
+from ..core.encode import EncodeOptions
+from ..storage import join
 
 PACKING_CHOICES = ("exact", "per_partition")
 MODE_CHOICES = ("error", "overwrite", "append")
 STAGING_DIR = "_temporary"
-INDEX_FILE = "_index.json"
-SUCCESS_FILE = "_SUCCESS"
-ERRORS_FILE = "_errors.parquet"
-CARD_FILE = "README.md"
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 

@@ -13,24 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .metadata import read_parquet
-from .options import (
-    CARD_FILE,
-    ERRORS_FILE,
-    INDEX_FILE,
-    STAGING_DIR,
-    SUCCESS_FILE,
-    WriteOptions,
-)
-from .storage import is_local, join, publish, remove_quietly, resolve, write_bytes_atomic
-from .tasks import FileGroupTask
-from .writer import SkippedRow, WrittenShard
+from ..format.schema import read_parquet
+from ..format.index import build_index, dataset_card, next_numbers, read_index
+from ..format.layout import CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE
+from .options import STAGING_DIR, WriteOptions
+from ..storage import is_local, join, publish, remove_quietly, resolve, write_bytes_atomic
+from ..core.tasks import FileGroupTask
+from ..core.writer import SkippedRow, WrittenShard
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -50,12 +44,6 @@ def existing_entries(fs, root: str) -> list[str]:
     return sorted(n for n in names if n != STAGING_DIR)
 
 
-def read_index(fs, root: str) -> dict | None:
-    path = join(root, INDEX_FILE)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return json.load(f)
 
 
 def _not_empty_error(url: str, names: list[str]) -> FileExistsError:
@@ -104,17 +92,9 @@ def prepare_output(fs, root: str, url: str, mode: str, name_prefix: str) -> tupl
             f"mode='append' needs the dataset's {INDEX_FILE} in {url!r}, and there is none: "
             "it is not a complete dask-imgsink dataset. Use mode='overwrite' to replace it"
         )
-    return _next_numbers(index, name_prefix)
+    return next_numbers(index, name_prefix)
 
 
-def _next_numbers(index: dict, name_prefix: str) -> tuple[int, int]:
-    shard = index.get("next_shard")
-    part = index.get("next_partition")
-    if shard is None:  # an index written by another tool: continue after its numbers
-        pattern = re.compile(rf"^{re.escape(name_prefix)}-(\d+)\.tar$")
-        found = [int(m.group(1)) for e in index.get("shardlist", []) if (m := pattern.match(e["url"]))]
-        shard = max(found) + 1 if found else len(index.get("shardlist", []))
-    return int(shard), int(part or 0)
 
 
 def _clear_output(fs, root: str, keep: set[str] = frozenset()) -> None:
@@ -130,36 +110,6 @@ def _display_path(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _card(name: str, index: dict, opts: WriteOptions) -> bytes:
-    ext = {"jpeg": "jpg"}.get(opts.encode.image_format, opts.encode.image_format)
-    members = [f"`key.{ext}` (image; encoded inputs keep their own format)"]
-    if opts.text_column:
-        members.append(f"`key.txt` (column `{opts.text_column}`)")
-    if opts.label_column:
-        members.append(f"`key.cls` (column `{opts.label_column}`)")
-    if opts.metadata_columns:
-        members.append("`key.json` (metadata columns)")
-    text = f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: "*.tar"
----
-
-# {name}
-
-WebDataset shards written by dask-imgsink: {index['num_samples']} images in
-{len(index['shardlist'])} shards (`{INDEX_FILE}` lists them with their sample counts).
-
-- Each `*.tar` holds one sample per image: {", ".join(members)}.
-- Each `*.parquet` beside a tar holds one row per image: `key`, `tar_file`, `member`,
-  `offset` and `size` (byte range of the image inside the tar), `format`, `width`,
-  `height`, `channels`, then the metadata columns
-  ({", ".join(f"`{c}`" for c in opts.metadata_columns) or "none"}).
-- `{SUCCESS_FILE}` marks a complete dataset; rows left out are listed in `{ERRORS_FILE}`.
-"""
-    return text.encode()
 
 
 def commit_job(
@@ -247,9 +197,9 @@ def commit_job(
         if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
             _write_errors(fs, root, skipped, opts)
         previous = old_index if opts.mode == "append" else None
-        index = _build_index(previous, entries, totals, num_partitions, opts)
+        index = _new_index(previous, entries, totals, num_partitions, opts)
         write_bytes_atomic(fs, join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
-    write_bytes_atomic(fs, join(root, CARD_FILE), _card(opts.dataset_name, index, opts))
+    write_bytes_atomic(fs, join(root, CARD_FILE), _card(index, opts))
     write_bytes_atomic(fs, join(root, SUCCESS_FILE), b"")
     remove_staging(fs, opts)
     logger.info("committed %d shards (%d images, %d rows skipped) to %s",
@@ -269,7 +219,7 @@ def _apply_mode(fs, root: str, opts: WriteOptions, old_index: dict | None, keep:
     elif opts.mode == "overwrite":
         _clear_output(fs, root, keep)
     else:
-        if old_index is not None and _next_numbers(old_index, opts.name_prefix) != (
+        if old_index is not None and next_numbers(old_index, opts.name_prefix) != (
             opts.first_shard, opts.first_partition
         ):
             raise RuntimeError(
@@ -293,40 +243,6 @@ def remove_staging(fs, opts: WriteOptions) -> None:
         pass  # another job is staging there, or a straggling task of this one
 
 
-def _build_index(old: dict | None, entries: list[dict], totals: dict, num_partitions: int,
-                 opts: WriteOptions) -> dict:
-    old = old or {}
-    shardlist = list(old.get("shardlist", [])) + entries
-    old_totals = old.get("totals", {})
-    job = {
-        "job_id": opts.job_id,
-        **totals,
-        "options": {
-            "packing": opts.packing,
-            "images_per_tar": opts.images_per_tar,
-            "image_format": opts.encode.image_format,
-            "quality": opts.encode.quality,
-            "image_column": opts.image_column,
-            "key_column": opts.key_column,
-            "text_column": opts.text_column,
-            "label_column": opts.label_column,
-            "metadata_columns": list(opts.metadata_columns),
-            "on_error": opts.on_error,
-        },
-    }
-    next_shard = opts.first_shard + (totals["shards"] if opts.packing == "exact" else 0)
-    return {
-        "__kind__": "wids-shard-index-v1",
-        "wids_version": 1,
-        "name": opts.dataset_name,
-        "shardlist": shardlist,
-        "num_samples": sum(e["nsamples"] for e in shardlist),
-        "totals": {k: old_totals.get(k, 0) + v for k, v in totals.items()},
-        "next_shard": next_shard,
-        "next_partition": opts.first_partition + num_partitions,
-        "jobs": list(old.get("jobs", [])) + [job],
-        "writer": "dask-imgsink",
-    }
 
 
 def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions) -> None:
@@ -351,3 +267,32 @@ def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions) 
     with fs.open(staged, "wb") as f:
         pq.write_table(table, f)
     publish(fs, staged, path)
+
+
+def _card(index: dict, opts: WriteOptions) -> bytes:
+    ext = {"jpeg": "jpg"}.get(opts.encode.image_format, opts.encode.image_format)
+    return dataset_card(opts.dataset_name, index, image_extension=ext, text_column=opts.text_column,
+                        label_column=opts.label_column, metadata_columns=opts.metadata_columns)
+
+
+def _new_index(old: dict | None, entries: list[dict], totals: dict, num_partitions: int,
+               opts: WriteOptions) -> dict:
+    job = {
+        "job_id": opts.job_id,
+        **totals,
+        "options": {
+            "packing": opts.packing,
+            "images_per_tar": opts.images_per_tar,
+            "image_format": opts.encode.image_format,
+            "quality": opts.encode.quality,
+            "image_column": opts.image_column,
+            "key_column": opts.key_column,
+            "text_column": opts.text_column,
+            "label_column": opts.label_column,
+            "metadata_columns": list(opts.metadata_columns),
+            "on_error": opts.on_error,
+        },
+    }
+    next_shard = opts.first_shard + (totals["shards"] if opts.packing == "exact" else 0)
+    return build_index(old, entries, totals, job, name=opts.dataset_name, next_shard=next_shard,
+                       next_partition=opts.first_partition + num_partitions)

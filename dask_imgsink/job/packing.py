@@ -18,12 +18,12 @@ from functools import cached_property
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import BadRowError
-from .metadata import read_parquet, shard_schema, write_parquet
+from ..errors import BadRowError
+from ..format.schema import read_parquet, shard_schema, write_parquet
 from .options import WriteOptions
-from .storage import join, remove_quietly, resolve
-from .tarshard import TarShardWriter
-from .writer import ShardTarget, SkippedRow, WrittenShard
+from ..storage import join, remove_quietly, resolve
+from ..core.tarshard import TarShardWriter
+from ..core.writer import ShardTarget, SkippedRow, WrittenShard
 
 
 @dataclass

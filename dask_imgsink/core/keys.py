@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import RowProblem
+from ..errors import RowProblem
 
 #: USTAR holds member names of at most 100 bytes; the longest extension we write
 #: is four characters (".json", ".webp") plus the dot.

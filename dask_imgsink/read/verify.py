@@ -7,9 +7,9 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 
-from .metadata import read_parquet
-from .options import INDEX_FILE, SUCCESS_FILE
-from .storage import join, resolve
+from ..format.schema import read_parquet
+from ..format.layout import INDEX_FILE, SUCCESS_FILE
+from ..storage import join, resolve
 
 
 @dataclass

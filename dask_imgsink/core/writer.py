@@ -17,11 +17,11 @@ import pandas as pd
 import pyarrow as pa
 
 from .encode import EncodeOptions, encode_image
-from .errors import BadRowError, RowProblem
+from ..errors import BadRowError, RowProblem
 from .keys import check_key
-from .metadata import SAMPLE_RANGE_FIELDS, WRITER_FIELDS, json_rows, write_parquet
+from ..format.schema import SAMPLE_RANGE_FIELDS, WRITER_FIELDS, json_rows, write_parquet
 from .pool import map_ordered
-from .storage import remove_quietly
+from ..storage import remove_quietly
 from .tarshard import TarShardWriter
 
 logger = logging.getLogger("dask_imgsink")

@@ -26,15 +26,15 @@ from dask.dataframe.extensions import register_dataframe_accessor
 from dask.highlevelgraph import HighLevelGraph
 
 from .commit import commit_job, prepare_output, remove_staging
-from .encode import EncodeOptions
-from .keys import generated_key
-from .metadata import user_schema_from_meta, user_table
+from ..core.encode import EncodeOptions
+from ..core.keys import generated_key
+from ..format.schema import user_schema_from_meta, user_table
 from .options import WriteOptions
 from .packing import PartitionResult, ShardPlan, assemble_shards, plan_shards
-from .pool import default_encode_threads
-from .storage import join, remove_quietly, resolve
-from .tasks import FileGroupTask
-from .writer import Rows, ShardTarget, write_rows
+from ..core.pool import default_encode_threads
+from ..storage import join, remove_quietly, resolve
+from ..core.tasks import FileGroupTask
+from ..core.writer import Rows, ShardTarget, write_rows
 
 CONVERT_STRING_HELP = (
     "Dask converts object columns to strings by default (the 'dataframe.convert-string' "

@@ -21,7 +21,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from .errors import RowProblem
+from ..errors import RowProblem
 
 #: Output format -> file extension used for the tar member.
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}

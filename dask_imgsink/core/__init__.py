@@ -1,0 +1,1 @@
+"""The engine-free writing core: encode, pool, tar, keys, rows -> shards, ImageWriterStage."""

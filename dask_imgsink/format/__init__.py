@@ -1,0 +1,1 @@
+"""The on-disk dataset: file names, shard schema, index, card and checksums."""

@@ -1,0 +1,109 @@
+"""The dataset's index files: ``_index.json`` (a wids shard index) and the dataset card.
+
+``_index.json`` is what wids needs (``__kind__``, ``wids_version``, a
+``shardlist`` of ``url``/``nsamples``/``filesize``, URLs relative to the
+index) with our own fields beside it: totals, the jobs that wrote the dataset
+and where numbering continues for ``mode="append"``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from ..storage import join
+from .layout import CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE
+
+WRITER_NAME = "dask-imgsink"
+
+
+def read_index(fs, root: str) -> dict | None:
+    """The dataset's ``_index.json`` as a dict, or ``None`` when there is none."""
+    path = join(root, INDEX_FILE)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.load(f)
+
+
+def next_numbers(index: dict, name_prefix: str) -> tuple[int, int]:
+    """Where shard and partition numbering continue after the dataset ``index`` describes."""
+    shard = index.get("next_shard")
+    part = index.get("next_partition")
+    if shard is None:  # an index written by another tool: continue after its numbers
+        pattern = re.compile(rf"^{re.escape(name_prefix)}-(\d+)\.tar$")
+        found = [int(m.group(1)) for e in index.get("shardlist", []) if (m := pattern.match(e["url"]))]
+        shard = max(found) + 1 if found else len(index.get("shardlist", []))
+    return int(shard), int(part or 0)
+
+
+def build_index(
+    old: dict | None,
+    entries: list[dict],
+    totals: dict[str, int],
+    job: dict[str, Any],
+    *,
+    name: str,
+    next_shard: int,
+    next_partition: int,
+) -> dict:
+    """The new ``_index.json``: ``old``'s shards (when appending) then ``entries``."""
+    old = old or {}
+    shardlist = list(old.get("shardlist", [])) + entries
+    old_totals = old.get("totals", {})
+    return {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": name,
+        "shardlist": shardlist,
+        "num_samples": sum(e["nsamples"] for e in shardlist),
+        "totals": {k: old_totals.get(k, 0) + v for k, v in totals.items()},
+        "next_shard": next_shard,
+        "next_partition": next_partition,
+        "jobs": list(old.get("jobs", [])) + [job],
+        "writer": WRITER_NAME,
+    }
+
+
+def dataset_card(
+    name: str,
+    index: dict,
+    *,
+    image_extension: str,
+    text_column: str | None,
+    label_column: str | None,
+    metadata_columns: list[str] | tuple[str, ...],
+) -> bytes:
+    """The ``README.md`` whose YAML ``configs`` points ``datasets.load_dataset(out)`` at ``*.tar``."""
+    members = [f"`key.{image_extension}` (image; encoded inputs keep their own format)"]
+    if text_column:
+        members.append(f"`key.txt` (column `{text_column}`)")
+    if label_column:
+        members.append(f"`key.cls` (column `{label_column}`)")
+    if metadata_columns:
+        members.append("`key.json` (metadata columns)")
+    text = f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "*.tar"
+---
+
+# {name}
+
+WebDataset shards written by dask-imgsink: {index['num_samples']} images in
+{len(index['shardlist'])} shards (`{INDEX_FILE}` lists them with their sample counts).
+
+- Each `*.tar` holds one sample per image: {", ".join(members)}.
+- Each `*.parquet` beside a tar holds one row per image: `key`, `tar_file`, `member`,
+  `offset` and `size` (byte range of the image inside the tar), `format`, `width`,
+  `height`, `channels`, then the metadata columns
+  ({", ".join(f"`{c}`" for c in metadata_columns) or "none"}).
+- `{SUCCESS_FILE}` marks a complete dataset; rows left out are listed in `{ERRORS_FILE}`.
+"""
+    return text.encode()
+
+
+__all__ = ["CARD_FILE", "build_index", "dataset_card", "next_numbers", "read_index"]

@@ -1,0 +1,1 @@
+"""The Dask job: accessor, settings, exact packing, commit."""

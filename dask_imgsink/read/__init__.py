@@ -1,0 +1,1 @@
+"""Reading a written dataset back and verifying it."""
