@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import pyarrow as pa
 
-from .encode import EncodeOptions, encode_image
+from .encode import EncodedImage, EncodeOptions, encode_image
 from ..errors import BadRowError, RowProblem
 from .keys import check_key
 from ..format.schema import SAMPLE_RANGE_FIELDS, WRITER_FIELDS, json_rows, write_parquet
@@ -75,6 +75,96 @@ class SkippedRow:
     reason: str
 
 
+class ShardRoller:
+    """Writes samples into consecutive shards of at most ``images_per_tar`` images.
+
+    Opens a shard when the first sample arrives or the current one is full,
+    and finishes each shard (end-of-archive blocks, then its Parquet of one row
+    per image) when it rolls over or at :meth:`close`. :meth:`abort` closes the
+    open handle and removes every file this roller created.
+    """
+
+    def __init__(self, fs, target_for: Callable[[int], ShardTarget], images_per_tar: int | None,
+                 meta: pa.Table | None, sample_ranges: bool, verbose: bool) -> None:
+        self.fs = fs
+        self.target_for = target_for
+        self.images_per_tar = images_per_tar
+        self.meta = meta if meta is not None and meta.num_columns else None
+        self.sample_ranges = sample_ranges
+        self.verbose = verbose
+        self.shards: list[WrittenShard] = []
+        self.created: list[str] = []
+        self.current: _OpenShard | None = None
+
+    def add(self, row: int, key: str, encoded: EncodedImage, extra: list[tuple[str, bytes]]) -> None:
+        """Append one sample: the image member then ``extra`` members (``(name, data)``)."""
+        shard = self._shard_with_room()
+        tar = shard.tar
+        start = tar.position
+        member = f"{key}.{encoded.extension}"
+        offset, size = tar.add(member, encoded.data)
+        for name, data in extra:
+            tar.add(name, data)
+        rec = shard.records
+        for name, value in (("key", key), ("tar_file", shard.target.tar_file), ("member", member),
+                            ("offset", offset), ("size", size), ("format", encoded.format),
+                            ("width", encoded.width), ("height", encoded.height),
+                            ("channels", encoded.channels)):
+            rec[name].append(value)
+        shard.meta_rows.append(row)
+        shard.starts.append(start)
+        shard.ends.append(tar.position)
+
+    def _shard_with_room(self) -> "_OpenShard":
+        full = self.current is not None and self.images_per_tar and self.current.count >= self.images_per_tar
+        if self.current is None or full:
+            if self.current is not None:
+                self._finish(self.current)
+            target = self.target_for(len(self.shards))
+            self.created.append(target.tar_path)
+            handle = self.fs.open(target.tar_path, "wb")
+            self.current = _OpenShard(target, handle, TarShardWriter(handle))
+        return self.current
+
+    def _finish(self, shard: "_OpenShard") -> None:
+        self.current = None
+        try:
+            size = shard.tar.close()
+        finally:
+            shard.handle.close()  # closes the descriptor even when the flush fails (full disk)
+        columns = [pa.array(shard.records[f.name], f.type) for f in WRITER_FIELDS]
+        fields = list(WRITER_FIELDS)
+        if self.meta is not None:
+            taken = self.meta.take(pa.array(shard.meta_rows, pa.int64()))
+            columns += list(taken.columns)
+            fields += list(taken.schema)
+        if self.sample_ranges:
+            columns += [pa.array(shard.starts, pa.int64()), pa.array(shard.ends, pa.int64())]
+            fields += SAMPLE_RANGE_FIELDS
+        self.created.append(shard.target.parquet_path)
+        write_parquet(pa.Table.from_arrays(columns, schema=pa.schema(fields)), self.fs, shard.target.parquet_path)
+        self.shards.append(WrittenShard(shard.target, shard.count, size))
+        logger.log(logging.INFO if self.verbose else logging.DEBUG,
+                   "wrote %s (%d images, %d bytes)", shard.target.tar_path, shard.count, size)
+
+    def close(self) -> list[WrittenShard]:
+        """Finish the open shard; return every shard written."""
+        if self.current is not None:
+            self._finish(self.current)
+        return self.shards
+
+    def abort(self) -> None:
+        """Close the open handle (whatever it raises) and remove every file created."""
+        if self.current is not None:
+            try:
+                self.current.handle.close()
+            except Exception:  # a full disk fails the flush too; the file goes anyway
+                pass
+            self.current = None
+        for path in self.created:
+            remove_quietly(self.fs, path)
+
+
 @dataclass
 class _OpenShard:
     target: ShardTarget
@@ -102,6 +192,41 @@ def _label_text(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def _check_keys(raw_keys: Sequence[Any]) -> tuple[list[str | None], dict[int, RowProblem]]:
+    """Validate every key; return the keys (``None`` where bad) and each bad row's problem."""
+    keys: list[str | None] = []
+    problems: dict[int, RowProblem] = {}
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_keys):
+        try:
+            key = check_key(raw)
+        except RowProblem as problem:
+            problems[i] = problem
+            keys.append(None)
+            continue
+        if key in seen:
+            problems[i] = RowProblem(
+                f"the key is used twice (rows {seen[key]} and {i} of this partition)",
+                "make keys unique, e.g. ddf.drop_duplicates(subset='key')",
+            )
+        else:
+            seen[key] = i
+        keys.append(key)
+    return keys, problems
+
+
+def _extra_members(rows: Rows, i: int, key: str, json_members: list[bytes] | None) -> list[tuple[str, bytes]]:
+    """The ``key.txt``, ``key.cls`` and ``key.json`` members of row ``i``, where it has them."""
+    extra = []
+    if rows.texts is not None and not _is_null(rows.texts[i]):
+        extra.append((f"{key}.txt", str(rows.texts[i]).encode("utf-8")))
+    if rows.labels is not None and not _is_null(rows.labels[i]):
+        extra.append((f"{key}.cls", _label_text(rows.labels[i]).encode("utf-8")))
+    if json_members is not None:
+        extra.append((f"{key}.json", json_members[i]))
+    return extra
 
 
 def write_rows(
@@ -152,61 +277,17 @@ def write_rows(
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
-    n = len(rows)
-    keys: list[str | None] = []
-    problems: dict[int, RowProblem] = {}
-    seen: dict[str, int] = {}
-    for i, raw in enumerate(rows.keys):
-        try:
-            key = check_key(raw)
-        except RowProblem as problem:
-            problems[i] = problem
-            keys.append(None)
-            continue
-        if key in seen:
-            problems[i] = RowProblem(
-                f"the key is used twice (rows {seen[key]} and {i} of this partition)",
-                "make keys unique, e.g. ddf.drop_duplicates(subset='key')",
-            )
-        else:
-            seen[key] = i
-        keys.append(key)
+    keys, problems = _check_keys(rows.keys)
     json_members = json_rows(rows.meta) if rows.meta is not None and rows.meta.num_columns else None
 
     def encode(i: int):
-        if i in problems:
-            return None
-        return encode_image(rows.images[i], options)
+        return None if i in problems else encode_image(rows.images[i], options)
 
-    shards: list[WrittenShard] = []
+    roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, sample_ranges, verbose)
     skipped: list[SkippedRow] = []
-    created: list[str] = []
-    current: _OpenShard | None = None
-
-    def finish(shard: _OpenShard) -> None:
-        size = shard.tar.close()
-        shard.handle.close()
-        columns = [pa.array(shard.records[f.name], f.type) for f in WRITER_FIELDS]
-        fields = list(WRITER_FIELDS)
-        if rows.meta is not None and rows.meta.num_columns:
-            taken = rows.meta.take(pa.array(shard.meta_rows, pa.int64()))
-            columns += list(taken.columns)
-            fields += list(taken.schema)
-        if sample_ranges:
-            columns += [pa.array(shard.starts, pa.int64()), pa.array(shard.ends, pa.int64())]
-            fields += SAMPLE_RANGE_FIELDS
-        created.append(shard.target.parquet_path)
-        write_parquet(pa.Table.from_arrays(columns, schema=pa.schema(fields)), fs, shard.target.parquet_path)
-        shards.append(WrittenShard(shard.target, shard.count, size))
-        logger.log(
-            logging.INFO if verbose else logging.DEBUG,
-            "wrote %s (%d images, %d bytes)", shard.target.tar_path, shard.count, size,
-        )
-
     try:
-        for i, fut in enumerate(map_ordered(encode, range(n), encode_threads)):
+        for i, fut in enumerate(map_ordered(encode, range(len(rows)), encode_threads)):
             problem = problems.get(i)
-            encoded = None
             if problem is None:
                 try:
                     encoded = fut.result()
@@ -218,43 +299,8 @@ def write_rows(
                     raise BadRowError(problem.reason, fix=problem.fix, partition=partition, row=i, key=shown_key)
                 skipped.append(SkippedRow(partition, i, shown_key, problem.reason))
                 continue
-            if current is None or (images_per_tar and current.count >= images_per_tar):
-                if current is not None:
-                    finish(current)
-                target = target_for(len(shards))
-                created.append(target.tar_path)
-                handle = fs.open(target.tar_path, "wb")
-                current = _OpenShard(target, handle, TarShardWriter(handle))
-            key = keys[i]
-            start = current.tar.position
-            member = f"{key}.{encoded.extension}"
-            offset, size = current.tar.add(member, encoded.data)
-            if rows.texts is not None and not _is_null(rows.texts[i]):
-                current.tar.add(f"{key}.txt", str(rows.texts[i]).encode("utf-8"))
-            if rows.labels is not None and not _is_null(rows.labels[i]):
-                current.tar.add(f"{key}.cls", _label_text(rows.labels[i]).encode("utf-8"))
-            if json_members is not None:
-                current.tar.add(f"{key}.json", json_members[i])
-            rec = current.records
-            rec["key"].append(key)
-            rec["tar_file"].append(current.target.tar_file)
-            rec["member"].append(member)
-            rec["offset"].append(offset)
-            rec["size"].append(size)
-            rec["format"].append(encoded.format)
-            rec["width"].append(encoded.width)
-            rec["height"].append(encoded.height)
-            rec["channels"].append(encoded.channels)
-            current.meta_rows.append(i)
-            current.starts.append(start)
-            current.ends.append(current.tar.position)
-        if current is not None:
-            finish(current)
-            current = None
+            roller.add(i, keys[i], encoded, _extra_members(rows, i, keys[i], json_members))
+        return roller.close(), skipped
     except BaseException:
-        if current is not None:
-            current.handle.close()
-        for path in created:
-            remove_quietly(fs, path)
+        roller.abort()
         raise
-    return shards, skipped

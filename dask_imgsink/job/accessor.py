@@ -285,9 +285,15 @@ def to_webdataset(
     FileExistsError
         ``mode="error"`` and ``output_dir`` is not empty.
     """
-    # every keyword but the compute ones is a write setting (locals() holds only the arguments here)
-    settings = {k: v for k, v in locals().items() if k not in ("ddf", "output_dir", "compute", "compute_kwargs")}
-    fs, opts = _build_options(ddf, output_dir, **settings)
+    fs, opts = _build_options(
+        ddf, output_dir, image_column=image_column, key_column=key_column,
+        images_per_tar=images_per_tar, image_format=image_format, quality=quality,
+        text_column=text_column, label_column=label_column, metadata_columns=metadata_columns,
+        metadata_schema=metadata_schema, deterministic_name=deterministic_name,
+        name_prefix=name_prefix, encode_threads=encode_threads, storage_options=storage_options,
+        packing=packing, mode=mode, on_error=on_error, jpeg_alpha=jpeg_alpha, reencode=reencode,
+        dataset_name=dataset_name,
+    )
     bag = _build_graph(ddf, opts)
     if not compute:
         return bag
