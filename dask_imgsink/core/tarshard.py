@@ -7,7 +7,9 @@ members give byte-identical archives. Nothing is buffered beyond one member.
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
+from dataclasses import dataclass
 from typing import BinaryIO
 
 BLOCK = 512
@@ -60,6 +62,37 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+def member_bytes(name: str, data: bytes) -> bytes:
+    """One whole member: header, data and zero padding to the next block."""
+    return member_header(name, len(data)) + data + _ZEROS[: -len(data) % BLOCK]
+
+
+@dataclass(frozen=True)
+class SampleBlock:
+    """The tar bytes of one whole sample (its members, adjacent) and where each member's data lies.
+
+    Built on an encoder thread, so the writer thread only writes it. The
+    bytes do not depend on where the sample lands in a shard: a checksum of
+    :attr:`data` stays valid when exact packing copies the sample into another shard.
+    """
+
+    data: bytes
+    names: tuple[str, ...]
+    data_offsets: tuple[int, ...]  # of each member's data, from the start of the block
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def build(cls, members: list[tuple[str, bytes]]) -> "SampleBlock":
+        parts, offsets, position = [], [], 0
+        for name, data in members:
+            part = member_bytes(name, data)
+            parts.append(part)
+            offsets.append(position + BLOCK)
+            position += len(part)
+        return cls(b"".join(parts), tuple(n for n, _ in members), tuple(offsets),
+                   tuple(len(d) for _, d in members))
+
+
 class TarShardWriter:
     """Write tar members one at a time to a binary file object.
 
@@ -67,6 +100,8 @@ class TarShardWriter:
     ----------
     fileobj : file-like
         Opened for binary writing; positioned at the start of the archive.
+    checksum : bool, default True
+        Compute the SHA-256 of every byte written (:attr:`sha256`), while writing.
 
     Attributes
     ----------
@@ -74,29 +109,35 @@ class TarShardWriter:
         Bytes written so far (the offset of the next member's header).
     """
 
-    def __init__(self, fileobj: BinaryIO) -> None:
+    def __init__(self, fileobj: BinaryIO, checksum: bool = True) -> None:
         self._f = fileobj
+        self._hash = hashlib.sha256() if checksum else None
         self.position = 0
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self._f.write(data)
+        if self._hash is not None:
+            self._hash.update(data)
+        self.position += len(data)
 
     def add(self, name: str, data: bytes) -> tuple[int, int]:
         """Append a member; return ``(data_offset, size)`` of its data in the archive."""
-        header = member_header(name, len(data))
-        self._f.write(header)
-        self._f.write(data)
-        pad = -len(data) % BLOCK
-        if pad:
-            self._f.write(_ZEROS[:pad])
         offset = self.position + BLOCK
-        self.position = offset + len(data) + pad
+        self._write(member_bytes(name, data))
         return offset, len(data)
+
+    def add_sample(self, block: SampleBlock) -> int:
+        """Append a whole sample built by :meth:`SampleBlock.build`; return where it starts."""
+        start = self.position
+        self._write(block.data)
+        return start
 
     def copy_members(self, src: BinaryIO, start: int, length: int, chunk: int = 8 << 20) -> int:
         """Copy whole members (headers, data, padding) from another archive.
 
         ``start`` and ``length`` must be block-aligned and cover complete members,
-        such as one or more whole samples written by :meth:`add`. Returns the
-        position in this archive where the copied bytes begin. Memory is bounded
-        by ``chunk``.
+        such as one or more whole samples. Returns the position in this archive
+        where the copied bytes begin. Memory is bounded by ``chunk``.
         """
         if start % BLOCK or length % BLOCK:
             raise ValueError("member ranges must be aligned to 512-byte blocks")
@@ -107,15 +148,20 @@ class TarShardWriter:
             buf = src.read(min(chunk, remaining))
             if not buf:
                 raise OSError(f"source archive ended {remaining} bytes early")
-            self._f.write(buf)
+            self._write(buf)
             remaining -= len(buf)
-        self.position += length
         return begin
 
     def close(self) -> int:
         """Write the end-of-archive marker and pad to a whole record; return the size."""
         end = self.position + 2 * BLOCK
         total = end + (-end % RECORD)
-        self._f.write(bytes(total - self.position))
-        self.position = total
+        self._write(bytes(total - self.position))
         return total
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written so far (the whole archive after :meth:`close`)."""
+        if self._hash is None:
+            raise ValueError("this writer was created with checksum=False")
+        return self._hash.hexdigest()

@@ -1,28 +1,30 @@
 """Rows -> tar shards + Parquet: the engine-free write loop under the stage and the accessor.
 
-Images are encoded on the process's encoder pool with a bounded window and
-written as they arrive, in row order; each sample's members (``key.jpg``,
-``key.txt``, ``key.cls``, ``key.json``) are adjacent. A bad row raises
+Each row is prepared on the process's encoder pool (bounded window): its image
+encoded, its members (``key.jpg``, ``key.txt``, ``key.cls``, ``key.json``)
+laid out as one block of tar bytes, and that block's checksum taken. The
+calling thread writes the blocks in row order into rolling shards
+(:class:`ShardRoller`), hashing each shard as it goes. A bad row raises
 :class:`~dask_imgsink.errors.BadRowError` naming it, or is recorded as skipped.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import pandas as pd
 import pyarrow as pa
 
-from .encode import EncodedImage, EncodeOptions, encode_image
 from ..errors import BadRowError, RowProblem
-from .keys import check_key
-from ..format.schema import SAMPLE_RANGE_FIELDS, WRITER_FIELDS, json_rows, write_parquet
-from .pool import map_ordered
+from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sample_checksum
+from ..format.members import JSON_EXT, LABEL_EXT, TEXT_EXT, json_rows, label_member, text_member
+from ..format.schema import WRITER_FIELDS, write_parquet
 from ..storage import remove_quietly
-from .tarshard import TarShardWriter
+from .encode import EncodedImage, EncodeOptions, encode_image
+from .keys import check_key
+from .pool import map_ordered
+from .tarshard import SampleBlock, TarShardWriter
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -58,11 +60,14 @@ class ShardTarget:
 
 @dataclass
 class WrittenShard:
-    """A shard written by :func:`write_rows`."""
+    """A shard written by :func:`write_rows`: its target, counts, sizes and SHA-256s."""
 
     target: ShardTarget
     num_images: int
     tar_bytes: int
+    tar_sha256: str = ""
+    parquet_bytes: int = 0
+    parquet_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,35 @@ class SkippedRow:
     reason: str
 
 
+@dataclass(frozen=True)
+class PreparedSample:
+    """One row ready to write: its image's facts and its members as one block of tar bytes."""
+
+    key: str
+    image: EncodedImage
+    block: SampleBlock
+    checksum: str
+
+
+def prepare_sample(key: str, image: EncodedImage, extra: list[tuple[str, bytes]]) -> PreparedSample:
+    """Lay out a sample's members (image first) and take the block's checksum."""
+    block = SampleBlock.build([(f"{key}.{image.extension}", image.data), *extra])
+    return PreparedSample(key, image, block, sample_checksum(block.data))
+
+
+@dataclass
+class _OpenShard:
+    target: ShardTarget
+    handle: Any
+    tar: TarShardWriter
+    records: dict[str, list] = field(default_factory=lambda: {f.name: [] for f in WRITER_FIELDS})
+    meta_rows: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.meta_rows)
+
+
 class ShardRoller:
     """Writes samples into consecutive shards of at most ``images_per_tar`` images.
 
@@ -85,37 +119,34 @@ class ShardRoller:
     """
 
     def __init__(self, fs, target_for: Callable[[int], ShardTarget], images_per_tar: int | None,
-                 meta: pa.Table | None, sample_ranges: bool, verbose: bool) -> None:
+                 meta: pa.Table | None, verbose: bool = False, checksums: bool = True) -> None:
         self.fs = fs
+        self.checksums = checksums
         self.target_for = target_for
         self.images_per_tar = images_per_tar
         self.meta = meta if meta is not None and meta.num_columns else None
-        self.sample_ranges = sample_ranges
         self.verbose = verbose
         self.shards: list[WrittenShard] = []
         self.created: list[str] = []
         self.current: _OpenShard | None = None
 
-    def add(self, row: int, key: str, encoded: EncodedImage, extra: list[tuple[str, bytes]]) -> None:
-        """Append one sample: the image member then ``extra`` members (``(name, data)``)."""
+    def add(self, row: int, sample: PreparedSample) -> None:
+        """Append one prepared sample; ``row`` is its row in :attr:`meta`."""
         shard = self._shard_with_room()
-        tar = shard.tar
-        start = tar.position
-        member = f"{key}.{encoded.extension}"
-        offset, size = tar.add(member, encoded.data)
-        for name, data in extra:
-            tar.add(name, data)
+        start = shard.tar.add_sample(sample.block)
+        block, image = sample.block, sample.image
         rec = shard.records
-        for name, value in (("key", key), ("tar_file", shard.target.tar_file), ("member", member),
-                            ("offset", offset), ("size", size), ("format", encoded.format),
-                            ("width", encoded.width), ("height", encoded.height),
-                            ("channels", encoded.channels)):
+        for name, value in (
+            ("key", sample.key), ("tar_file", shard.target.tar_file), ("member", block.names[0]),
+            ("offset", start + block.data_offsets[0]), ("size", block.sizes[0]),
+            ("sample_offset", start), ("sample_size", len(block.data)),
+            (SAMPLE_CHECKSUM_COLUMN, sample.checksum), ("format", image.format),
+            ("width", image.width), ("height", image.height), ("channels", image.channels),
+        ):
             rec[name].append(value)
         shard.meta_rows.append(row)
-        shard.starts.append(start)
-        shard.ends.append(tar.position)
 
-    def _shard_with_room(self) -> "_OpenShard":
+    def _shard_with_room(self) -> _OpenShard:
         full = self.current is not None and self.images_per_tar and self.current.count >= self.images_per_tar
         if self.current is None or full:
             if self.current is not None:
@@ -123,10 +154,10 @@ class ShardRoller:
             target = self.target_for(len(self.shards))
             self.created.append(target.tar_path)
             handle = self.fs.open(target.tar_path, "wb")
-            self.current = _OpenShard(target, handle, TarShardWriter(handle))
+            self.current = _OpenShard(target, handle, TarShardWriter(handle, checksum=self.checksums))
         return self.current
 
-    def _finish(self, shard: "_OpenShard") -> None:
+    def _finish(self, shard: _OpenShard) -> None:
         self.current = None
         try:
             size = shard.tar.close()
@@ -138,12 +169,11 @@ class ShardRoller:
             taken = self.meta.take(pa.array(shard.meta_rows, pa.int64()))
             columns += list(taken.columns)
             fields += list(taken.schema)
-        if self.sample_ranges:
-            columns += [pa.array(shard.starts, pa.int64()), pa.array(shard.ends, pa.int64())]
-            fields += SAMPLE_RANGE_FIELDS
         self.created.append(shard.target.parquet_path)
-        write_parquet(pa.Table.from_arrays(columns, schema=pa.schema(fields)), self.fs, shard.target.parquet_path)
-        self.shards.append(WrittenShard(shard.target, shard.count, size))
+        table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+        parquet_size, parquet_sha = write_parquet(table, self.fs, shard.target.parquet_path)
+        tar_sha = shard.tar.sha256 if self.checksums else ""
+        self.shards.append(WrittenShard(shard.target, shard.count, size, tar_sha, parquet_size, parquet_sha))
         logger.log(logging.INFO if self.verbose else logging.DEBUG,
                    "wrote %s (%d images, %d bytes)", shard.target.tar_path, shard.count, size)
 
@@ -163,35 +193,6 @@ class ShardRoller:
             self.current = None
         for path in self.created:
             remove_quietly(self.fs, path)
-
-
-@dataclass
-class _OpenShard:
-    target: ShardTarget
-    handle: Any
-    tar: TarShardWriter
-    records: dict[str, list] = field(default_factory=lambda: {f.name: [] for f in WRITER_FIELDS})
-    meta_rows: list[int] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return len(self.meta_rows)
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
-def _label_text(value: Any) -> str:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def _check_keys(raw_keys: Sequence[Any]) -> tuple[list[str | None], dict[int, RowProblem]]:
@@ -220,12 +221,14 @@ def _check_keys(raw_keys: Sequence[Any]) -> tuple[list[str | None], dict[int, Ro
 def _extra_members(rows: Rows, i: int, key: str, json_members: list[bytes] | None) -> list[tuple[str, bytes]]:
     """The ``key.txt``, ``key.cls`` and ``key.json`` members of row ``i``, where it has them."""
     extra = []
-    if rows.texts is not None and not _is_null(rows.texts[i]):
-        extra.append((f"{key}.txt", str(rows.texts[i]).encode("utf-8")))
-    if rows.labels is not None and not _is_null(rows.labels[i]):
-        extra.append((f"{key}.cls", _label_text(rows.labels[i]).encode("utf-8")))
+    text = text_member(rows.texts[i]) if rows.texts is not None else None
+    if text is not None:
+        extra.append((f"{key}.{TEXT_EXT}", text))
+    label = label_member(rows.labels[i]) if rows.labels is not None else None
+    if label is not None:
+        extra.append((f"{key}.{LABEL_EXT}", label))
     if json_members is not None:
-        extra.append((f"{key}.json", json_members[i]))
+        extra.append((f"{key}.{JSON_EXT}", json_members[i]))
     return extra
 
 
@@ -239,8 +242,8 @@ def write_rows(
     on_error: str = "raise",
     partition: int | str = 0,
     encode_threads: int | None = None,
-    sample_ranges: bool = False,
     verbose: bool = False,
+    shard_checksums: bool = True,
 ) -> tuple[list[WrittenShard], list[SkippedRow]]:
     """Encode and write ``rows`` as shards of at most ``images_per_tar`` images.
 
@@ -258,11 +261,11 @@ def write_rows(
         Named in errors and skip records.
     encode_threads : int, optional
         Encoder pool size (default: the process's CPUs).
-    sample_ranges : bool
-        Add ``_sample_start``/``_sample_end`` (each sample's byte range) to the
-        Parquet, for exact packing's byte-range copies.
     verbose : bool
         Log each shard at INFO level (DEBUG otherwise).
+    shard_checksums : bool
+        Take each tar's SHA-256 while writing it; off for exact packing's staged
+        runs, whose bytes are hashed when they are copied into their shards.
 
     Returns
     -------
@@ -273,24 +276,27 @@ def write_rows(
     ------
     BadRowError
         For the first bad row when ``on_error="raise"``; files this call
-        started are removed first.
+        started are closed and removed first.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
     keys, problems = _check_keys(rows.keys)
     json_members = json_rows(rows.meta) if rows.meta is not None and rows.meta.num_columns else None
 
-    def encode(i: int):
-        return None if i in problems else encode_image(rows.images[i], options)
+    def prepare(i: int) -> PreparedSample | None:
+        if i in problems:
+            return None
+        image = encode_image(rows.images[i], options)
+        return prepare_sample(keys[i], image, _extra_members(rows, i, keys[i], json_members))
 
-    roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, sample_ranges, verbose)
+    roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, verbose, shard_checksums)
     skipped: list[SkippedRow] = []
     try:
-        for i, fut in enumerate(map_ordered(encode, range(len(rows)), encode_threads)):
+        for i, fut in enumerate(map_ordered(prepare, range(len(rows)), encode_threads)):
             problem = problems.get(i)
             if problem is None:
                 try:
-                    encoded = fut.result()
+                    sample = fut.result()
                 except RowProblem as exc:
                     problem = exc
             if problem is not None:
@@ -299,7 +305,7 @@ def write_rows(
                     raise BadRowError(problem.reason, fix=problem.fix, partition=partition, row=i, key=shown_key)
                 skipped.append(SkippedRow(partition, i, shown_key, problem.reason))
                 continue
-            roller.add(i, keys[i], encoded, _extra_members(rows, i, keys[i], json_members))
+            roller.add(i, sample)
         return roller.close(), skipped
     except BaseException:
         roller.abort()

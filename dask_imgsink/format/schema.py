@@ -8,13 +8,13 @@ empty dataset, agree and ``dd.read_parquet(out)`` reads them together.
 
 from __future__ import annotations
 
-import json
-import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
 
 #: The writer's own columns, first in every shard's Parquet.
 WRITER_FIELDS = [
@@ -23,6 +23,9 @@ WRITER_FIELDS = [
     pa.field("member", pa.string(), nullable=False),
     pa.field("offset", pa.int64(), nullable=False),
     pa.field("size", pa.int64(), nullable=False),
+    pa.field("sample_offset", pa.int64(), nullable=False),
+    pa.field("sample_size", pa.int64(), nullable=False),
+    pa.field(SAMPLE_CHECKSUM_COLUMN, pa.string(), nullable=False),
     pa.field("format", pa.string(), nullable=False),
     pa.field("width", pa.int32(), nullable=False),
     pa.field("height", pa.int32(), nullable=False),
@@ -30,15 +33,12 @@ WRITER_FIELDS = [
 ]
 WRITER_COLUMNS = [f.name for f in WRITER_FIELDS]
 
-#: Columns kept only in staged run indexes (exact packing): each sample's byte range.
-SAMPLE_RANGE_FIELDS = [pa.field("_sample_start", pa.int64()), pa.field("_sample_end", pa.int64())]
-
 SCHEMA_FIX = "pass metadata_schema={'column': pa.list_(pa.string()), ...} to give its Arrow type"
 
 
 def check_metadata_names(columns: list[str]) -> None:
     """Raise ``ValueError`` if a metadata column would clash with a writer column."""
-    clash = [c for c in columns if c in WRITER_COLUMNS or c in ("_sample_start", "_sample_end")]
+    clash = [c for c in columns if c in WRITER_COLUMNS]
     if clash:
         raise ValueError(
             f"metadata column(s) {clash} clash with columns the writer adds to each shard's "
@@ -108,46 +108,33 @@ def user_table(frame: pd.DataFrame, schema: pa.Schema, where: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_value(v) for v in value]
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
-
-
-def json_rows(table: pa.Table) -> list[bytes]:
-    """One UTF-8 JSON object per row (NaN becomes null, times become ISO strings)."""
-    return [
-        json.dumps(_json_value(row), default=_json_default, ensure_ascii=False, allow_nan=False).encode()
-        for row in table.to_pylist()
-    ]
-
-
 def read_parquet(fs, path: str) -> pa.Table:
-    """Read one small Parquet file on ``fs``, on this thread.
+    """Read one small Parquet file on ``fs``, on this thread, checking its page CRCs.
 
     Arrow's reader thread pools can abort the interpreter at exit when torn down
     with a thread still alive (apache/arrow#34314, seen here in the CLI); these
     files are small, so they are read without them.
     """
     with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f, pre_buffer=False).read(use_threads=False)
+        return parquet_from_bytes(f.read())
 
 
-def write_parquet(table: pa.Table, fs, path: str) -> None:
-    """Write ``table`` to ``path`` on ``fs`` (an fsspec filesystem)."""
+def parquet_from_bytes(data: bytes) -> pa.Table:
+    """Parse a whole Parquet file held in memory, checking its page CRCs."""
+    reader = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False, page_checksum_verification=True)
+    return reader.read(use_threads=False)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as a Parquet file, with page CRCs."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, write_page_checksum=True)
+    return sink.getvalue().to_pybytes()
+
+
+def write_parquet(table: pa.Table, fs, path: str) -> tuple[int, str]:
+    """Write ``table`` to ``path`` on ``fs``; return the file's size and SHA-256."""
+    data = parquet_bytes(table)
     with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+        f.write(data)
+    return len(data), sha256_hex(data)

@@ -153,7 +153,7 @@ class PartitionWriter:
                 on_error=opts.on_error,
                 partition=partition,
                 encode_threads=opts.encode_threads,
-                sample_ranges=exact,
+                shard_checksums=not exact,
             )
         except BaseException:
             if attempt:

@@ -175,32 +175,33 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions) -> l
                 for piece in pieces:
                     run_index, src = reader.open(piece.run)
                     rows = run_index.slice(piece.start, piece.stop - piece.start)
-                    first = rows.column("_sample_start")[0].as_py()
-                    last = rows.column("_sample_end")[-1].as_py()
-                    begin = writer.copy_members(src, first, last - first)
-                    shift = begin - first
-                    rows = rows.set_column(
-                        rows.schema.get_field_index("offset"), "offset",
-                        pc.add(rows.column("offset"), pa.scalar(shift, pa.int64())),
-                    )
-                    rows = rows.set_column(
-                        rows.schema.get_field_index("tar_file"), "tar_file",
-                        pa.array([target.tar_file] * rows.num_rows, pa.string()),
-                    )
-                    tables.append(rows.drop_columns(["_sample_start", "_sample_end"]))
+                    first = rows.column("sample_offset")[0].as_py()
+                    last_row = rows.num_rows - 1
+                    end = rows.column("sample_offset")[last_row].as_py() + rows.column("sample_size")[last_row].as_py()
+                    shift = writer.copy_members(src, first, end - first) - first
+                    tables.append(_moved_rows(rows, shift, target.tar_file))
                 size = writer.close()
-            table = pa.concat_tables(tables)
-            table = pa.Table.from_arrays(table.columns, schema=schema)
+            table = pa.Table.from_arrays(pa.concat_tables(tables).columns, schema=schema)
             _check_unique_keys(table, plan, pieces, index)
-            write_parquet(table, fs, target.parquet_path)
+            parquet_size, parquet_sha = write_parquet(table, fs, target.parquet_path)
+            written = WrittenShard(target, table.num_rows, size, writer.sha256, parquet_size, parquet_sha)
             sources = sorted({plan.runs[p.run][0] for p in pieces})
-            done.append((index, WrittenShard(target, table.num_rows, size), sources))
+            done.append((index, written, sources))
     except BaseException:
         reader.close()
         remove_quietly(fs, attempt, recursive=True)
         raise
     reader.close()
     return done
+
+
+def _moved_rows(rows: pa.Table, shift: int, tar_file: str) -> pa.Table:
+    """Run index rows as they read in the assembled shard: byte ranges moved by ``shift``."""
+    for name in ("offset", "sample_offset"):
+        moved = pc.add(rows.column(name), pa.scalar(shift, pa.int64()))
+        rows = rows.set_column(rows.schema.get_field_index(name), name, moved)
+    names = pa.array([tar_file] * rows.num_rows, pa.string())
+    return rows.set_column(rows.schema.get_field_index("tar_file"), "tar_file", names)
 
 
 def _check_unique_keys(table: pa.Table, plan: ShardPlan, pieces: list[Piece], index: int) -> None:
