@@ -4,20 +4,27 @@ from .core.encode import EncodedImage, EncodeOptions, encode_image
 from .core.stage import ImageWriterStage
 from .core.tasks import FileGroupTask, ImageBatch, ImageObject
 from .errors import BadRowError
-from .job.accessor import WriteBag, to_webdataset
+from .job.accessor import to_webdataset
+from .job.bag import WriteBag
+from .job.cleanup import CleanReport, clean
+from .job.lock import LostLockError, OutputLockedError
 from .read.verify import verify_dataset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BadRowError",
+    "CleanReport",
     "EncodeOptions",
     "EncodedImage",
     "FileGroupTask",
     "ImageBatch",
     "ImageObject",
     "ImageWriterStage",
+    "LostLockError",
+    "OutputLockedError",
     "WriteBag",
+    "clean",
     "encode_image",
     "to_webdataset",
     "verify_dataset",

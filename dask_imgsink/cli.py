@@ -68,7 +68,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .format.index import read_index
     from .job.accessor import to_webdataset
-    from .job.commit import existing_entries
+    from .job.output import existing_entries
     from .read.verify import verify_dataset
     from .storage import resolve
 

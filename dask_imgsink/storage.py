@@ -1,12 +1,19 @@
-"""Filesystem access through fsspec: resolving paths and publishing files atomically.
+"""Filesystem access through fsspec: resolving paths, publishing files atomically, create-if-absent.
 
 A file is written under a staging name and moved to its final name only when it
 is complete: ``os.replace`` on local disks (atomic), a move elsewhere (a single
-PUT of the whole object on object stores, so readers never see part of it).
+PUT or server-side copy of the whole object on object stores, so readers never
+see part of it).
+
+:func:`create_exclusive` is the one atomic create-if-absent the job lock rests
+on: ``O_CREAT | O_EXCL`` on local and POSIX filesystems, a conditional PUT
+(``If-None-Match: *``) on S3 through s3fs's ``mode="create"``, and fsspec's own
+``pipe_file(mode="create")`` elsewhere (atomic only where the backend makes it so).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -29,31 +36,103 @@ def is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def forget_listings(fs, path: str | None = None) -> None:
+    """Drop fsspec's cached listings, so that a check sees what other processes did."""
+    try:
+        fs.invalidate_cache(path)
+    except Exception:  # not every backend caches, or takes a path
+        pass
+
+
 def publish(fs, staged: str, final: str) -> None:
     """Move a complete staged file to its final name, replacing what is there."""
     if is_local(fs):
-        import os
-
         os.replace(staged, final)
     else:
         fs.mv(staged, final)
 
 
-def write_bytes_atomic(fs, path: str, data: bytes) -> None:
-    """Write a small file so that readers see either nothing or all of it."""
+def create_exclusive(fs, path: str, data: bytes) -> None:
+    """Create ``path`` holding ``data`` only if nothing is there; atomic where the filesystem allows.
+
+    Raises
+    ------
+    FileExistsError
+        Something already exists at ``path``.
+    """
     if is_local(fs):
-        tmp = join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with fs.open(tmp, "wb") as f:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    forget_listings(fs, path)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        raise
+    except OSError as exc:  # s3fs turns HTTP 412 Precondition Failed into FileExistsError; others vary
+        if "precondition" in str(exc).lower():
+            raise FileExistsError(path) from exc
+        raise
+
+
+def write_small(fs, path: str, data: bytes, tmp_dir: str) -> None:
+    """Write a small file so that readers see either nothing or all of it.
+
+    Locally the bytes go to a temporary file in ``tmp_dir`` (the job's staging
+    folder, invisible to readers) which then replaces ``path``; a process killed
+    at any moment leaves no temporary file in the dataset. Object stores get
+    one PUT, which is atomic.
+    """
+    if is_local(fs):
+        os.makedirs(tmp_dir, exist_ok=True)
+        tmp = join(tmp_dir, f"{posixpath.basename(path)}.{uuid.uuid4().hex}.part")
+        with open(tmp, "wb") as f:
             f.write(data)
-        publish(fs, tmp, path)
+        os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
 
 
+def read_bytes(fs, path: str) -> bytes | None:
+    """The whole file at ``path``, or ``None`` if there is none."""
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def remove_file(fs, path: str) -> None:
+    """Remove one file (never a directory tree, never what a symlink points to); quiet if absent."""
+    try:
+        if is_local(fs):
+            os.unlink(path)
+        else:
+            fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def remove_quietly(fs, path: str, recursive: bool = False) -> None:
-    """Remove ``path`` if it exists."""
+    """Remove ``path`` (a tree with ``recursive``) if it exists."""
     try:
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
     except FileNotFoundError:
+        pass
+
+
+def remove_empty_dir(fs, path: str) -> None:
+    """Remove the directory ``path`` if it exists and is empty (object stores have none to remove)."""
+    try:
+        if is_local(fs):
+            os.rmdir(path)
+        elif fs.isdir(path) and not fs.ls(path, detail=False):
+            fs.rmdir(path)
+    except (OSError, ValueError):
         pass

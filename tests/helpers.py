@@ -129,6 +129,16 @@ def file_bytes(out: Path, suffixes=(".tar", ".parquet")) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir()) if p.suffix in suffixes}
 
 
+def claimed_job(ddf, out, **overrides):
+    """Options for a job and its claim on ``out``, to drive its steps in this process."""
+    from dask.base import tokenize
+
+    from dask_imgsink.job.claim import claim_output
+
+    opts = job_options(ddf, out, **overrides)
+    return opts, claim_output(opts, tokenize(*opts.token()))
+
+
 def job_options(ddf, out, **overrides):
     """The validated WriteOptions ``to_webdataset`` would use, to drive its steps in-process."""
     from dask_imgsink.job.accessor import _build_options, to_webdataset
@@ -138,3 +148,23 @@ def job_options(ddf, out, **overrides):
         if p.kind is p.KEYWORD_ONLY and name not in ("compute", "compute_kwargs")
     }
     return _build_options(ddf, str(out), **{**defaults, **overrides})[1]
+
+
+JOB_FIELDS = ("job_id", "run_id", "committed_at")
+
+
+def comparable_dataset(out) -> dict:
+    """Everything a dataset holds, with what names its job (ids, commit time) taken out.
+
+    Two runs of the same job on the same input must give equal values: the same
+    files with the same bytes, the same index but for job ids, a ``_SUCCESS``.
+    """
+    out = Path(out)
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())
+             if p.is_file() and p.name not in ("_index.json", "_SUCCESS")}
+    index = json.loads((out / "_index.json").read_text())
+    for job in index.get("jobs", []):
+        for name in JOB_FIELDS:
+            job.pop(name, None)
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    return {"files": files, "index": index, "success": (out / "_SUCCESS").exists(), "hidden": hidden}

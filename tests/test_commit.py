@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import dask
@@ -13,11 +14,11 @@ import pytest
 import webdataset as wds
 
 from dask_imgsink import BadRowError
-from helpers import job_options, make_ddf, make_frame, read_dataset
+from helpers import claimed_job, comparable_dataset, make_ddf, make_frame, read_dataset
 
 
 def _final_looking(out) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name != "_temporary") if out.exists() else []
+    return sorted(p.name for p in out.iterdir() if p.name != ".imgsink") if out.exists() else []
 
 
 def _with_bad_row(n_parts: int = 4, bad_partition: int = 3, per: int = 6) -> dd.DataFrame:
@@ -41,7 +42,7 @@ def test_compute_true_failure_leaves_nothing_final_looking(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BadRowError):
         _with_bad_row(n_parts=1, bad_partition=0).imgsink.to_webdataset(str(out), key_column="key", compute=True)
-    assert _final_looking(out) == [] and not (out / "_temporary").exists()
+    assert _final_looking(out) == [] and not (out / ".imgsink").exists()
 
 
 def test_success_publishes_everything_and_removes_staging(tmp_path):
@@ -53,11 +54,15 @@ def test_success_publishes_everything_and_removes_staging(tmp_path):
         "shard-000000.parquet", "shard-000000.tar", "shard-000001.parquet", "shard-000001.tar",
         "shard-000002.parquet", "shard-000002.tar",
     ]
-    assert not (out / "_temporary").exists()
+    assert not (out / ".imgsink").exists()
     index = json.loads((out / "_index.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
-    assert index["shardlist"][0] == {"url": "shard-000000.tar", "nsamples": 4,
-                                     "filesize": (out / "shard-000000.tar").stat().st_size}
+    tar, parquet = (out / "shard-000000.tar").read_bytes(), (out / "shard-000000.parquet").read_bytes()
+    assert index["shardlist"][0] == {
+        "url": "shard-000000.tar", "nsamples": 4, "filesize": len(tar), "sha256": hashlib.sha256(tar).hexdigest(),
+        "parquet_filesize": len(parquet), "parquet_sha256": hashlib.sha256(parquet).hexdigest()}
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["index_sha256"] == hashlib.sha256((out / "_index.json").read_bytes()).hexdigest()
     card = (out / "README.md").read_text()
     assert card.startswith("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"*.tar\"\n---")
 
@@ -75,14 +80,13 @@ def test_mode_overwrite_replaces_the_old_dataset_without_mixing(tmp_path):
     out = tmp_path / "out"
     make_ddf("from_pandas", [25], tmp_path).imgsink.to_webdataset(
         str(out), key_column="key", images_per_tar=10, compute=True)
-    (out / "stray.bin").write_bytes(b"x")
     bag = make_ddf("from_pandas", [8], tmp_path).imgsink.to_webdataset(
         str(out), key_column="key", images_per_tar=10, mode="overwrite")
     assert (out / "shard-000002.tar").exists()  # nothing removed before the job commits
     bag.compute()
     data = read_dataset(out)
     assert data["shards"] == ["shard-000000.tar"] and len(data["samples"]) == 8
-    assert not (out / "shard-000002.tar").exists() and not (out / "stray.bin").exists()
+    assert _final_looking(out) == ["README.md", "_SUCCESS", "_index.json", "shard-000000.parquet", "shard-000000.tar"]
 
 
 def test_mode_overwrite_keeps_the_old_dataset_when_the_new_job_fails(tmp_path):
@@ -181,21 +185,21 @@ def test_empty_partitions_write_no_files(tmp_path):
 
 
 def _staged_job(tmp_path, out, sizes, mode):
-    """Run a job's write, plan and assemble steps in this process; return the commit to call."""
+    """Run a job's claim, write, plan and assemble steps in this process; return the commit to call."""
     import dask_imgsink.job.accessor as acc
 
     ddf = make_ddf("from_map", sizes, tmp_path)
-    opts = job_options(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode)
+    opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode)
     frames = ddf.to_delayed()
-    results = [acc.PartitionWriter(opts)(f.compute(), i) for i, f in enumerate(frames)]
-    plan = acc.plan_shards(results, opts)
+    results = [acc.PartitionWriter(opts)(f.compute(), i, claim) for i, f in enumerate(frames)]
+    plan = acc.plan_shards(results, claim, opts)
     assembled = [acc.assemble_shards(plan, range(len(frames)), opts)]
-    return lambda: acc._commit_exact(plan, assembled, len(frames), opts)
+    return lambda: acc._commit_exact(claim, plan, assembled, len(frames), opts)
 
 
 @pytest.mark.parametrize("mode", ["error", "overwrite", "append"])
 def test_a_commit_that_runs_again_gives_the_same_dataset(tmp_path, mode):
-    reference, out = tmp_path / "reference", tmp_path / "out"
+    reference, out = tmp_path / "reference" / "out", tmp_path / "disturbed" / "out"  # same name, same card
     for target in (reference, out):
         if mode != "error":  # something already there to overwrite or append to
             make_ddf("from_pandas", [9], tmp_path).imgsink.to_webdataset(
@@ -205,10 +209,7 @@ def test_a_commit_that_runs_again_gives_the_same_dataset(tmp_path, mode):
     first = commit()
     second = commit()  # as when the worker died after the commit finished
     assert [t.data for t in first] == [t.data for t in second]
-    files = lambda d: {n: (d / n).read_bytes() for n in _final_looking(d) if n not in ("_index.json", "README.md")}  # noqa: E731
-    assert files(out) == files(reference)
-    index = json.loads((out / "_index.json").read_text())
-    assert index["shardlist"] == json.loads((reference / "_index.json").read_text())["shardlist"]
+    assert comparable_dataset(out) == comparable_dataset(reference)
 
 
 @pytest.mark.parametrize("mode", ["error", "overwrite", "append"])
@@ -217,29 +218,27 @@ def test_a_commit_that_died_after_publishing_completes_on_its_rerun(tmp_path, mo
     # crash is an exception injected after every shard is published, before the index.
     import dask_imgsink.job.commit as commit_module
 
-    reference, out = tmp_path / "reference", tmp_path / "out"
+    reference, out = tmp_path / "reference" / "out", tmp_path / "disturbed" / "out"  # same name, same card
     for target in (reference, out):
         if mode != "error":
             make_ddf("from_pandas", [21], tmp_path).imgsink.to_webdataset(
                 str(target), key_column="key", images_per_tar=4, compute=True)
     _staged_job(tmp_path, reference, [3, 6], mode)()
     commit = _staged_job(tmp_path, out, [3, 6], mode)
-    real = commit_module.write_bytes_atomic
+    real = commit_module.write_small
 
-    def crash_on_index(fs, path, data):
+    def die_on_index(fs, path, data, tmp_dir):
         if path.endswith("_index.json"):
-            raise ConnectionError("worker died")
-        return real(fs, path, data)
+            raise KeyboardInterrupt("as if the worker died here")  # not an Exception: no rollback
+        return real(fs, path, data, tmp_dir)
 
-    monkeypatch.setattr(commit_module, "write_bytes_atomic", crash_on_index)
-    with pytest.raises(ConnectionError):
+    monkeypatch.setattr(commit_module, "write_small", die_on_index)
+    with pytest.raises(KeyboardInterrupt):
         commit()
     assert not (out / "_SUCCESS").exists()
-    monkeypatch.setattr(commit_module, "write_bytes_atomic", real)
+    monkeypatch.setattr(commit_module, "write_small", real)
     commit()
-    files = lambda d: {n: (d / n).read_bytes() for n in _final_looking(d) if n not in ("_index.json", "README.md")}  # noqa: E731
-    assert files(out) == files(reference)
-    assert read_dataset(out)["index"]["shardlist"] == read_dataset(reference)["index"]["shardlist"]
+    assert comparable_dataset(out) == comparable_dataset(reference)
 
 
 def test_overwrite_refuses_the_directory_holding_the_working_directory(tmp_path, monkeypatch):

@@ -15,9 +15,9 @@ import pytest
 import webdataset as wds
 
 import dask_imgsink.core.encode as encode_module
-from dask_imgsink.job.accessor import PartitionWriter
+from dask_imgsink.job.write import PartitionWriter
 from dask_imgsink.job.packing import assemble_shards, plan_shards
-from helpers import file_bytes, job_options, make_ddf, read_dataset
+from helpers import claimed_job, file_bytes, make_ddf, read_dataset
 
 UNEVEN = [0, 23, 0, 0, 3, 1, 0, 41, 7, 0, 0, 2]  # 77 rows; one partition spans 4+ shards
 
@@ -103,11 +103,11 @@ def _merge_peak(tmp_path, partitions: int, total: int) -> tuple[int, int]:
     with dask.config.set({"dataframe.convert-string": False}):
         ddf = dd.from_pandas(frames[0], npartitions=1)
     out = tmp_path / f"p{partitions}"
-    opts = job_options(ddf, out, key_column="key", images_per_tar=total // 2)
+    opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=total // 2)
     writer = PartitionWriter(opts)
-    results = [writer(frame, p) for p, frame in enumerate(frames)]
+    results = [writer(frame, p, claim) for p, frame in enumerate(frames)]
     run_bytes = sum(r.shards[0].tar_bytes for r in results)
-    plan = plan_shards(results, opts)
+    plan = plan_shards(results, claim, opts)
     tracemalloc.start()
     try:
         for p in range(partitions):

@@ -122,7 +122,7 @@ def test_generated_keys_are_unique_and_deterministic(tmp_path):
 
 def test_without_a_client_it_runs_on_threads_in_this_process(tmp_path):
     bag = make_ddf("from_pandas", [3], tmp_path).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key")
-    assert dask.base.get_scheduler(collections=[bag]) is dask.threaded.get
+    assert dask.base.get_scheduler(collections=[bag]) is dask_imgsink.job.bag.local_get  # dask.threaded.get, tracked
     # A script without an `if __name__ == "__main__"` guard: the multiprocessing
     # scheduler a plain Bag defaults to would fail to start its workers here.
     script = tmp_path / "script.py"

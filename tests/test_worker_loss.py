@@ -44,8 +44,11 @@ def _write(out: Path, packing: str):
 
 
 def _staged_tars(out: Path) -> list[Path]:
-    staging = out / "_temporary"
-    return list(staging.rglob("*.tar")) if staging.exists() else []
+    staging = out / ".imgsink"
+    try:
+        return list(staging.rglob("*.tar.part"))
+    except FileNotFoundError:  # the job removed a folder while we looked
+        return []
 
 
 @pytest.mark.parametrize("packing", ["exact", "per_partition"])
@@ -70,7 +73,7 @@ def test_worker_death_gives_identical_shards(tmp_path, packing):
         pids_after = client.run(os.getpid)
     assert pids_before[busy[0]] not in pids_after.values()  # the worker really died
 
-    assert (out / "_SUCCESS").exists() and not (out / "_temporary").exists()
+    assert (out / "_SUCCESS").exists() and not (out / ".imgsink").exists()
     assert file_bytes(out) == file_bytes(reference)  # same names, same bytes: no duplicates, no gaps
     data = read_dataset(out)
     keys = [k for k, _ in data["samples"]]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from ..errors import RowProblem
 
@@ -28,6 +28,18 @@ EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 #: What to do with an alpha channel when writing JPEG.
 JPEG_ALPHA_CHOICES = ("error", "drop", "white")
+
+#: Largest image, in pixels, written or decoded by default (16384 x 16384). One
+#: setting for both directions: ``verify --decode`` opens whatever was written.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+
+#: Pillow's image classes, opened directly: ``Image.open`` applies Pillow's global
+#: pixel limit (``Image.MAX_IMAGE_PIXELS``), which is not ours and not per call.
+_IMAGE_CLASSES = {
+    "jpeg": JpegImagePlugin.JpegImageFile,
+    "png": PngImagePlugin.PngImageFile,
+    "webp": WebPImagePlugin.WebPImageFile,
+}
 
 
 @dataclass(frozen=True)
@@ -46,12 +58,16 @@ class EncodeOptions:
     reencode : bool
         Re-encode already-encoded bytes whose format differs from ``image_format``.
         By default encoded bytes are written unchanged.
+    max_pixels : int
+        Largest image (width x height) accepted; larger ones are bad rows. The
+        same limit applies when ``verify`` decodes the dataset.
     """
 
     image_format: str = "jpeg"
     quality: int = 92
     jpeg_alpha: str = "error"
     reencode: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.image_format not in EXTENSIONS:
@@ -60,6 +76,8 @@ class EncodeOptions:
             )
         if not 1 <= int(self.quality) <= 100:
             raise ValueError(f"quality={self.quality!r} must be between 1 and 100")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels={self.max_pixels!r} must be a positive integer")
         if self.jpeg_alpha not in JPEG_ALPHA_CHOICES:
             raise ValueError(
                 f"jpeg_alpha={self.jpeg_alpha!r} is not one of {list(JPEG_ALPHA_CHOICES)}"
@@ -133,6 +151,36 @@ def sniff_format(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     return None
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Raise :class:`RowProblem` if a ``width`` x ``height`` image exceeds ``max_pixels``."""
+    if width * height > max_pixels:
+        raise RowProblem(
+            f"the image is {width}x{height} = {width * height:,} pixels, more than max_pixels={max_pixels:,}",
+            "pass a larger max_pixels (verify then decodes with the same limit), or resize the image",
+        )
+
+
+def open_encoded(data: bytes, fmt: str) -> Image.Image:
+    """Open JPEG/PNG/WebP bytes lazily (header only) without Pillow's global pixel limit."""
+    return _IMAGE_CLASSES[fmt](io.BytesIO(data))
+
+
+def decode_encoded(data: bytes, fmt: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode JPEG/PNG/WebP bytes fully, refusing images above ``max_pixels``.
+
+    Raises
+    ------
+    RowProblem
+        The image exceeds ``max_pixels``.
+    Exception
+        Whatever Pillow raises for damaged data.
+    """
+    img = open_encoded(data, fmt)
+    check_pixels(img.size[0], img.size[1], max_pixels)
+    img.load()
+    return img
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -216,7 +264,10 @@ def encode_pixels(arr: np.ndarray, options: EncodeOptions) -> EncodedImage:
         For an unsupported dtype, shape or value range, or alpha into JPEG
         with ``jpeg_alpha="error"``.
     """
-    pixels = _handle_alpha(_to_hwc(_to_uint8(np.asarray(arr))), options)
+    arr = np.asarray(arr)
+    if arr.ndim in (2, 3):
+        check_pixels(arr.shape[1], arr.shape[0], options.max_pixels)
+    pixels = _handle_alpha(_to_hwc(_to_uint8(arr)), options)
     data = ENCODERS[options.image_format](pixels, options.quality)
     return EncodedImage(data, options.image_format, pixels.shape[1], pixels.shape[0], pixels.shape[2])
 
@@ -236,9 +287,10 @@ def encode_bytes(data: bytes, options: EncodeOptions) -> EncodedImage:
             "pass pixels as a NumPy array, or convert the image to JPEG/PNG/WebP first",
         )
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_encoded(data, fmt) as img:
             width, height = img.size
             channels = len(img.getbands())
+            check_pixels(width, height, options.max_pixels)
             if options.reencode and fmt != options.image_format:
                 img.load()
                 return encode_pixels(_pil_to_array(img), options)
@@ -275,6 +327,7 @@ def encode_image(value: Any, options: EncodeOptions) -> EncodedImage:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return encode_bytes(bytes(value), options)
     if isinstance(value, Image.Image):
+        check_pixels(value.size[0], value.size[1], options.max_pixels)
         return encode_pixels(_pil_to_array(value), options)
     if isinstance(value, dict):
         return encode_image(_read_hf_dict(value), options)

@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from .encode import EncodeOptions
 from ..format.schema import check_metadata_names
-from ..storage import join, publish, remove_quietly, resolve
+from ..format.layout import WORK_DIR, job_dir, jobs_root, staged
+from ..storage import join, publish, remove_empty_dir, remove_quietly, resolve
 from .tasks import FileGroupTask, ImageBatch
 from .writer import Rows, ShardTarget, write_rows
 
@@ -97,32 +98,26 @@ class ImageWriterStage:
             keys=[obj.image_id or f"{base[len('images-'):]}_{i:08d}" for i, obj in enumerate(objects)],
             meta=meta,
         )
-        token = uuid.uuid4().hex[:12]
-        staged: list[ShardTarget] = []
+        folder = job_dir(self._root, f"stage-{uuid.uuid4().hex[:12]}")
+        self._fs.makedirs(folder, exist_ok=True)
 
         def target_for(i: int) -> ShardTarget:
             stem = f"{base}-{i:06d}"
-            target = ShardTarget(
-                tar_path=join(self._root, f".{stem}.tar.{token}.tmp"),
-                parquet_path=join(self._root, f".{stem}.parquet.{token}.tmp"),
-                tar_file=f"{stem}.tar",
-            )
-            staged.append(target)
-            return target
+            return ShardTarget(staged(folder, f"{stem}.tar"), staged(folder, f"{stem}.parquet"), f"{stem}.tar")
 
-        shards, _ = write_rows(
-            rows,
-            fs=self._fs,
-            target_for=target_for,
-            images_per_tar=int(self.images_per_tar),
-            options=self.encode_options,
-            on_error="raise",
-            partition=task.task_id or base,
-            encode_threads=self.encode_threads,
-            verbose=self.verbose,
-        )
-        tars, parquets = [], []
         try:
+            shards, _ = write_rows(
+                rows,
+                fs=self._fs,
+                target_for=target_for,
+                images_per_tar=int(self.images_per_tar),
+                options=self.encode_options,
+                on_error="raise",
+                partition=task.task_id or base,
+                encode_threads=self.encode_threads,
+                verbose=self.verbose,
+            )
+            tars, parquets = [], []
             for shard in shards:
                 stem = shard.target.tar_file[: -len(".tar")]
                 tar_final = join(self._root, f"{stem}.tar")
@@ -131,11 +126,10 @@ class ImageWriterStage:
                 publish(self._fs, shard.target.tar_path, tar_final)
                 tars.append(tar_final)
                 parquets.append(parquet_final)
-        except BaseException:
-            for target in staged:
-                remove_quietly(self._fs, target.tar_path)
-                remove_quietly(self._fs, target.parquet_path)
-            raise
+        finally:
+            remove_quietly(self._fs, folder, recursive=True)
+            remove_empty_dir(self._fs, jobs_root(self._root))
+            remove_empty_dir(self._fs, join(self._root, WORK_DIR))
         if self.remove_image_data:
             for obj in objects:
                 obj.image_data = None

@@ -10,168 +10,52 @@ what runs. Nothing here knows image formats.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import posixpath
 from functools import partial
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import dask
-import dask.bag as db
-import dask.threaded
-import pandas as pd
 import pyarrow as pa
 from dask.base import tokenize
 from dask.dataframe.extensions import register_dataframe_accessor
 from dask.highlevelgraph import HighLevelGraph
 
-from .commit import commit_job, prepare_output, remove_staging
-from ..core.encode import EncodeOptions
-from ..core.keys import generated_key
-from ..format.schema import user_schema_from_meta, user_table
-from .options import WriteOptions
-from .packing import PartitionResult, ShardPlan, assemble_shards, plan_shards
+from ..core.encode import DEFAULT_MAX_PIXELS, EncodeOptions
 from ..core.pool import default_encode_threads
-from ..storage import join, remove_quietly, resolve
 from ..core.tasks import FileGroupTask
-from ..core.writer import Rows, ShardTarget, write_rows
-
-CONVERT_STRING_HELP = (
-    "Dask converts object columns to strings by default (the 'dataframe.convert-string' "
-    "setting), which turns arrays into their text repr and cannot hold encoded bytes. Fix: "
-    "build the DataFrame under `with dask.config.set({'dataframe.convert-string': False}): "
-    "ddf = dd.from_pandas(pdf, npartitions=...)`, or create the image column inside "
-    "`map_partitions` with an object `meta`, or hold encoded bytes in a "
-    "`pd.ArrowDtype(pa.binary())` column"
-)
-
-
-# Bag's own graph optimisation (linear fusion) breaks graphs built over a
-# ``dd.from_delayed`` DataFrame with dask 2026.8 ("Missing dependency
-# ('fromdelayed-...')", or a cycle under distributed), while Delayed's (cull only)
-# computes them fine; our collections use Delayed's for every source.
-_delayed_optimize = importlib.import_module("dask.delayed").optimize
+from ..format.schema import shard_schema, user_schema_from_meta
+from ..storage import resolve
+from .bag import WriteBag, claim_key, register_job
+from .claim import Claim, claim_output
+from .cleanup import abort_job
+from .commit import commit_job
+from .lock import liveness, locked_error, read_lock
+from .options import WriteOptions
+from .output import check_output
+from .packing import ShardPlan, assemble_shards, plan_shards
+from .results import first_failure
+from .write import PartitionWriter, check_image_dtype
 
 
-class WriteItem(db.Item):
-    """A reduction of a :class:`WriteBag` (``count()``, ``sum()``, ...), optimised the same way."""
-
-    __dask_optimize__ = staticmethod(_delayed_optimize)
-    __dask_scheduler__ = staticmethod(dask.threaded.get)
-
-
-class WriteBag(db.Bag):
-    """A ``dask.bag.Bag`` of :class:`FileGroupTask` that computes on threads by default.
-
-    A plain Bag defaults to the multiprocessing scheduler, which would ship every
-    partition of images to subprocesses. Under a ``distributed.Client`` (or with
-    ``scheduler=``) the usual rules apply and the cluster runs it. Methods that
-    return Bags return ``WriteBag``; reductions return :class:`WriteItem`.
-    """
-
-    __dask_optimize__ = staticmethod(_delayed_optimize)
-    __dask_scheduler__ = staticmethod(dask.threaded.get)
-
-    def reduction(self, *args, **kwargs):
-        out = super().reduction(*args, **kwargs)
-        return WriteItem(out.dask, out.key) if isinstance(out, db.Item) else out
-
-
-def check_image_dtype(dtype: Any, column: str, where: str = "") -> None:
-    """Raise ``TypeError`` unless ``dtype`` can hold images (object or Arrow binary)."""
-    arrow = dtype.pyarrow_dtype if isinstance(dtype, pd.ArrowDtype) else None
-    if arrow is not None and (pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow)):
-        return
-    if isinstance(dtype, pd.StringDtype) or (
-        arrow is not None and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow))
-    ):
-        raise TypeError(f"{where}the image column {column!r} has a string dtype ({dtype}). {CONVERT_STRING_HELP}")
-    if dtype == object:
-        return
-    raise TypeError(
-        f"{where}the image column {column!r} has dtype {dtype}; it must be an object column "
-        "(NumPy arrays, encoded bytes, PIL images or {'bytes', 'path'} dicts) or a "
-        "pd.ArrowDtype(pa.binary()) column of encoded bytes"
-    )
-
-
-def _column_values(frame: pd.DataFrame, column: str | None) -> list | None:
-    return None if column is None else frame[column].tolist()
-
-
-class PartitionWriter:
-    """Write one partition: encode its rows and stage its shards (or its run).
-
-    Called by Dask as ``writer(partition_frame, partition_index)``; returns a
-    :class:`~dask_imgsink.packing.PartitionResult`. Each call (each attempt,
-    should Dask rerun it) writes to a fresh staging folder, so a rerun never
-    collides with a lost attempt's files.
-    """
-
-    def __init__(self, opts: WriteOptions) -> None:
-        self.opts = opts
-
-    def __dask_tokenize__(self):
-        return ("dask_imgsink.PartitionWriter", *self.opts.token())
-
-    def __call__(self, frame: pd.DataFrame, partition: int) -> PartitionResult:
-        opts = self.opts
-        check_image_dtype(frame[opts.image_column].dtype, opts.image_column, f"partition {partition}: ")
-        exact = opts.packing == "exact"
-        if opts.key_column is None:
-            keys = [generated_key(opts.first_partition + partition, r) for r in range(len(frame))]
-        else:
-            keys = frame[opts.key_column].tolist()
-        rows = Rows(
-            images=frame[opts.image_column].tolist(),
-            keys=keys,
-            texts=_column_values(frame, opts.text_column),
-            labels=_column_values(frame, opts.label_column),
-            meta=user_table(frame, opts.user_schema, f"partition {partition}") if opts.metadata_columns else None,
-        )
-        fs, _ = resolve(opts.url, opts.storage_options)
-        attempt: list[str] = []
-
-        def target_for(chunk: int) -> ShardTarget:
-            if not attempt:
-                attempt.append(opts.new_attempt_dir(f"write-{partition:06d}"))
-                fs.makedirs(attempt[0], exist_ok=True)
-            if exact:
-                stem, tar_file = f"run-{partition:06d}", ""
-            else:
-                stem = opts.partition_stem(partition, chunk)
-                tar_file = f"{stem}.tar"
-            return ShardTarget(join(attempt[0], f"{stem}.tar"), join(attempt[0], f"{stem}.parquet"), tar_file)
-
-        try:
-            shards, skipped = write_rows(
-                rows,
-                fs=fs,
-                target_for=target_for,
-                images_per_tar=None if exact else opts.images_per_tar,
-                options=opts.encode,
-                on_error=opts.on_error,
-                partition=partition,
-                encode_threads=opts.encode_threads,
-                shard_checksums=not exact,
-            )
-        except BaseException:
-            if attempt:
-                remove_quietly(fs, attempt[0], recursive=True)
-            raise
-        return PartitionResult(partition, len(frame), shards, skipped)
-
-
-def _commit_exact(plan: ShardPlan, assembled: list[list], num_partitions: int, opts: WriteOptions):
+def _commit_exact(claim: Claim, plan: ShardPlan, assembled: list, num_partitions: int, opts: WriteOptions):
+    failed = plan.failed or first_failure(assembled)
+    if failed is not None:
+        abort_job(opts.url, opts.storage_options, opts.job_id, claim.run_id)
+        failed.reraise()
     shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
-    return commit_job([(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped, num_partitions, opts)
+    return commit_job(claim, [(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped,
+                      num_partitions, opts)
 
 
-def _commit_per_partition(results: list[PartitionResult], num_partitions: int, opts: WriteOptions):
+def _commit_per_partition(claim: Claim, results: list, num_partitions: int, opts: WriteOptions):
+    failed = first_failure(results)
+    if failed is not None:
+        abort_job(opts.url, opts.storage_options, opts.job_id, claim.run_id)
+        failed.reraise()
     results = sorted(results, key=lambda r: r.partition)
     shards = [(s, [r.partition]) for r in results for s in r.shards]
     skipped = [s for r in results for s in r.skipped]
-    return commit_job(shards, sum(r.rows_in for r in results), skipped, num_partitions, opts)
+    return commit_job(claim, shards, sum(r.rows_in for r in results), skipped, num_partitions, opts)
 
 
 def to_webdataset(
@@ -196,6 +80,7 @@ def to_webdataset(
     on_error: str = "raise",
     jpeg_alpha: str = "error",
     reencode: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     dataset_name: str | None = None,
     compute: bool = False,
     compute_kwargs: dict | None = None,
@@ -262,6 +147,9 @@ def to_webdataset(
         4-channel images written as JPEG: raise, drop alpha, or composite over white.
     reencode : bool, default False
         Re-encode encoded inputs whose format is not ``image_format``.
+    max_pixels : int, default 16384 * 16384
+        Largest image (width x height) written; a larger one is a bad row. The
+        index records it, and ``verify`` decodes with the same limit.
     dataset_name : str, optional
         Name in the index and card; default the directory's name.
     compute : bool, default False
@@ -284,6 +172,8 @@ def to_webdataset(
         For an unknown column or option.
     FileExistsError
         ``mode="error"`` and ``output_dir`` is not empty.
+    OutputLockedError
+        Another job holds ``output_dir`` (checked again when the job runs).
     """
     fs, opts = _build_options(
         ddf, output_dir, image_column=image_column, key_column=key_column,
@@ -292,22 +182,18 @@ def to_webdataset(
         metadata_schema=metadata_schema, deterministic_name=deterministic_name,
         name_prefix=name_prefix, encode_threads=encode_threads, storage_options=storage_options,
         packing=packing, mode=mode, on_error=on_error, jpeg_alpha=jpeg_alpha, reencode=reencode,
-        dataset_name=dataset_name,
+        max_pixels=max_pixels, dataset_name=dataset_name,
     )
     bag = _build_graph(ddf, opts)
     if not compute:
         return bag
-    try:
-        return bag.compute(**(compute_kwargs or {}))
-    except BaseException:
-        remove_staging(fs, opts)
-        raise
+    return bag.compute(**(compute_kwargs or {}))
 
 
 def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per_tar, image_format,
                    quality, text_column, label_column, metadata_columns, metadata_schema,
                    deterministic_name, name_prefix, encode_threads, storage_options, packing, mode,
-                   on_error, jpeg_alpha, reencode, dataset_name) -> tuple[Any, WriteOptions]:
+                   on_error, jpeg_alpha, reencode, max_pixels, dataset_name) -> tuple[object, WriteOptions]:
     """Validate the arguments against the DataFrame and the output directory."""
     columns = list(ddf.columns)
     for name, col in (("image_column", image_column), ("key_column", key_column),
@@ -325,7 +211,8 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
         if image_column in metadata_columns:
             raise ValueError(f"metadata_columns must not include the image column {image_column!r}")
     user_schema = user_schema_from_meta(ddf._meta, metadata_columns, metadata_schema)
-    encode = EncodeOptions(image_format=image_format, quality=quality, jpeg_alpha=jpeg_alpha, reencode=reencode)
+    encode = EncodeOptions(image_format=image_format, quality=quality, jpeg_alpha=jpeg_alpha, reencode=reencode,
+                           max_pixels=max_pixels)
 
     fs, root = resolve(output_dir, storage_options)
     opts = WriteOptions(
@@ -348,10 +235,22 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
         on_error=on_error,
         dataset_name=dataset_name or posixpath.basename(root.rstrip("/")) or "dataset",
     )
-    first_shard, first_partition = prepare_output(fs, root, opts.url, mode, name_prefix)
-    opts = dataclasses.replace(opts, first_shard=first_shard, first_partition=first_partition)
-
+    _check_output_early(fs, root, opts)
     return fs, opts
+
+
+def _check_output_early(fs, root: str, opts: WriteOptions) -> None:
+    """Fail before any work when the directory is held by a live job or does not suit the mode.
+
+    The job checks again once it holds the directory; this only saves a
+    doomed job from starting.
+    """
+    holder = read_lock(fs, root)
+    if holder is not None:
+        state, why = liveness(holder)
+        if state != "dead":
+            raise locked_error(opts.url, holder, state, why)
+    check_output(fs, root, opts.url, opts.mode, shard_schema(opts.user_schema))
 
 
 def _assembly_groups(num_partitions: int) -> list[range]:
@@ -375,23 +274,26 @@ def _assembly_groups(num_partitions: int) -> list[range]:
 
 def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     token = tokenize(*opts.token())
+    register_job(token, opts)
     parts = ddf.to_delayed(optimize_graph=True)
     n = len(parts)
+    claim = dask.delayed(claim_output, pure=True)(opts, token, dask_key_name=claim_key(token))
     writer = dask.delayed(PartitionWriter(opts), pure=True)
-    written = [writer(part, i, dask_key_name=(f"imgsink-encode-write-{token}", i)) for i, part in enumerate(parts)]
+    written = [writer(part, i, claim, dask_key_name=(f"imgsink-encode-write-{token}", i))
+               for i, part in enumerate(parts)]
     if opts.packing == "exact":
         plan = dask.delayed(partial(plan_shards, opts=opts), pure=True)(
-            written, dask_key_name=f"imgsink-plan-{token}"
+            written, claim, dask_key_name=f"imgsink-plan-{token}"
         )
         assemble = dask.delayed(partial(assemble_shards, opts=opts), pure=True)
         groups = _assembly_groups(n)
         assembled = [assemble(plan, g, dask_key_name=(f"imgsink-assemble-{token}", i)) for i, g in enumerate(groups)]
         final = dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
-            plan, assembled, n, dask_key_name=f"imgsink-commit-{token}"
+            claim, plan, assembled, n, dask_key_name=f"imgsink-commit-{token}"
         )
     else:
         final = dask.delayed(partial(_commit_per_partition, opts=opts), pure=True)(
-            written, n, dask_key_name=f"imgsink-commit-{token}"
+            claim, written, n, dask_key_name=f"imgsink-commit-{token}"
         )
     name = f"imgsink-tasks-{token}"
     graph = HighLevelGraph.from_collections(name, {(name, 0): final.key}, dependencies=[final])

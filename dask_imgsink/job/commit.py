@@ -1,128 +1,249 @@
-"""The job commit: output-directory policy, publishing staged shards, index, card, _SUCCESS.
+"""The job commit: publish staged shards, then ``_errors.parquet``, ``_index.json``, card, ``_SUCCESS``.
 
-Modelled on Hadoop/Spark output committers: tasks only ever write below
-``<output>/_temporary/<job id>/``; the single commit task, which runs after
-every shard is staged, moves them to their final names, then writes
-``_errors.parquet`` (if rows were skipped), ``_index.json`` (a wids shard index
-with our totals beside it), the dataset card ``README.md``, and ``_SUCCESS``
-last, and finally removes the job's staging folder.
+Only the commit changes the dataset, and only while its job holds the lock.
+Dask may run it again after a worker died at any point, so every step is
+idempotent and decided from a *journal* the first attempt writes to the job's
+staging folder before it touches the directory:
+
+- the files the job plans to publish (names, sizes, SHA-256s), over all attempts:
+  these names are ours, never a foreign dataset;
+- what the mode decided: the old dataset's files to remove (``overwrite``), the
+  index to extend (``append``), the commit time.
+
+Then: ``_SUCCESS`` goes first, the old files go (``overwrite``), each staged file
+replaces its final name (a staged file is moved at most once, so a final file
+whose staged copy is gone came from it), and the small files are written
+through the staging folder (locally) or in one PUT, so no temporary file is ever
+left in the dataset. ``_SUCCESS`` (which records the index's SHA-256) is last;
+then the staging folder and the lock go. A commit that fails (rather than dies)
+takes back what it published and restores an appended dataset's ``_SUCCESS``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import posixpath
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from ..format.schema import read_parquet
-from ..format.index import build_index, dataset_card, next_numbers, read_index
-from ..format.layout import CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE
-from .options import STAGING_DIR, WriteOptions
-from ..storage import is_local, join, publish, remove_quietly, resolve, write_bytes_atomic
 from ..core.tasks import FileGroupTask
 from ..core.writer import SkippedRow, WrittenShard
+from ..format.checksums import SAMPLE_CHECKSUM, SHARD_CHECKSUM, sha256_hex
+from ..format.index import build_index, dataset_card, read_index
+from ..format.layout import (
+    CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE, WORK_DIR, job_dir, journal_path, parquet_name,
+)
+from ..format.schema import ERRORS_SCHEMA, parquet_bytes, parquet_from_bytes
+from ..storage import (
+    forget_listings, is_local, join, publish, read_bytes, remove_empty_dir, remove_file,
+    remove_quietly, resolve, write_small,
+)
+from .claim import Claim
+from .lock import LostLockError, holds_lock, release
+from .output import existing_entries, not_empty_error, overwrite_removals
 
 logger = logging.getLogger("dask_imgsink")
 
-ERRORS_SCHEMA = pa.schema(
-    [("job_id", pa.string()), ("partition", pa.int64()), ("row", pa.int64()),
-     ("key", pa.string()), ("reason", pa.string())]
-)
+
+@dataclass
+class Journal:
+    """What the first attempt of the commit planned and decided (see the module docstring)."""
+
+    run_id: str
+    committed_at: str
+    planned: dict[str, list] = field(default_factory=dict)  # name -> [size, sha256]
+    remove: list[str] = field(default_factory=list)
+    base_index: dict | None = None
+    old_success: str | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
 
 
-def existing_entries(fs, root: str) -> list[str]:
-    """Names in the output directory, ignoring the staging folder."""
-    if not fs.exists(root):
-        return []
-    if not fs.isdir(root):
-        raise NotADirectoryError(f"the output path {root!r} exists and is not a directory")
-    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
-    return sorted(n for n in names if n != STAGING_DIR)
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str
+    staged: str
+    size: int
+    sha256: str
 
 
+def planned_files(shards: list[tuple[WrittenShard, list[int]]]) -> list[PlannedFile]:
+    """Each shard's Parquet then its tar, in shard order."""
+    files = []
+    for shard, _ in shards:
+        tar = shard.target.tar_file
+        files.append(PlannedFile(parquet_name(tar), shard.target.parquet_path, shard.parquet_bytes,
+                                 shard.parquet_sha256))
+        files.append(PlannedFile(tar, shard.target.tar_path, shard.tar_bytes, shard.tar_sha256))
+    return files
 
 
-def _not_empty_error(url: str, names: list[str]) -> FileExistsError:
-    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return FileExistsError(
-        f"the output directory {url!r} is not empty ({len(names)} entries: {shown}); "
-        "pass mode='overwrite' to replace what is there, or mode='append' to add shards "
-        "to the dataset there"
-    )
+# --------------------------------------------------------------------------- journal
 
 
-def prepare_output(fs, root: str, url: str, mode: str, name_prefix: str) -> tuple[int, int]:
-    """Check the output directory against ``mode`` before any work is scheduled.
+def _load_journal(fs, root: str, job_id: str) -> Journal | None:
+    data = read_bytes(fs, journal_path(root, job_id))
+    return None if data is None else Journal(**json.loads(data))
 
-    Returns
-    -------
-    first_shard, first_partition : int
-        Where numbering starts: 0, or after the dataset already there (append).
 
-    Raises
-    ------
-    FileExistsError
-        ``mode="error"`` and the directory holds anything (besides ``_temporary``).
-    ValueError
-        ``mode="append"`` onto a directory that holds files but no ``_index.json``,
-        or ``mode="overwrite"`` of a directory holding the working directory.
-    """
-    if mode == "overwrite" and is_local(fs):
-        import os
+def _start_journal(fs, root: str, opts, claim: Claim) -> Journal:
+    """Check the directory once more and record what the mode decided, before changing anything."""
+    journal = Journal(run_id=claim.run_id, committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if opts.mode == "error":
+        names = existing_entries(fs, root)
+        if names:
+            raise not_empty_error(opts.url, names)
+    elif opts.mode == "overwrite":
+        journal.remove = overwrite_removals(fs, root, opts.url)
+    else:
+        journal.base_index = read_index(fs, root)
+        success = read_bytes(fs, join(root, SUCCESS_FILE))
+        journal.old_success = None if success is None else success.decode("utf-8", "replace")
+    return journal
 
-        cwd = os.path.abspath(os.getcwd())
-        target = os.path.abspath(root)
-        if cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep):
-            raise ValueError(
-                f"mode='overwrite' would delete {url!r}, which holds the current working "
-                "directory; write the dataset to a directory of its own"
+
+def _save_journal(fs, root: str, job_id: str, journal: Journal) -> None:
+    write_small(fs, journal_path(root, job_id), journal.to_bytes(), job_dir(root, job_id))
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _publish(fs, root: str, files: list[PlannedFile]) -> None:
+    for f in files:
+        final = join(root, f.name)
+        if fs.exists(f.staged):
+            publish(fs, f.staged, final)
+        elif not fs.exists(final) or fs.size(final) != f.size:
+            raise FileNotFoundError(
+                f"the staged file {f.staged!r} is gone and {f.name!r} was not published from it; "
+                "something removed the job's staging folder. Run the job again"
             )
-    names = existing_entries(fs, root)
-    if mode == "error" and names:
-        raise _not_empty_error(url, names)
-    if mode != "append" or not names:
-        return 0, 0
-    index = read_index(fs, root)
-    if index is None:
-        raise ValueError(
-            f"mode='append' needs the dataset's {INDEX_FILE} in {url!r}, and there is none: "
-            "it is not a complete dask-imgsink dataset. Use mode='overwrite' to replace it"
-        )
-    return next_numbers(index, name_prefix)
 
 
-
-
-def _clear_output(fs, root: str, keep: set[str] = frozenset()) -> None:
-    """Remove an old dataset (but ``keep``): its completion marker first, so it never looks whole."""
-    for name in (SUCCESS_FILE, INDEX_FILE):
-        remove_quietly(fs, join(root, name))
-    for name in existing_entries(fs, root):
-        if name not in keep:
-            remove_quietly(fs, join(root, name), recursive=True)
+def _errors_table(fs, root: str, skipped: list[SkippedRow], job_id: str, append: bool) -> pa.Table:
+    table = pa.table(
+        {"job_id": [job_id] * len(skipped), "partition": [int(s.partition) for s in skipped],
+         "row": [s.row for s in skipped], "key": [s.key for s in skipped], "reason": [s.reason for s in skipped]},
+        schema=ERRORS_SCHEMA,
+    )
+    old = read_bytes(fs, join(root, ERRORS_FILE)) if append else None
+    if old is not None:
+        previous = parquet_from_bytes(old).cast(ERRORS_SCHEMA)
+        previous = previous.filter(pc.not_equal(previous.column("job_id"), job_id))  # a rerun replaces its rows
+        table = pa.concat_tables([previous, table])
+    return table
 
 
 def _display_path(fs, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+def file_group_tasks(fs, root: str, entries: list[dict], partitions: list[list[int]], job: dict,
+                     opts) -> list[FileGroupTask]:
+    """One :class:`FileGroupTask` per shard pair of the job."""
+    tasks = []
+    for entry, parts in zip(entries, partitions):
+        tar = entry["url"]
+        tasks.append(FileGroupTask(
+            task_id=tar[: -len(".tar")],
+            dataset_name=opts.dataset_name,
+            data=[_display_path(fs, join(root, tar)), _display_path(fs, join(root, parquet_name(tar)))],
+            _metadata={
+                "output_dir": opts.url, "images_per_tar": opts.images_per_tar,
+                "num_images": entry["nsamples"], "bytes": entry["filesize"], "sha256": entry.get("sha256"),
+                "partition": parts[0] if parts else None, "partitions": parts, "packing": opts.packing,
+                "job_id": opts.job_id, "job_rows_in": job["rows"], "job_images_written": job["images"],
+                "job_rows_skipped": job["skipped"],
+            },
+        ))
+    return tasks
+
+
+def _index_entries(shards: list[tuple[WrittenShard, list[int]]]) -> list[dict]:
+    return [{"url": s.target.tar_file, "nsamples": s.num_images, "filesize": s.tar_bytes,
+             "sha256": s.tar_sha256, "parquet_filesize": s.parquet_bytes, "parquet_sha256": s.parquet_sha256}
+            for s, _ in shards]
+
+
+def _job_record(opts, claim: Claim, journal: Journal, totals: dict, shard_range: list[int]) -> dict:
+    return {
+        "job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at, **totals,
+        "first_shard": claim.first_shard, "first_partition": claim.first_partition, "shard_range": shard_range,
+        "checksums": {"shard": SHARD_CHECKSUM, "sample": SAMPLE_CHECKSUM},
+        "options": opts.recorded(),
+    }
+
+
+def _write_dataset_files(fs, root: str, opts, claim: Claim, journal: Journal, entries: list[dict],
+                         totals: dict, skipped: list[SkippedRow], num_partitions: int) -> dict:
+    """``_errors.parquet``, ``_index.json``, the card, then ``_SUCCESS``; return the job's index record."""
+    tmp = job_dir(root, opts.job_id)
+    if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
+        table = _errors_table(fs, root, skipped, opts.job_id, opts.mode == "append")
+        write_small(fs, join(root, ERRORS_FILE), parquet_bytes(table), tmp)
+    base = journal.base_index if opts.mode == "append" else None
+    before = len((base or {}).get("shardlist", []))
+    job = _job_record(opts, claim, journal, totals, [before, before + len(entries)])
+    next_shard = claim.first_shard + (len(entries) if opts.packing == "exact" else 0)
+    index = build_index(base, entries, totals, job, name=opts.dataset_name, next_shard=next_shard,
+                        next_partition=claim.first_partition + num_partitions)
+    index_bytes = json.dumps(index, indent=1).encode()
+    write_small(fs, join(root, INDEX_FILE), index_bytes, tmp)
+    ext = {"jpeg": "jpg"}.get(opts.encode.image_format, opts.encode.image_format)
+    card = dataset_card(opts.dataset_name, index, image_extension=ext, text_column=opts.text_column,
+                        label_column=opts.label_column, metadata_columns=opts.metadata_columns)
+    write_small(fs, join(root, CARD_FILE), card, tmp)
+    success = {"job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at,
+               "index_sha256": sha256_hex(index_bytes)}
+    write_small(fs, join(root, SUCCESS_FILE), json.dumps(success).encode(), tmp)
+    return job
+
+
+def finish_job(fs, root: str, job_id: str, run_id: str) -> None:
+    """Remove the job's staging folder, then its lock, then the work folder if nothing else is in it."""
+    remove_quietly(fs, job_dir(root, job_id), recursive=True)
+    release(fs, root, run_id)
+    remove_empty_dir(fs, join(root, WORK_DIR, "jobs"))
+    remove_empty_dir(fs, join(root, WORK_DIR))
+
+
+def _success_run(fs, root: str) -> str | None:
+    data = read_bytes(fs, join(root, SUCCESS_FILE))
+    try:
+        return json.loads(data).get("run_id") if data else None
+    except ValueError:
+        return None
+
+
+def _rollback(fs, root: str, journal: Journal | None, files: list[PlannedFile], opts) -> None:
+    """Undo a commit that failed before its index was written: our files go, an append's ``_SUCCESS`` returns."""
+    if journal is None:
+        return
+    for name in set(journal.planned) | {f.name for f in files}:
+        remove_file(fs, join(root, name))
+    if opts.mode == "append" and journal.old_success is not None:
+        write_small(fs, join(root, SUCCESS_FILE), journal.old_success.encode(), job_dir(root, opts.job_id))
 
 
 def commit_job(
+    claim: Claim,
     shards: list[tuple[WrittenShard, list[int]]],
     rows_in: int,
     skipped: list[SkippedRow],
     num_partitions: int,
-    opts: WriteOptions,
+    opts,
 ) -> list[FileGroupTask]:
-    """Publish the job's staged shards and write the dataset's index files.
+    """Publish the job's staged shards and write the dataset's index files (see the module docstring).
 
     Parameters
     ----------
+    claim : Claim
+        What the job's claim decided.
     shards : list of (WrittenShard, source partitions)
         In final order; each ``target.tar_file`` is the final tar name.
     rows_in : int
@@ -135,164 +256,57 @@ def commit_job(
     -------
     list of FileGroupTask
         One per shard pair, naming the final paths.
+
+    Raises
+    ------
+    LostLockError
+        The job's lock was broken while it ran; nothing was changed.
     """
     fs, root = resolve(opts.url, opts.storage_options)
-    fs.makedirs(root, exist_ok=True)
-    moves = []
-    for shard, _ in shards:
-        stem = shard.target.tar_file[: -len(".tar")]
-        moves.append((shard.target.parquet_path, join(root, f"{stem}.parquet")))
-        moves.append((shard.target.tar_path, join(root, f"{stem}.tar")))
-    # Dask may run this task again (its worker died): whatever an earlier attempt
-    # already published is ours, and an index that lists this job was written by it.
-    published = {posixpath.basename(final) for staged, final in moves
-                 if not fs.exists(staged) and fs.exists(final)}
-    old_index = read_index(fs, root)
-    indexed = old_index is not None and any(j.get("job_id") == opts.job_id for j in old_index.get("jobs", []))
-    if not indexed:
-        _apply_mode(fs, root, opts, old_index, keep=published)
-    for staged, final in moves:
-        if posixpath.basename(final) in published:
-            continue
-        if not fs.exists(staged):
-            raise FileNotFoundError(
-                f"the staged file {staged!r} is gone before the commit published it; "
-                "something removed the job's staging folder. Run the job again"
-            )
-        publish(fs, staged, final)
-
+    forget_listings(fs, root)
+    entries = _index_entries(shards)
     num_images = sum(s.num_images for s, _ in shards)
     totals = {"rows": rows_in, "images": num_images, "skipped": len(skipped), "shards": len(shards)}
-    tasks = []
-    entries = []
-    for shard, partitions in shards:
-        stem = shard.target.tar_file[: -len(".tar")]
-        tar_final = join(root, f"{stem}.tar")
-        parquet_final = join(root, f"{stem}.parquet")
-        entries.append({"url": f"{stem}.tar", "nsamples": shard.num_images, "filesize": shard.tar_bytes})
-        tasks.append(
-            FileGroupTask(
-                task_id=stem,
-                dataset_name=opts.dataset_name,
-                data=[_display_path(fs, tar_final), _display_path(fs, parquet_final)],
-                _metadata={
-                    "output_dir": opts.url,
-                    "images_per_tar": opts.images_per_tar,
-                    "num_images": shard.num_images,
-                    "bytes": shard.tar_bytes,
-                    "partition": partitions[0] if partitions else None,
-                    "partitions": partitions,
-                    "packing": opts.packing,
-                    "job_id": opts.job_id,
-                    "job_rows_in": rows_in,
-                    "job_images_written": num_images,
-                    "job_rows_skipped": len(skipped),
-                },
-            )
+    partitions = [parts for _, parts in shards]
+    if claim.done or _success_run(fs, root) == claim.run_id:  # committed before: Dask recomputed it
+        finish_job(fs, root, opts.job_id, claim.run_id)
+        return file_group_tasks(fs, root, entries, partitions, totals, opts)
+    if not holds_lock(fs, root, claim.run_id):
+        raise LostLockError(
+            f"job {opts.job_id} no longer holds {opts.url!r}: its lock was broken or replaced while it ran "
+            "(dask-imgsink clean --break-lock, or a job that judged it dead). Nothing was published; run it again"
         )
-
-    if indexed:
-        index = old_index
-    else:
-        if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
-            _write_errors(fs, root, skipped, opts)
-        previous = old_index if opts.mode == "append" else None
-        index = _new_index(previous, entries, totals, num_partitions, opts)
-        write_bytes_atomic(fs, join(root, INDEX_FILE), json.dumps(index, indent=1).encode())
-    write_bytes_atomic(fs, join(root, CARD_FILE), _card(index, opts))
-    write_bytes_atomic(fs, join(root, SUCCESS_FILE), b"")
-    remove_staging(fs, opts)
+    files = planned_files(shards)
+    journal = _load_journal(fs, root, opts.job_id)
+    index_written = False
+    try:
+        if journal is None:
+            journal = _start_journal(fs, root, opts, claim)
+        dropped = [name for name in journal.planned if name not in {f.name for f in files}]
+        journal.planned.update({f.name: [f.size, f.sha256] for f in files})
+        _save_journal(fs, root, opts.job_id, journal)
+        remove_file(fs, join(root, SUCCESS_FILE))  # the directory must not look complete while it changes
+        if opts.mode == "overwrite":
+            remove_file(fs, join(root, INDEX_FILE))
+            for name in journal.remove:
+                if name not in journal.planned:
+                    remove_file(fs, join(root, name))
+        for name in dropped:  # an earlier attempt planned them from other input; they are ours
+            remove_file(fs, join(root, name))
+        _publish(fs, root, files)
+        index_written = True
+        job = _write_dataset_files(fs, root, opts, claim, journal, entries, totals, skipped, num_partitions)
+    except Exception:
+        # A failure (not a death: a killed process runs nothing, and Dask reruns the
+        # commit, which the journal lets finish): undo what was published, free the directory.
+        try:
+            if not index_written:
+                _rollback(fs, root, journal, files, opts)
+            finish_job(fs, root, opts.job_id, claim.run_id)
+        except Exception:
+            logger.exception("could not undo the failed commit of job %s in %s", opts.job_id, opts.url)
+        raise
+    finish_job(fs, root, opts.job_id, claim.run_id)
     logger.info("committed %d shards (%d images, %d rows skipped) to %s",
                 len(shards), num_images, len(skipped), opts.url)
-    return tasks
-
-
-def _apply_mode(fs, root: str, opts: WriteOptions, old_index: dict | None, keep: set[str]) -> None:
-    """Check or clear the output directory just before publishing, as ``mode`` says.
-
-    ``keep`` names files an earlier attempt of this commit already published.
-    """
-    if opts.mode == "error":
-        names = [n for n in existing_entries(fs, root) if n not in keep and n != ERRORS_FILE]
-        if names:
-            raise _not_empty_error(opts.url, names)
-    elif opts.mode == "overwrite":
-        _clear_output(fs, root, keep)
-    else:
-        if old_index is not None and next_numbers(old_index, opts.name_prefix) != (
-            opts.first_shard, opts.first_partition
-        ):
-            raise RuntimeError(
-                f"another job appended to {opts.url!r} after this one was planned; run the append again"
-            )
-        remove_quietly(fs, join(root, SUCCESS_FILE))
-
-
-def remove_staging(fs, opts: WriteOptions) -> None:
-    """Remove the job's staging folder, and the staging root if no other job uses it.
-
-    Called by the commit, and after a failed ``compute=True`` run; after a failure
-    it is best effort: a task of the failed job that is still running may write
-    below ``_temporary`` afterwards, where nothing looks final.
-    """
-    try:
-        remove_quietly(fs, opts.job_dir, recursive=True)
-        if fs.exists(opts.staging_root) and not fs.ls(opts.staging_root, detail=False):
-            fs.rmdir(opts.staging_root)
-    except OSError:
-        pass  # another job is staging there, or a straggling task of this one
-
-
-
-
-def _write_errors(fs, root: str, skipped: list[SkippedRow], opts: WriteOptions) -> None:
-    """Write the skipped rows to ``_errors.parquet``, after earlier jobs' rows when appending."""
-    table = pa.table(
-        {
-            "job_id": [opts.job_id] * len(skipped),
-            "partition": [int(s.partition) for s in skipped],
-            "row": [s.row for s in skipped],
-            "key": [s.key for s in skipped],
-            "reason": [s.reason for s in skipped],
-        },
-        schema=ERRORS_SCHEMA,
-    )
-    path = join(root, ERRORS_FILE)
-    if opts.mode == "append" and fs.exists(path):
-        old = read_parquet(fs, path).cast(ERRORS_SCHEMA)
-        old = old.filter(pc.not_equal(old.column("job_id"), opts.job_id))  # a rerun replaces its rows
-        table = pa.concat_tables([old, table])
-    staged = join(opts.job_dir, ERRORS_FILE)
-    fs.makedirs(opts.job_dir, exist_ok=True)
-    with fs.open(staged, "wb") as f:
-        pq.write_table(table, f)
-    publish(fs, staged, path)
-
-
-def _card(index: dict, opts: WriteOptions) -> bytes:
-    ext = {"jpeg": "jpg"}.get(opts.encode.image_format, opts.encode.image_format)
-    return dataset_card(opts.dataset_name, index, image_extension=ext, text_column=opts.text_column,
-                        label_column=opts.label_column, metadata_columns=opts.metadata_columns)
-
-
-def _new_index(old: dict | None, entries: list[dict], totals: dict, num_partitions: int,
-               opts: WriteOptions) -> dict:
-    job = {
-        "job_id": opts.job_id,
-        **totals,
-        "options": {
-            "packing": opts.packing,
-            "images_per_tar": opts.images_per_tar,
-            "image_format": opts.encode.image_format,
-            "quality": opts.encode.quality,
-            "image_column": opts.image_column,
-            "key_column": opts.key_column,
-            "text_column": opts.text_column,
-            "label_column": opts.label_column,
-            "metadata_columns": list(opts.metadata_columns),
-            "on_error": opts.on_error,
-        },
-    }
-    next_shard = opts.first_shard + (totals["shards"] if opts.packing == "exact" else 0)
-    return build_index(old, entries, totals, job, name=opts.dataset_name, next_shard=next_shard,
-                       next_partition=opts.first_partition + num_partitions)
+    return file_group_tasks(fs, root, entries, partitions, job, opts)

@@ -1,7 +1,7 @@
 """The settings of one ``to_webdataset`` job: validated once, shipped to every task.
 
-Also the job's naming rules: final shard names and the staging layout
-``<output>/_temporary/<job id>/<attempt id>/``.
+Also the job's shard naming rules. Where numbering starts is decided by the job
+once it holds the output directory (:class:`~dask_imgsink.job.claim.Claim`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from ..core.encode import EncodeOptions
-from ..storage import join
+from .output import MODE_CHOICES
 
 PACKING_CHOICES = ("exact", "per_partition")
-MODE_CHOICES = ("error", "overwrite", "append")
-STAGING_DIR = "_temporary"
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
@@ -51,8 +49,6 @@ class WriteOptions:
     on_error: str
     dataset_name: str
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    first_shard: int = 0
-    first_partition: int = 0
 
     def __post_init__(self) -> None:
         if int(self.images_per_tar) < 1:
@@ -80,22 +76,19 @@ class WriteOptions:
         return f"{self._stem_prefix()}-{index:06d}"
 
     def partition_stem(self, partition: int, chunk: int) -> str:
-        """Base name of chunk ``chunk`` of ``partition`` (per-partition packing)."""
-        return f"{self._stem_prefix()}-{self.first_partition + partition:06d}-{chunk:06d}"
+        """Base name of chunk ``chunk`` of ``partition`` (per-partition packing), ``partition`` numbered in the dataset."""
+        return f"{self._stem_prefix()}-{partition:06d}-{chunk:06d}"
 
-    # --------------------------------------------------------------- staging
-
-    @property
-    def staging_root(self) -> str:
-        return join(self.root, STAGING_DIR)
-
-    @property
-    def job_dir(self) -> str:
-        return join(self.staging_root, self.job_id)
-
-    def new_attempt_dir(self, label: str) -> str:
-        """A fresh staging folder for one attempt of one task (reruns never collide)."""
-        return join(self.job_dir, f"{label}-{uuid.uuid4().hex[:12]}")
+    def recorded(self) -> dict:
+        """The settings recorded with the job in ``_index.json``."""
+        return {
+            "packing": self.packing, "images_per_tar": self.images_per_tar,
+            "image_format": self.encode.image_format, "quality": self.encode.quality,
+            "max_pixels": self.encode.max_pixels, "image_column": self.image_column,
+            "key_column": self.key_column, "text_column": self.text_column,
+            "label_column": self.label_column, "metadata_columns": list(self.metadata_columns),
+            "on_error": self.on_error, "mode": self.mode,
+        }
 
     def token(self) -> tuple:
         """What identifies these settings, for ``__dask_tokenize__``."""

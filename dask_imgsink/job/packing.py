@@ -18,26 +18,15 @@ from functools import cached_property
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import BadRowError
-from ..format.schema import read_parquet, shard_schema, write_parquet
-from .options import WriteOptions
-from ..storage import join, remove_quietly, resolve
 from ..core.tarshard import TarShardWriter
 from ..core.writer import ShardTarget, SkippedRow, WrittenShard
-
-
-@dataclass
-class PartitionResult:
-    """What one write task produced: its shards (or run), its skipped rows, its row count."""
-
-    partition: int
-    rows_in: int
-    shards: list[WrittenShard]
-    skipped: list[SkippedRow]
-
-    @property
-    def num_images(self) -> int:
-        return sum(s.num_images for s in self.shards)
+from ..errors import BadRowError
+from ..format.layout import new_attempt_dir, staged
+from ..format.schema import read_parquet, shard_schema, write_parquet
+from ..storage import remove_quietly, resolve
+from .claim import Claim
+from .options import WriteOptions
+from .results import PartitionResult, TaskFailed, failure, first_failure
 
 
 @dataclass
@@ -59,6 +48,7 @@ class ShardPlan:
     rows_in: int
     skipped: list[SkippedRow] = field(default_factory=list)
     run_starts: list[int] = field(default_factory=list)  # global row of each run's first image
+    failed: TaskFailed | None = None  # a write task failed: nothing to assemble
 
     @cached_property
     def run_of(self) -> dict[int, int]:
@@ -100,10 +90,14 @@ class ShardPlan:
         return pieces
 
 
-def plan_shards(results: list[PartitionResult], opts: WriteOptions) -> ShardPlan:
+def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts: WriteOptions) -> ShardPlan:
     """Cut the runs of all partitions, in partition order, into shards."""
+    failed = first_failure(results)
+    if failed is not None:
+        return ShardPlan([], opts.images_per_tar, claim.first_shard, 0, failed=failed)
     runs, starts, total = [], [], 0
-    for res in sorted(results, key=lambda r: r.partition):
+    results = sorted(results, key=lambda r: r.partition)
+    for res in results:
         for run in res.shards:
             if run.num_images:
                 runs.append((res.partition, run))
@@ -112,9 +106,9 @@ def plan_shards(results: list[PartitionResult], opts: WriteOptions) -> ShardPlan
     return ShardPlan(
         runs=runs,
         images_per_tar=opts.images_per_tar,
-        first_shard=opts.first_shard,
+        first_shard=claim.first_shard,
         rows_in=sum(r.rows_in for r in results),
-        skipped=[s for r in sorted(results, key=lambda r: r.partition) for s in r.skipped],
+        skipped=[s for r in results for s in r.skipped],
         run_starts=starts,
     )
 
@@ -143,56 +137,56 @@ class _RunReader:
         self.tar, self.index, self.current = None, None, None
 
 
-def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions) -> list[tuple[int, WrittenShard, list[int]]]:
+def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions
+                    ) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
     """Build the shards that start in the runs of ``partitions``.
 
-    Returns ``(index, shard, source partitions)`` for each.
-
-    Files go to a fresh staging folder of this attempt; the commit publishes them.
-
-    Raises
-    ------
-    BadRowError
-        If two samples of one shard share a key (they came from different partitions).
+    Returns ``(index, shard, source partitions)`` for each, or the
+    :class:`TaskFailed` of this task (two samples of one shard sharing a key,
+    which came from different partitions, or an I/O error). Files go to a fresh
+    staging folder of this attempt; the commit publishes them.
     """
+    if plan.failed is not None:
+        return []
     todo = [shard for p in partitions for shard in plan.shards_starting_in(p)]
     if not todo:
         return []
-    fs, _ = resolve(opts.url, opts.storage_options)
-    attempt = opts.new_attempt_dir(f"assemble-{partitions[0]:06d}")
-    fs.makedirs(attempt, exist_ok=True)
+    fs, root = resolve(opts.url, opts.storage_options)
+    attempt = new_attempt_dir(root, opts.job_id, f"assemble-{partitions[0]:06d}")
     reader = _RunReader(fs, plan)
-    schema = shard_schema(opts.user_schema)
-    done: list[tuple[int, WrittenShard, list[int]]] = []
     try:
-        for local_index, pieces in todo:
-            index = plan.first_shard + local_index
-            stem = opts.exact_stem(index)
-            target = ShardTarget(join(attempt, f"{stem}.tar"), join(attempt, f"{stem}.parquet"), f"{stem}.tar")
-            tables = []
-            with fs.open(target.tar_path, "wb") as out:
-                writer = TarShardWriter(out)
-                for piece in pieces:
-                    run_index, src = reader.open(piece.run)
-                    rows = run_index.slice(piece.start, piece.stop - piece.start)
-                    first = rows.column("sample_offset")[0].as_py()
-                    last_row = rows.num_rows - 1
-                    end = rows.column("sample_offset")[last_row].as_py() + rows.column("sample_size")[last_row].as_py()
-                    shift = writer.copy_members(src, first, end - first) - first
-                    tables.append(_moved_rows(rows, shift, target.tar_file))
-                size = writer.close()
-            table = pa.Table.from_arrays(pa.concat_tables(tables).columns, schema=schema)
-            _check_unique_keys(table, plan, pieces, index)
-            parquet_size, parquet_sha = write_parquet(table, fs, target.parquet_path)
-            written = WrittenShard(target, table.num_rows, size, writer.sha256, parquet_size, parquet_sha)
-            sources = sorted({plan.runs[p.run][0] for p in pieces})
-            done.append((index, written, sources))
-    except BaseException:
-        reader.close()
+        fs.makedirs(attempt, exist_ok=True)
+        return [_assemble_one(fs, attempt, reader, plan, local_index, pieces, opts) for local_index, pieces in todo]
+    except Exception as exc:
         remove_quietly(fs, attempt, recursive=True)
-        raise
-    reader.close()
-    return done
+        return failure(exc, f"the assembly of the shards starting in partitions {partitions.start}-{partitions.stop - 1}")
+    finally:
+        reader.close()
+
+
+def _assemble_one(fs, attempt: str, reader: "_RunReader", plan: ShardPlan, local_index: int,
+                  pieces: list[Piece], opts: WriteOptions) -> tuple[int, WrittenShard, list[int]]:
+    """Copy one shard's samples from its runs; write its Parquet."""
+    index = plan.first_shard + local_index
+    stem = opts.exact_stem(index)
+    target = ShardTarget(staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"), f"{stem}.tar")
+    tables = []
+    with fs.open(target.tar_path, "wb") as out:
+        writer = TarShardWriter(out)
+        for piece in pieces:
+            run_index, src = reader.open(piece.run)
+            rows = run_index.slice(piece.start, piece.stop - piece.start)
+            first = rows.column("sample_offset")[0].as_py()
+            last_row = rows.num_rows - 1
+            end = rows.column("sample_offset")[last_row].as_py() + rows.column("sample_size")[last_row].as_py()
+            shift = writer.copy_members(src, first, end - first) - first
+            tables.append(_moved_rows(rows, shift, target.tar_file))
+        size = writer.close()
+    table = pa.Table.from_arrays(pa.concat_tables(tables).columns, schema=shard_schema(opts.user_schema))
+    _check_unique_keys(table, plan, pieces, index)
+    parquet_size, parquet_sha = write_parquet(table, fs, target.parquet_path)
+    sources = sorted({plan.runs[p.run][0] for p in pieces})
+    return index, WrittenShard(target, table.num_rows, size, writer.sha256, parquet_size, parquet_sha), sources
 
 
 def _moved_rows(rows: pa.Table, shift: int, tar_file: str) -> pa.Table:

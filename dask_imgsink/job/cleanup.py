@@ -1,0 +1,97 @@
+"""Removing what a job staged: after it fails, and on demand (``dask_imgsink.clean``)."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from ..format.layout import LEGACY_STAGING_DIR, WORK_DIR, job_dir
+from ..storage import forget_listings, join, remove_empty_dir, remove_quietly, resolve
+from .claim import sweep_dead_staging
+from .lock import liveness, locked_error, read_lock, release
+
+logger = logging.getLogger("dask_imgsink")
+
+#: Temporary small files of releases before 0.2, left in the dataset by a killed commit.
+_LEGACY_TMP = re.compile(r"^\.(_SUCCESS|_index\.json|README\.md|_errors\.parquet)\.[0-9a-f]{32}\.tmp$")
+
+
+def abort_job(url: str, storage_options: dict | None, job_id: str, run_id: str | None) -> None:
+    """Remove a failed job's staging and free the directory (its own lock only); never raises."""
+    try:
+        fs, root = resolve(url, storage_options)
+        remove_quietly(fs, job_dir(root, job_id), recursive=True)
+        if run_id is None:  # the lock of this job, whichever run took it
+            holder = read_lock(fs, root)
+            run_id = holder.run_id if holder is not None and holder.job_id == job_id else None
+        if run_id is not None:
+            release(fs, root, run_id)
+        remove_empty_dir(fs, join(root, WORK_DIR, "jobs"))
+        remove_empty_dir(fs, join(root, WORK_DIR))
+    except Exception:
+        logger.warning("could not remove the staging of failed job %s in %s", job_id, url, exc_info=True)
+
+
+@dataclass
+class CleanReport:
+    """What :func:`clean` did."""
+
+    removed: list[str] = field(default_factory=list)
+    broke_lock: str | None = None
+
+
+def clean(path: str, *, break_lock: bool = False, storage_options: dict | None = None) -> CleanReport:
+    """Remove staging and lock files that no live job owns from a dataset directory.
+
+    Parameters
+    ----------
+    path : str
+        The dataset directory (local path or fsspec URL).
+    break_lock : bool, default False
+        Also break a lock whose job cannot be shown dead (for example one run
+        from another machine). A job known to be running is never broken.
+    storage_options : dict, optional
+        Passed to fsspec.
+
+    Returns
+    -------
+    CleanReport
+
+    Raises
+    ------
+    OutputLockedError
+        A job holds the directory and is running, or may be (without ``break_lock``).
+    """
+    fs, root = resolve(path, storage_options)
+    forget_listings(fs, root)
+    report = CleanReport()
+    holder = read_lock(fs, root)
+    if holder is not None:
+        state, why = liveness(holder)
+        if state == "running" or (state == "unknown" and not break_lock):
+            raise locked_error(path, holder, state, why)
+        from . import lock
+
+        if lock.break_lock(fs, root, holder):
+            report.broke_lock = f"{holder.describe()}: {why}"
+    # a job that started meanwhile holds a new lock: keep its staging
+    current = read_lock(fs, root)
+    keep = (current.job_id, current.run_id) if current is not None else ("", "")
+    report.removed += sweep_dead_staging(fs, root, *keep)
+    remove_empty_dir(fs, join(root, WORK_DIR, "jobs"))
+    remove_empty_dir(fs, join(root, WORK_DIR))
+    legacy = join(root, LEGACY_STAGING_DIR)
+    if fs.exists(legacy):
+        remove_quietly(fs, legacy, recursive=True)
+        report.removed.append(legacy)
+    if fs.exists(root):
+        for entry in fs.ls(root, detail=False):
+            if _LEGACY_TMP.match(posixpath.basename(entry.rstrip("/"))):
+                remove_quietly(fs, entry)
+                report.removed.append(entry)
+    return report
+
+
+__all__ = ["CleanReport", "abort_job", "clean"]

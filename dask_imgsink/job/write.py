@@ -1,0 +1,124 @@
+"""The per-partition write task: encode a partition's rows and stage its shards (or its run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from ..core.keys import generated_key
+from ..core.writer import Rows, ShardTarget, write_rows
+from ..format.layout import failed_marker, new_attempt_dir, staged
+from ..format.schema import user_table
+from ..storage import remove_quietly, resolve
+from .claim import Claim
+from .options import WriteOptions
+from .results import PartitionResult, TaskFailed, cancelled, failure
+
+CONVERT_STRING_HELP = (
+    "Dask converts object columns to strings by default (the 'dataframe.convert-string' "
+    "setting), which turns arrays into their text repr and cannot hold encoded bytes. Fix: "
+    "build the DataFrame under `with dask.config.set({'dataframe.convert-string': False}): "
+    "ddf = dd.from_pandas(pdf, npartitions=...)`, or create the image column inside "
+    "`map_partitions` with an object `meta`, or hold encoded bytes in a "
+    "`pd.ArrowDtype(pa.binary())` column"
+)
+
+
+def check_image_dtype(dtype: Any, column: str, where: str = "") -> None:
+    """Raise ``TypeError`` unless ``dtype`` can hold images (object or Arrow binary)."""
+    arrow = dtype.pyarrow_dtype if isinstance(dtype, pd.ArrowDtype) else None
+    if arrow is not None and (pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow)):
+        return
+    if isinstance(dtype, pd.StringDtype) or (
+        arrow is not None and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow))
+    ):
+        raise TypeError(f"{where}the image column {column!r} has a string dtype ({dtype}). {CONVERT_STRING_HELP}")
+    if dtype == object:
+        return
+    raise TypeError(
+        f"{where}the image column {column!r} has dtype {dtype}; it must be an object column "
+        "(NumPy arrays, encoded bytes, PIL images or {'bytes', 'path'} dicts) or a "
+        "pd.ArrowDtype(pa.binary()) column of encoded bytes"
+    )
+
+
+def _column_values(frame: pd.DataFrame, column: str | None) -> list | None:
+    return None if column is None else frame[column].tolist()
+
+
+class PartitionWriter:
+    """Write one partition: encode its rows and stage its shards (or its run).
+
+    Called by Dask as ``writer(partition_frame, partition_index, claim)``; returns a
+    :class:`~dask_imgsink.job.results.PartitionResult`, or a
+    :class:`~dask_imgsink.job.results.TaskFailed` (see :mod:`~dask_imgsink.job.results`).
+    Each call (each attempt, should Dask rerun it) writes to a fresh staging
+    folder, so a rerun never collides with a lost attempt's files.
+    """
+
+    def __init__(self, opts: WriteOptions) -> None:
+        self.opts = opts
+
+    def __dask_tokenize__(self):
+        return ("dask_imgsink.PartitionWriter", *self.opts.token())
+
+    def __call__(self, frame: pd.DataFrame, partition: int, claim: Claim) -> PartitionResult | TaskFailed:
+        opts = self.opts
+        fs, root = resolve(opts.url, opts.storage_options)
+        if fs.exists(failed_marker(root, opts.job_id)):
+            return cancelled(f"partition {partition}")
+        try:
+            return self._write(fs, root, frame, partition, claim)
+        except Exception as exc:
+            try:
+                fs.pipe_file(failed_marker(root, opts.job_id), b"")
+            except Exception:
+                pass  # the marker only saves time; the commit still sees this failure
+            return failure(exc, f"the write task of partition {partition}")
+
+    def _rows(self, frame: pd.DataFrame, partition: int, claim: Claim) -> Rows:
+        opts = self.opts
+        check_image_dtype(frame[opts.image_column].dtype, opts.image_column, f"partition {partition}: ")
+        if opts.key_column is None:
+            keys = [generated_key(claim.first_partition + partition, r) for r in range(len(frame))]
+        else:
+            keys = frame[opts.key_column].tolist()
+        return Rows(
+            images=frame[opts.image_column].tolist(),
+            keys=keys,
+            texts=_column_values(frame, opts.text_column),
+            labels=_column_values(frame, opts.label_column),
+            meta=user_table(frame, opts.user_schema, f"partition {partition}") if opts.metadata_columns else None,
+        )
+
+    def _write(self, fs, root: str, frame: pd.DataFrame, partition: int, claim: Claim) -> PartitionResult:
+        opts = self.opts
+        rows = self._rows(frame, partition, claim)
+        exact = opts.packing == "exact"
+        attempt: list[str] = []
+
+        def target_for(chunk: int) -> ShardTarget:
+            if not attempt:
+                attempt.append(new_attempt_dir(root, opts.job_id, f"write-{partition:06d}"))
+                fs.makedirs(attempt[0], exist_ok=True)
+            if exact:
+                stem, tar_file = f"run-{partition:06d}", ""
+            else:
+                stem = opts.partition_stem(claim.first_partition + partition, chunk)
+                tar_file = f"{stem}.tar"
+            return ShardTarget(staged(attempt[0], f"{stem}.tar"), staged(attempt[0], f"{stem}.parquet"), tar_file)
+
+        try:
+            shards, skipped = write_rows(
+                rows, fs=fs, target_for=target_for,
+                images_per_tar=None if exact else opts.images_per_tar,
+                options=opts.encode, on_error=opts.on_error, partition=partition,
+                encode_threads=opts.encode_threads, shard_checksums=not exact,
+            )
+        except BaseException:
+            if attempt:
+                remove_quietly(fs, attempt[0], recursive=True)
+            raise
+        return PartitionResult(partition, len(frame), shards, skipped)
