@@ -1,8 +1,13 @@
-"""The ``dask-imgsink`` command: demo, verify, info."""
+"""The ``dask-imgsink`` command: demo, verify, clean, info.
+
+Exit codes: 0 all well, 1 a problem found (or the command failed), 2 a usage
+error. No user error ends in a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -54,13 +59,65 @@ def demo_dataframe(images: int, partitions: int, size: int):
                            divisions=[None] * (partitions + 1), enforce_metadata=False)
 
 
+class UsageError(Exception):
+    """A command line that cannot be run as given (exit code 2)."""
+
+
 def _print_report(report, prefix: str = "") -> int:
-    """Print a verify report; return the exit code (0 when the dataset is complete and consistent)."""
-    state = "all consistent" if report.ok else ("complete, with problems:" if report.complete else "INCOMPLETE")
+    """Print a verify report; return the exit code (0 when the dataset is complete and intact)."""
+    if report.ok:
+        state = "all consistent"
+    else:
+        count = len(report.problems)
+        state = f"{'complete' if report.complete else 'INCOMPLETE'}, {count} problem{'s' * (count != 1)}:"
     print(f"{prefix}{report.shards} shards, {report.images} images, {report.bytes / 1e6:.1f} MB, {state}")
     for problem in report.problems:
         print(f"  {problem}")
     return 0 if report.ok else 1
+
+
+def storage_options(pairs: list[str] | None) -> dict | None:
+    """``KEY=VALUE`` pairs as fsspec storage options; dotted keys nest, values parse as JSON when they can.
+
+    ``client_kwargs.endpoint_url=http://127.0.0.1:9000`` gives
+    ``{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``; ``anon=true`` gives ``{"anon": True}``.
+    """
+    if not pairs:
+        return None
+    options: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--storage-option {pair!r} must look like KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, last = key.split(".")
+        target = options
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = value
+    return options
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str, workers: int | None = None):
+    """A Client for ``scheduler``: "local" starts a LocalCluster, "threads" runs in this process (None)."""
+    if scheduler == "threads":
+        yield None
+        return
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    if scheduler == "local":
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            yield client
+    else:
+        with Client(scheduler, timeout=30) as client:
+            yield client
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -93,7 +150,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             mode=mode, compute=True,
         )
         elapsed = time.perf_counter() - start
-    report = verify_dataset(args.output_dir, decode=True)
+        report = verify_dataset(args.output_dir, decode=True, client=client)
     written = sum(t.metadata["num_images"] for t in tasks)
     size = sum(t.metadata["bytes"] for t in tasks)
     print(f"wrote {len(tasks)} shards, {written} images, {size / 1e6:.1f} MB to {args.output_dir} "
@@ -104,7 +161,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .read.verify import verify_dataset
 
-    return _print_report(verify_dataset(args.path, decode=args.decode))
+    options = storage_options(args.storage_option)
+    with dask_client(args.scheduler) as client:
+        try:
+            report = verify_dataset(args.path, storage_options=options, decode=args.decode, client=client,
+                                    max_pixels=args.max_pixels)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+    return _print_report(report)
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from .job.cleanup import clean
+    from .job.lock import OutputLockedError
+
+    try:
+        report = clean(args.path, break_lock=args.break_lock, storage_options=storage_options(args.storage_option))
+    except OutputLockedError as exc:
+        print(f"dask-imgsink clean: {exc}", file=sys.stderr)
+        return 1
+    if report.broke_lock:
+        print(f"broke the lock of {report.broke_lock}")
+    for path in report.removed:
+        print(f"removed {path}")
+    if not report.broke_lock and not report.removed:
+        print("nothing to clean")
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -150,10 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
                       "earlier demo dataset, refuse anything else")
     demo.set_defaults(func=_cmd_demo)
 
-    verify = sub.add_parser("verify", help="check a written dataset (index, tars, Parquet, offsets)")
-    verify.add_argument("path")
+    verify = sub.add_parser(
+        "verify", help="check every byte of a dataset against its checksums and index",
+        description="Check a dataset: every tar and Parquet against the SHA-256 and size in _index.json, "
+        "every tar header, every Parquet row against its sample (byte ranges, sample checksum, "
+        "text/label/json members), missing and stray files, leftover staging. One Dask task per shard. "
+        "Exit 0 when intact, 1 naming each problem's shard and member, 2 for a usage error.",
+    )
+    verify.add_argument("path", help="the dataset directory (local path or fsspec URL)")
     verify.add_argument("--decode", action="store_true", help="also decode every image")
+    verify.add_argument("--max-pixels", type=int, default=None,
+                        help="largest image to decode (default: the limit the dataset was written with)")
+    _add_common(verify)
     verify.set_defaults(func=_cmd_verify)
+
+    clean = sub.add_parser(
+        "clean", help="remove staging and locks that no live job owns",
+        description="Remove what a dead job left in a dataset directory (its lock and staged files under "
+        ".imgsink/). A lock whose job is known dead is broken; one whose job may still run (say, on "
+        "another machine) only with --break-lock; one whose job is running never.",
+    )
+    clean.add_argument("path", help="the dataset directory (local path or fsspec URL)")
+    clean.add_argument("--break-lock", action="store_true",
+                       help="also break a lock whose job cannot be shown dead")
+    clean.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                       help="fsspec storage option (repeatable; dotted keys nest, values parse as JSON)")
+    clean.set_defaults(func=_cmd_clean)
 
     info = sub.add_parser("info", help="print a dataset's index summary")
     info.add_argument("path")
@@ -161,9 +265,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", default="local", metavar="ADDR",
+                        help="Dask scheduler address, 'local' to start a local cluster (default) or "
+                        "'threads' to run in this process")
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="fsspec storage option (repeatable; dotted keys nest, values parse as JSON)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command; return its exit code (0 ok, 1 problem, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.error(str(exc))  # exits with 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"dask-imgsink {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

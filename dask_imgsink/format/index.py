@@ -18,13 +18,70 @@ from .layout import CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE
 WRITER_NAME = "dask-imgsink"
 
 
+class IndexFormatError(ValueError):
+    """``_index.json`` is not a readable shard index."""
+
+
+def index_problems(index: object) -> list[str]:
+    """What makes ``index`` unusable as a shard index (empty when it is fine)."""
+    if not isinstance(index, dict):
+        return ["it is not a JSON object"]
+    shardlist = index.get("shardlist")
+    if not isinstance(shardlist, list):
+        return ["it has no 'shardlist' list"]
+    problems = []
+    for i, entry in enumerate(shardlist):
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+            problems.append(f"shardlist entry {i} has no 'url'")
+        elif not all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) and entry[k] >= 0
+                     for k in ("nsamples", "filesize")):
+            problems.append(f"shardlist entry {i} ({entry['url']}) lacks a valid 'nsamples' or 'filesize'")
+    return problems
+
+
+def parse_index(data: bytes, where: str = INDEX_FILE) -> dict:
+    """Parse ``_index.json`` bytes.
+
+    Raises
+    ------
+    IndexFormatError
+        The bytes are not JSON, or not a shard index.
+    """
+    try:
+        index = json.loads(data)
+    except ValueError as exc:
+        raise IndexFormatError(f"{where} is not valid JSON ({exc})") from None
+    problems = index_problems(index)
+    if problems:
+        raise IndexFormatError(f"{where} is not a shard index: {'; '.join(problems)}")
+    return index
+
+
 def read_index(fs, root: str) -> dict | None:
-    """The dataset's ``_index.json`` as a dict, or ``None`` when there is none."""
+    """The dataset's ``_index.json`` as a dict, or ``None`` when there is none.
+
+    Raises
+    ------
+    IndexFormatError
+        It exists but is not a readable shard index.
+    """
     path = join(root, INDEX_FILE)
-    if not fs.exists(path):
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
         return None
-    with fs.open(path, "rb") as f:
-        return json.load(f)
+    return parse_index(data, path)
+
+
+def job_for_shard(index: dict, position: int) -> dict:
+    """The record of the job that wrote the ``position``-th shard of the index (the last job if unknown)."""
+    jobs = index.get("jobs") or [{}]
+    for job in jobs:
+        lo, hi = (job.get("shard_range") or [0, 0])
+        if lo <= position < hi:
+            return job
+    return jobs[-1]
 
 
 def next_numbers(index: dict, name_prefix: str) -> tuple[int, int]:
@@ -106,4 +163,5 @@ WebDataset shards written by dask-imgsink: {index['num_samples']} images in
     return text.encode()
 
 
-__all__ = ["CARD_FILE", "build_index", "dataset_card", "next_numbers", "read_index"]
+__all__ = ["CARD_FILE", "IndexFormatError", "build_index", "dataset_card", "job_for_shard", "next_numbers",
+           "parse_index", "read_index"]

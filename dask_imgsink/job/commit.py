@@ -41,7 +41,7 @@ from ..storage import (
     forget_listings, is_local, join, publish, read_bytes, remove_empty_dir, remove_file,
     remove_quietly, resolve, write_small,
 )
-from .claim import Claim
+from .claim import Claim, sweep_dead_staging
 from .lock import LostLockError, holds_lock, release
 from .output import existing_entries, not_empty_error, overwrite_removals
 
@@ -205,8 +205,14 @@ def _write_dataset_files(fs, root: str, opts, claim: Claim, journal: Journal, en
 
 
 def finish_job(fs, root: str, job_id: str, run_id: str) -> None:
-    """Remove the job's staging folder, then its lock, then the work folder if nothing else is in it."""
+    """Remove the job's staging folder, then its lock, then the work folder if nothing else is in it.
+
+    Staging that a dead job's straggling task wrote after this job swept at its
+    claim goes too: while this job holds the lock, no other job stages.
+    """
     remove_quietly(fs, job_dir(root, job_id), recursive=True)
+    if holds_lock(fs, root, run_id):
+        sweep_dead_staging(fs, root, job_id, run_id)
     release(fs, root, run_id)
     remove_empty_dir(fs, join(root, WORK_DIR, "jobs"))
     remove_empty_dir(fs, join(root, WORK_DIR))

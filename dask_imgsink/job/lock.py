@@ -218,6 +218,15 @@ def _job_tasks_alive(dask_scheduler, token: str) -> bool:
     return False
 
 
+def _job_tasks_executing(dask_worker, token: str) -> bool:
+    """Run on each worker: is a task of the job still executing here?
+
+    A task the scheduler has released (its client went away) keeps running to
+    its end on the worker, in state ``cancelled``; it may still write.
+    """
+    return any(token in str(ts.key) for ts in (*dask_worker.state.executing, *dask_worker.state.long_running))
+
+
 def _ask_scheduler(address: str, expected_id: str, token: str) -> tuple[str, str]:
     from distributed import Client
 
@@ -234,6 +243,8 @@ def _ask_scheduler(address: str, expected_id: str, token: str) -> tuple[str, str
             return "dead", f"the scheduler at {address} has restarted since, so the job is gone"
         if client.run_on_scheduler(_job_tasks_alive, token=token):
             return "running", f"its scheduler at {address} is still running its tasks"
+        if any(client.run(_job_tasks_executing, token=token).values()):
+            return "running", f"a worker of the scheduler at {address} is still executing one of its tasks"
         return "dead", f"its scheduler at {address} no longer runs any of its tasks"
     finally:
         if own:

@@ -1,99 +1,355 @@
-"""Reading a written dataset back and checking it: index, tars, Parquet and offsets agree."""
+"""Verify a written dataset: every byte against its checksum, every row against its tar.
+
+One Dask task per shard streams the tar once (:mod:`~dask_imgsink.read.tarstream`)
+and reads its Parquet; the client checks the directory as a whole. Each problem
+names its shard, and its member where there is one. Nothing here raises for a
+damaged dataset: damage is what it reports.
+
+Per shard: the tar's size and SHA-256 against the index; every header, padding
+and the end-of-archive blocks; the Parquet's size and SHA-256 against the index
+and its page CRCs; its rows against the tar's samples in order (key, image
+member, byte ranges, sample checksum); ``key.txt``/``key.cls``/``key.json``
+rebuilt from the row and compared byte for byte, which tells which member of
+a damaged sample changed; with ``decode``, every image decoded under the
+dataset's ``max_pixels``. Dataset-wide: ``_index.json`` parses, ``_SUCCESS``
+exists and names this index, no file is missing or unaccounted for, no job's
+staging is left, ``_errors.parquet`` agrees with the totals.
+"""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
+import posixpath
 from dataclasses import dataclass, field
 
-from ..format.schema import read_parquet
-from ..format.layout import INDEX_FILE, SUCCESS_FILE
-from ..storage import join, resolve
+import dask
+
+from ..core.encode import DEFAULT_MAX_PIXELS, decode_encoded
+from ..errors import RowProblem
+from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
+from ..format.index import IndexFormatError, job_for_shard, parse_index
+from ..format.layout import (
+    ERRORS_FILE, INDEX_FILE, LEGACY_STAGING_DIR, SUCCESS_FILE, WORK_DIR, dataset_files, parquet_name,
+)
+from ..format.members import JSON_EXT, LABEL_EXT, TEXT_EXT, json_rows, label_member, text_member
+from ..format.schema import WRITER_COLUMNS, parquet_from_bytes
+from ..storage import forget_listings, join, read_bytes, resolve
+from .tarstream import Sample, TarScan, scan_tar
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: where (shard, member) and what."""
+
+    shard: str | None
+    member: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = ": ".join(p for p in (self.shard, self.member) if p)
+        return f"{where}: {self.message}" if where else self.message
 
 
 @dataclass
 class VerifyReport:
-    """What :func:`verify_dataset` found."""
+    """What :func:`verify_dataset` found. ``ok`` when the dataset is complete and intact."""
 
     shards: int = 0
     images: int = 0
     bytes: int = 0
     complete: bool = False
-    problems: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.complete and not self.problems
 
 
-def verify_dataset(path: str, storage_options: dict | None = None, decode: bool = False) -> VerifyReport:
-    """Check a dataset written by :func:`~dask_imgsink.to_webdataset`.
+@dataclass
+class ShardReport:
+    images: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
 
-    Every shard listed in ``_index.json`` is read with ``tarfile`` and its
-    Parquet with pyarrow: sample counts, file sizes, keys, member names and the
-    ``offset``/``size`` byte ranges must agree. With ``decode=True`` every image
-    is also decoded with Pillow.
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """What one verify task needs to know about its shard."""
+
+    url: str
+    storage_options: dict | None
+    entry: dict
+    job_options: dict
+    decode: bool
+    max_pixels: int
+
+
+# ----------------------------------------------------------------------------- per shard
+
+
+def verify_shard(check: ShardCheck) -> ShardReport:
+    """Check one shard (the task run per shard); never raises for damage."""
+    name = check.entry["url"]
+    report = ShardReport()
+    try:
+        fs, root = resolve(check.url, check.storage_options)
+        table = _read_shard_parquet(fs, root, check, report)
+        scan = _scan_shard_tar(fs, root, check, table, report)
+        if scan is not None and table is not None:
+            _compare_rows(check, table, scan, report)
+    except Exception as exc:  # an unreadable file, a broken connection: a problem, not a crash
+        report.problems.append(Problem(name, None, f"could not be checked ({type(exc).__name__}: {exc})"))
+    return report
+
+
+def _read_shard_parquet(fs, root: str, check: ShardCheck, report: ShardReport):
+    name = parquet_name(check.entry["url"])
+    data = read_bytes(fs, join(root, name))
+    if data is None:
+        report.problems.append(Problem(name, None, "is missing"))
+        return None
+    expected = check.entry.get("parquet_sha256")
+    if expected and (len(data), sha256_hex(data)) != (check.entry.get("parquet_filesize"), expected):
+        report.problems.append(Problem(name, None, "differs from the size and SHA-256 the index records"))
+    try:
+        table = parquet_from_bytes(data)
+    except Exception as exc:
+        report.problems.append(Problem(name, None, f"is not a readable Parquet file ({exc})"))
+        return None
+    missing = [c for c in WRITER_COLUMNS if c not in table.column_names]
+    if missing:
+        report.problems.append(Problem(name, None, f"lacks the columns {missing}"))
+        return None
+    return table
+
+
+def _scan_shard_tar(fs, root: str, check: ShardCheck, table, report: ShardReport) -> TarScan | None:
+    name = check.entry["url"]
+    path = join(root, name)
+    if not fs.exists(path):
+        report.problems.append(Problem(name, None, "is missing"))
+        return None
+    formats = {}
+    if check.decode and table is not None:
+        formats = dict(zip(table.column("member").to_pylist(), table.column("format").to_pylist()))
+
+    def keep(member: str) -> bool:
+        return member in formats or member.rsplit(".", 1)[-1] in (TEXT_EXT, LABEL_EXT, JSON_EXT)
+
+    kept: dict[str, bytes] = {}
+
+    def on_data(member, data: bytes) -> None:
+        if member.name in formats:
+            _decode(name, member.name, data, formats[member.name], check.max_pixels, report)
+        else:
+            kept[member.name] = data
+
+    with fs.open(path, "rb", block_size=8 << 20) as f:
+        scan = scan_tar(f, keep=keep, on_data=on_data)
+    scan.kept = kept
+    report.bytes = scan.size
+    for member, what in scan.damage:
+        report.problems.append(Problem(name, member, what))
+    if scan.size != check.entry["filesize"]:
+        report.problems.append(Problem(name, None, f"is {scan.size} bytes, the index says {check.entry['filesize']}"))
+    elif check.entry.get("sha256") and scan.sha256 != check.entry["sha256"]:
+        report.problems.append(Problem(name, None, "does not match the SHA-256 the index records"))
+    if len(scan.samples) != check.entry["nsamples"]:
+        report.problems.append(Problem(name, None, f"holds {len(scan.samples)} samples, the index says "
+                                                   f"{check.entry['nsamples']}"))
+    return scan
+
+
+def _decode(shard: str, member: str, data: bytes, fmt: str, max_pixels: int, report: ShardReport) -> None:
+    try:
+        decode_encoded(data, fmt, max_pixels)
+    except RowProblem as exc:
+        report.problems.append(Problem(shard, member, f"was not decoded: {exc.reason} (pass a larger max_pixels)"))
+    except Exception as exc:
+        report.problems.append(Problem(shard, member, f"does not decode as {fmt.upper()} ({type(exc).__name__}: {exc})"))
+
+
+def _expected_members(check: ShardCheck, table, row: int, json_bytes: list[bytes] | None) -> dict[str, bytes]:
+    """``key.txt``/``key.cls``/``key.json`` of a row as the writer made them, where the Parquet says."""
+    opts, key = check.job_options, table.column("key")[row].as_py()
+    expected = {}
+    for ext, column, make in ((TEXT_EXT, opts.get("text_column"), text_member),
+                              (LABEL_EXT, opts.get("label_column"), label_member)):
+        if column and column in table.column_names:
+            value = make(table.column(column)[row].as_py())
+            if value is not None:
+                expected[f"{key}.{ext}"] = value
+    if json_bytes is not None:
+        expected[f"{key}.{JSON_EXT}"] = json_bytes[row]
+    return expected
+
+
+def _json_members(check: ShardCheck, table) -> list[bytes] | None:
+    columns = [c for c in check.job_options.get("metadata_columns", []) if c in table.column_names]
+    if not columns or len(columns) != len(check.job_options.get("metadata_columns", [])):
+        return None
+    return json_rows(table.select(columns))
+
+
+def _compare_rows(check: ShardCheck, table, scan: TarScan, report: ShardReport) -> None:
+    name = check.entry["url"]
+    report.images = table.num_rows
+    if table.num_rows != len(scan.samples):
+        report.problems.append(Problem(name, None, f"its Parquet has {table.num_rows} rows for "
+                                                   f"{len(scan.samples)} samples in the tar"))
+    rows = table.select(["key", "tar_file", "member", "offset", "size", "sample_offset", "sample_size",
+                         SAMPLE_CHECKSUM_COLUMN]).to_pylist()
+    json_bytes = _json_members(check, table)
+    for i, (row, sample) in enumerate(zip(rows, scan.samples)):
+        problem = _row_problem(row, sample, name)
+        if problem is not None:
+            report.problems.append(Problem(name, problem[0], f"Parquet row {i} (key {row['key']!r}): {problem[1]}"))
+            continue
+        if not sample.end or row[SAMPLE_CHECKSUM_COLUMN] == sample.checksum:
+            continue
+        expected = _expected_members(check, table, i, json_bytes)
+        changed = [m.name for m in sample.members if m.name in expected and scan.kept.get(m.name) != expected[m.name]]
+        if changed:
+            for member in changed:
+                report.problems.append(Problem(name, member, "differs from what was written (checked against "
+                                                             "its Parquet row and the sample checksum)"))
+        else:
+            rest = [m.name for m in sample.members if m.name not in expected]
+            report.problems.append(Problem(name, " / ".join(rest) or None,
+                                           "differs from what was written (the sample checksum does not match)"))
+
+
+def _row_problem(row: dict, sample: Sample, shard: str) -> tuple[str | None, str] | None:
+    if row["key"] != sample.key:
+        return None, f"the tar's sample here is {sample.key!r}"
+    if row["tar_file"] != shard:
+        return None, f"names tar_file {row['tar_file']!r}"
+    image = sample.members[0] if sample.members else None
+    if image is None or image.name != row["member"]:
+        return row["member"], f"the sample's first member is {image.name if image else None!r}"
+    if (image.data_offset, image.size) != (row["offset"], row["size"]):
+        return row["member"], (f"offset/size say {row['offset']}/{row['size']}, the image lies at "
+                               f"{image.data_offset}/{image.size}")
+    if sample.end and (sample.start, sample.end - sample.start) != (row["sample_offset"], row["sample_size"]):
+        return None, (f"sample_offset/sample_size say {row['sample_offset']}/{row['sample_size']}, the sample "
+                      f"lies at {sample.start}/{sample.end - sample.start}")
+    return None
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def _check_listing(fs, root: str, index: dict | None, report: VerifyReport) -> None:
+    forget_listings(fs, root)
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    owned = dataset_files(index) if index is not None else set()
+    for name in names:
+        if name in (WORK_DIR, LEGACY_STAGING_DIR):
+            report.problems.append(Problem(name, None, "a job's staging or lock is present: a job is writing "
+                                                       "this dataset, or died (remove it with dask-imgsink clean)"))
+        elif index is not None and name not in owned:
+            kind = "shard" if name.endswith((".tar", ".parquet")) else "file"
+            report.problems.append(Problem(name, None, f"is a stray {kind}: the index does not list it"))
+
+
+def _check_success(fs, root: str, index_bytes: bytes | None, report: VerifyReport) -> None:
+    data = read_bytes(fs, join(root, SUCCESS_FILE))
+    report.complete = data is not None
+    if data is None:
+        report.problems.append(Problem(SUCCESS_FILE, None, "is missing: the dataset is not complete"))
+        return
+    try:
+        recorded = json.loads(data).get("index_sha256") if data.strip() else None
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded and index_bytes is not None and recorded != sha256_hex(index_bytes):
+        report.problems.append(Problem(INDEX_FILE, None, f"is not the index {SUCCESS_FILE} was written for"))
+
+
+def _check_errors_file(fs, root: str, index: dict, report: VerifyReport) -> None:
+    skipped = (index.get("totals") or {}).get("skipped", 0)
+    data = read_bytes(fs, join(root, ERRORS_FILE))
+    if data is None:
+        if skipped:
+            report.problems.append(Problem(ERRORS_FILE, None, f"is missing, the index counts {skipped} skipped rows"))
+        return
+    try:
+        rows = parquet_from_bytes(data).num_rows
+    except Exception as exc:
+        report.problems.append(Problem(ERRORS_FILE, None, f"is not a readable Parquet file ({exc})"))
+        return
+    if rows != skipped:
+        report.problems.append(Problem(ERRORS_FILE, None, f"lists {rows} rows, the index counts {skipped} skipped"))
+
+
+def _max_pixels(index: dict) -> int:
+    recorded = [j.get("options", {}).get("max_pixels") for j in index.get("jobs", [])]
+    return max([m for m in recorded if isinstance(m, int)] or [DEFAULT_MAX_PIXELS])
+
+
+def _run(tasks: list, client) -> list:
+    if client is not None:
+        return client.gather(client.compute(tasks))
+    return list(dask.compute(*tasks))
+
+
+def verify_dataset(path: str, *, storage_options: dict | None = None, decode: bool = False, client=None,
+                   max_pixels: int | None = None) -> VerifyReport:
+    """Check a dataset written by :func:`~dask_imgsink.to_webdataset` (see the module docstring).
+
+    Parameters
+    ----------
+    path : str
+        The dataset directory (local path or fsspec URL).
+    storage_options : dict, optional
+        Passed to fsspec.
+    decode : bool, default False
+        Also decode every image.
+    client : distributed.Client, optional
+        Run the per-shard tasks there. By default they run on the active
+        Client if there is one, else on threads in this process.
+    max_pixels : int, optional
+        Largest image decoded; default the largest any job of the dataset was
+        written with (``to_webdataset(max_pixels=...)``).
 
     Returns
     -------
     VerifyReport
-        ``report.ok`` is true when the dataset is complete and consistent.
+        ``report.ok`` when the dataset is complete and every check passed.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist (a usage error, not damage).
     """
     fs, root = resolve(path, storage_options)
-    report = VerifyReport(complete=fs.exists(join(root, SUCCESS_FILE)))
-    if not report.complete:
-        report.problems.append(f"{SUCCESS_FILE} is missing: the dataset is not complete")
-    index_path = join(root, INDEX_FILE)
-    if not fs.exists(index_path):
-        report.problems.append(f"{INDEX_FILE} is missing")
+    forget_listings(fs, root)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{path!r} is not a directory")
+    report = VerifyReport()
+    index_bytes = read_bytes(fs, join(root, INDEX_FILE))
+    index = None
+    if index_bytes is None:
+        report.problems.append(Problem(INDEX_FILE, None, "is missing"))
+    else:
+        try:
+            index = parse_index(index_bytes)
+        except IndexFormatError as exc:
+            report.problems.append(Problem(INDEX_FILE, None, str(exc).removeprefix(f"{INDEX_FILE} ")))
+    _check_success(fs, root, index_bytes, report)
+    _check_listing(fs, root, index, report)
+    if index is None:
         return report
-    with fs.open(index_path, "rb") as f:
-        index = json.load(f)
-    for entry in index["shardlist"]:
-        _verify_shard(fs, root, entry, report, decode)
+    _check_errors_file(fs, root, index, report)
+    limit = max_pixels or _max_pixels(index)
+    checks = [ShardCheck(path, storage_options, entry, job_for_shard(index, i).get("options", {}), decode, limit)
+              for i, entry in enumerate(index["shardlist"])]
+    verify = dask.delayed(verify_shard, pure=True)
+    token = dask.base.tokenize(path, decode, limit, index_bytes)
+    tasks = [verify(check, dask_key_name=(f"imgsink-verify-{token}", i)) for i, check in enumerate(checks)]
+    for shard in _run(tasks, client):
+        report.shards += 1
+        report.images += shard.images
+        report.bytes += shard.bytes
+        report.problems.extend(shard.problems)
     return report
-
-
-def _verify_shard(fs, root: str, entry: dict, report: VerifyReport, decode: bool) -> None:
-    name = entry["url"]
-    tar_path = join(root, name)
-    parquet_path = join(root, name[: -len(".tar")] + ".parquet")
-    report.shards += 1
-    with fs.open(tar_path, "rb") as f:
-        raw = f.read()
-    report.bytes += len(raw)
-    if len(raw) != entry["filesize"]:
-        report.problems.append(f"{name}: {len(raw)} bytes, the index says {entry['filesize']}")
-    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
-        members = tf.getmembers()
-    keys = []
-    for m in members:
-        key = m.name.split(".", 1)[0]
-        if not keys or keys[-1] != key:
-            keys.append(key)
-    if len(set(keys)) != len(keys):
-        report.problems.append(f"{name}: a sample's members are not adjacent, or a key repeats")
-    if len(keys) != entry["nsamples"]:
-        report.problems.append(f"{name}: {len(keys)} samples, the index says {entry['nsamples']}")
-    table = read_parquet(fs, parquet_path)
-    report.images += table.num_rows
-    if table.column("key").to_pylist() != keys:
-        report.problems.append(f"{name}: the Parquet keys differ from the tar's samples")
-    by_name = {m.name: m for m in members}
-    for row in table.select(["member", "offset", "size", "tar_file"]).to_pylist():
-        member = by_name.get(row["member"])
-        if row["tar_file"] != name:
-            report.problems.append(f"{name}: Parquet row names tar_file {row['tar_file']!r}")
-        if member is None:
-            report.problems.append(f"{name}: member {row['member']!r} is not in the tar")
-        elif (member.offset_data, member.size) != (row["offset"], row["size"]):
-            report.problems.append(f"{name}: offset/size of {row['member']!r} do not match the tar")
-        elif decode:
-            from PIL import Image
-
-            try:
-                with Image.open(io.BytesIO(raw[row["offset"]: row["offset"] + row["size"]])) as img:
-                    img.load()
-            except Exception as exc:
-                report.problems.append(f"{name}: {row['member']!r} does not decode ({exc})")
