@@ -201,19 +201,23 @@ def _compare_rows(check: ShardCheck, table, scan: TarScan, report: ShardReport) 
                          SAMPLE_CHECKSUM_COLUMN]).to_pylist()
     json_bytes = _json_members(check, table)
     for i, (row, sample) in enumerate(zip(rows, scan.samples)):
+        where = f"Parquet row {i} (key {row['key']!r})"
         problem = _row_problem(row, sample, name)
         if problem is not None:
-            report.problems.append(Problem(name, problem[0], f"Parquet row {i} (key {row['key']!r}): {problem[1]}"))
+            report.problems.append(Problem(name, problem[0], f"{where}: {problem[1]}"))
             continue
-        if not sample.end or row[SAMPLE_CHECKSUM_COLUMN] == sample.checksum:
-            continue
+        intact = bool(sample.end) and row[SAMPLE_CHECKSUM_COLUMN] == sample.checksum
         expected = _expected_members(check, table, i, json_bytes)
-        changed = [m.name for m in sample.members if m.name in expected and scan.kept.get(m.name) != expected[m.name]]
-        if changed:
-            for member in changed:
+        differ = [m.name for m in sample.members if m.name in expected and scan.kept.get(m.name) != expected[m.name]]
+        if intact:  # the tar's sample is as written, so the Parquet row is what changed
+            for member in differ:
+                report.problems.append(Problem(name, member, f"{where}: its metadata differs from this member, "
+                                                             "which matches its sample checksum"))
+        elif differ:
+            for member in differ:
                 report.problems.append(Problem(name, member, "differs from what was written (checked against "
                                                              "its Parquet row and the sample checksum)"))
-        else:
+        elif sample.end:
             rest = [m.name for m in sample.members if m.name not in expected]
             report.problems.append(Problem(name, " / ".join(rest) or None,
                                            "differs from what was written (the sample checksum does not match)"))
