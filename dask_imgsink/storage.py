@@ -6,7 +6,9 @@ PUT or server-side copy of the whole object on object stores, so readers never
 see part of it).
 
 :func:`create_exclusive` is the one atomic create-if-absent the job lock rests
-on: ``O_CREAT | O_EXCL`` on local and POSIX filesystems, a conditional PUT
+on: a hard link onto the name on local and POSIX filesystems (``link()`` fails
+if the name exists, like ``O_EXCL``, and the file appears with its whole
+content), a conditional PUT
 (``If-None-Match: *``) on S3 through s3fs's ``mode="create"``, and fsspec's own
 ``pipe_file(mode="create")`` elsewhere (atomic only where the backend makes it so).
 """
@@ -61,13 +63,15 @@ def create_exclusive(fs, path: str, data: bytes) -> None:
         Something already exists at ``path``.
     """
     if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # Write the content under a unique name, then hard-link it to ``path``: link()
+        # fails if ``path`` exists, and a reader never sees the file empty or partial.
+        folder = os.path.dirname(path)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.part")
+        _in_folder(folder, lambda: _write_file(tmp, data, sync=True))
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            os.link(tmp, path)
         finally:
-            os.close(fd)
+            os.unlink(tmp)
         return
     forget_listings(fs, path)
     try:
@@ -89,13 +93,30 @@ def write_small(fs, path: str, data: bytes, tmp_dir: str) -> None:
     one PUT, which is atomic.
     """
     if is_local(fs):
-        os.makedirs(tmp_dir, exist_ok=True)
         tmp = join(tmp_dir, f"{posixpath.basename(path)}.{uuid.uuid4().hex}.part")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        _in_folder(tmp_dir, lambda: _write_file(tmp, data))
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def _write_file(path: str, data: bytes, sync: bool = False) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _in_folder(folder: str, write) -> None:
+    """Run ``write`` after creating ``folder``; again if another process removed the (empty) folder meanwhile."""
+    for attempt in range(5):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            return write()
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
 
 
 def read_bytes(fs, path: str) -> bytes | None:

@@ -168,3 +168,46 @@ def comparable_dataset(out) -> dict:
             job.pop(name, None)
     hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     return {"files": files, "index": index, "success": (out / "_SUCCESS").exists(), "hidden": hidden}
+
+
+def _gated_partition(bounds: tuple[int, int], gate: str) -> pd.DataFrame:
+    """A partition that waits until the file ``gate`` exists: holds a job in flight on purpose."""
+    import time
+
+    while not Path(gate).exists():
+        time.sleep(0.02)
+    return _partition_frame(bounds, "array")
+
+
+def gated_ddf(sizes: list[int], gate: Path, start: int = 0):
+    """Like ``make_ddf("from_map", ...)``, but each partition waits for ``gate`` to exist."""
+    bounds, lo = [], start
+    for n in sizes:
+        bounds.append((lo, lo + n))
+        lo += n
+    meta = make_frame(1).iloc[:0]
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_map(_gated_partition, bounds, gate=str(gate), meta=meta, enforce_metadata=False)
+
+
+def _failing_partition(bounds: tuple[int, int]) -> pd.DataFrame:
+    if bounds[0] > 0:
+        raise RuntimeError("upstream failure in the user's own partition function")
+    return _partition_frame(bounds, "array")
+
+
+def failing_ddf(sizes: list[int]):
+    """A DataFrame whose partitions after the first fail before our write tasks see them."""
+    bounds, lo = [], 0
+    for n in sizes:
+        bounds.append((lo, lo + n))
+        lo += n
+    meta = make_frame(1).iloc[:0]
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_map(_failing_partition, bounds, meta=meta, enforce_metadata=False)
+
+
+def frame_ddf(n: int, start: int, npartitions: int = 2):
+    """``n`` rows with keys ``img{start}...``, for jobs whose data must differ."""
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_pandas(make_frame(n, start), npartitions=npartitions, sort=False)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import importlib
 import weakref
+from collections.abc import Mapping
 
 import dask
 import dask.bag as db
 import dask.threaded
+from dask.system import CPU_COUNT
+from dask.threaded import ContextAwareThreadPoolExecutor
 
 from .cleanup import abort_job
 from .lock import _ACTIVE_LOCK, ACTIVE_LOCAL_JOBS
@@ -51,15 +54,28 @@ def _abort(tokens: list[str]) -> None:
 
 def local_get(dsk, keys, **kwargs):
     """``dask.threaded.get`` that tracks our jobs and cleans up after a failed one."""
+    if not isinstance(dsk, Mapping):  # an expression: materialise it once, as dask.local would
+        dsk = dsk.__dask_graph__()
     tokens = [t for t in list(_JOBS) if claim_key(t) in dsk]
+    own_pool = None
+    if tokens and kwargs.get("pool") is None and dask.config.get("pool", None) is None:
+        # A pool of this computation's own, so that after a failure we can wait for the
+        # tasks still running (dask returns at the first error) before removing staging.
+        workers = kwargs.pop("num_workers", None) or dask.config.get("num_workers", None) or CPU_COUNT
+        own_pool = ContextAwareThreadPoolExecutor(workers)
+        kwargs["pool"] = own_pool
     with _ACTIVE_LOCK:
         ACTIVE_LOCAL_JOBS.update(tokens)
     try:
         return dask.threaded.get(dsk, keys, **kwargs)
     except BaseException:
+        if own_pool is not None:
+            own_pool.shutdown(wait=True, cancel_futures=True)
         _abort(tokens)
         raise
     finally:
+        if own_pool is not None:
+            own_pool.shutdown(wait=False)
         with _ACTIVE_LOCK:
             ACTIVE_LOCAL_JOBS.difference_update(tokens)
 
@@ -92,5 +108,6 @@ class WriteBag(db.Bag):
         try:
             return super().compute(**kwargs)
         except BaseException:
-            _abort([t for t in list(_JOBS) if claim_key(t) in self.dask])
+            graph = self.__dask_graph__()
+            _abort([t for t in list(_JOBS) if claim_key(t) in graph])
             raise

@@ -7,10 +7,10 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from ..format.layout import LEGACY_STAGING_DIR, WORK_DIR, job_dir
+from ..format.layout import LEGACY_STAGING_DIR, WORK_DIR, jobs_root
 from ..storage import forget_listings, join, remove_empty_dir, remove_quietly, resolve
 from .claim import sweep_dead_staging
-from .lock import liveness, locked_error, read_lock, release
+from .lock import liveness, locked_error, read_lock
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -22,14 +22,14 @@ def abort_job(url: str, storage_options: dict | None, job_id: str, run_id: str |
     """Remove a failed job's staging and free the directory (its own lock only); never raises."""
     try:
         fs, root = resolve(url, storage_options)
-        remove_quietly(fs, job_dir(root, job_id), recursive=True)
         if run_id is None:  # the lock of this job, whichever run took it
             holder = read_lock(fs, root)
             run_id = holder.run_id if holder is not None and holder.job_id == job_id else None
-        if run_id is not None:
-            release(fs, root, run_id)
-        remove_empty_dir(fs, join(root, WORK_DIR, "jobs"))
-        remove_empty_dir(fs, join(root, WORK_DIR))
+        if run_id is None:  # it never held the directory: it staged nothing, and must not touch it
+            return
+        from .commit import finish_job
+
+        finish_job(fs, root, job_id, run_id)
     except Exception:
         logger.warning("could not remove the staging of failed job %s in %s", job_id, url, exc_info=True)
 
@@ -80,8 +80,9 @@ def clean(path: str, *, break_lock: bool = False, storage_options: dict | None =
     current = read_lock(fs, root)
     keep = (current.job_id, current.run_id) if current is not None else ("", "")
     report.removed += sweep_dead_staging(fs, root, *keep)
-    remove_empty_dir(fs, join(root, WORK_DIR, "jobs"))
-    remove_empty_dir(fs, join(root, WORK_DIR))
+    if current is None:
+        remove_empty_dir(fs, jobs_root(root))
+        remove_empty_dir(fs, join(root, WORK_DIR))
     legacy = join(root, LEGACY_STAGING_DIR)
     if fs.exists(legacy):
         remove_quietly(fs, legacy, recursive=True)

@@ -34,7 +34,7 @@ from ..core.writer import SkippedRow, WrittenShard
 from ..format.checksums import SAMPLE_CHECKSUM, SHARD_CHECKSUM, sha256_hex
 from ..format.index import build_index, dataset_card, read_index
 from ..format.layout import (
-    CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE, WORK_DIR, job_dir, journal_path, parquet_name,
+    CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE, WORK_DIR, job_dir, jobs_root, journal_path, parquet_name,
 )
 from ..format.schema import ERRORS_SCHEMA, parquet_bytes, parquet_from_bytes
 from ..storage import (
@@ -213,9 +213,9 @@ def finish_job(fs, root: str, job_id: str, run_id: str) -> None:
     remove_quietly(fs, job_dir(root, job_id), recursive=True)
     if holds_lock(fs, root, run_id):
         sweep_dead_staging(fs, root, job_id, run_id)
-    release(fs, root, run_id)
-    remove_empty_dir(fs, join(root, WORK_DIR, "jobs"))
-    remove_empty_dir(fs, join(root, WORK_DIR))
+        remove_empty_dir(fs, jobs_root(root))  # only while holding the lock: nobody else stages
+        release(fs, root, run_id)
+        remove_empty_dir(fs, join(root, WORK_DIR))
 
 
 def _success_run(fs, root: str) -> str | None:

@@ -210,12 +210,12 @@ def break_lock(fs, root: str, dead: LockInfo) -> bool:
 # ----------------------------------------------------------------------------- liveness
 
 
+_LIVE_TASK_STATES = ("waiting", "queued", "no-worker", "processing", "memory")
+
+
 def _job_tasks_alive(dask_scheduler, token: str) -> bool:
-    """Run on the scheduler: does it hold any task of the job that has not failed?"""
-    for key, ts in dask_scheduler.tasks.items():
-        if token in str(key) and ts.state not in ("erred", "forgotten"):
-            return True
-    return False
+    """Run on the scheduler: is any task of the job still to run, running, or holding a result?"""
+    return any(token in str(key) and ts.state in _LIVE_TASK_STATES for key, ts in dask_scheduler.tasks.items())
 
 
 def _job_tasks_executing(dask_worker, token: str) -> bool:
