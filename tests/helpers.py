@@ -170,24 +170,26 @@ def comparable_dataset(out) -> dict:
     return {"files": files, "index": index, "success": (out / "_SUCCESS").exists(), "hidden": hidden}
 
 
-def _gated_partition(bounds: tuple[int, int], gate: str) -> pd.DataFrame:
+def _gated_partition(bounds: tuple[int, int], wait: bool, gate: str) -> pd.DataFrame:
     """A partition that waits until the file ``gate`` exists: holds a job in flight on purpose."""
     import time
 
-    while not Path(gate).exists():
+    while wait and not Path(gate).exists():
         time.sleep(0.02)
     return _partition_frame(bounds, "array")
 
 
-def gated_ddf(sizes: list[int], gate: Path, start: int = 0):
-    """Like ``make_ddf("from_map", ...)``, but each partition waits for ``gate`` to exist."""
+def gated_ddf(sizes: list[int], gate: Path, start: int = 0, open_partitions: int = 0):
+    """Like ``make_ddf("from_map", ...)``, but partitions after the first ``open_partitions``
+    wait for ``gate`` to exist. Leave the cluster a free thread for the job's claim."""
     bounds, lo = [], start
     for n in sizes:
         bounds.append((lo, lo + n))
         lo += n
+    waits = [i >= open_partitions for i in range(len(sizes))]
     meta = make_frame(1).iloc[:0]
     with dask.config.set({"dataframe.convert-string": False}):
-        return dd.from_map(_gated_partition, bounds, gate=str(gate), meta=meta, enforce_metadata=False)
+        return dd.from_map(_gated_partition, bounds, waits, gate=str(gate), meta=meta, enforce_metadata=False)
 
 
 def _failing_partition(bounds: tuple[int, int]) -> pd.DataFrame:
@@ -211,3 +213,52 @@ def frame_ddf(n: int, start: int, npartitions: int = 2):
     """``n`` rows with keys ``img{start}...``, for jobs whose data must differ."""
     with dask.config.set({"dataframe.convert-string": False}):
         return dd.from_pandas(make_frame(n, start), npartitions=npartitions, sort=False)
+
+
+def register_enospc_filesystem(limit: int) -> None:
+    """Register ``enospc://``: the local filesystem, but writes fail with ENOSPC once the files
+    under the written path's top folder would exceed ``limit`` bytes.
+
+    Only a stand-in for a real small filesystem, used where this process may not mount a tmpfs.
+    """
+    import errno
+    import os
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    def used(path: str) -> int:
+        top = os.path.dirname(os.path.dirname(path))
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(top) for f in files
+                   if os.path.exists(os.path.join(d, f)))
+
+    class _Full:
+        def __init__(self, f, path):
+            self._f, self._path = f, path
+
+        def write(self, data):
+            if used(self._path) + len(data) > limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._path)
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    class EnospcFileSystem(LocalFileSystem):
+        protocol = "enospc"
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).removeprefix("enospc://"))
+
+        def _open(self, path, mode="rb", **kwargs):
+            f = super()._open(path, mode, **kwargs)
+            return _Full(f, self._strip_protocol(path)) if "w" in mode else f
+
+    fsspec.register_implementation("enospc", EnospcFileSystem, clobber=True)
