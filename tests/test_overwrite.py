@@ -1,0 +1,107 @@
+"""Overwrite removes only what a dataset owns; append refuses a different schema."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+import dask_imgsink  # noqa: F401
+from dask_imgsink import verify_dataset
+from helpers import frame_ddf, read_dataset
+
+
+def _write(out, start=0, n=6, mode="error", **kwargs):
+    return frame_ddf(n, start).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4, mode=mode,
+                                                    compute=True, **kwargs)
+
+
+def _tree(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_files_no_dataset_owns_and_lists_them(tmp_path):
+    out = tmp_path / "out"
+    _write(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "shard-000007.tar").write_bytes(b"not listed in the index")
+    before = _tree(out)
+    with pytest.raises(ValueError) as info:
+        _write(out, 100, mode="overwrite")
+    assert "notes.txt, shard-000007.tar" in str(info.value) and "only removes the files" in str(info.value)
+    assert _tree(out) == before
+
+
+def test_overwrite_through_a_symlink_to_the_working_directory_is_refused(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep")
+    (tmp_path / "beside.txt").write_text("keep too")
+    link = tmp_path / "link"
+    link.symlink_to(work)
+    monkeypatch.chdir(work)
+    for target in (link, tmp_path, tmp_path / "link" / ".."):
+        with pytest.raises(ValueError, match="working directory"):
+            _write(target, mode="overwrite")
+    assert (work / "precious.txt").read_text() == "keep" and (tmp_path / "beside.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["home", "root"])
+def test_overwrite_refuses_home_and_the_filesystem_root(tmp_path, monkeypatch, where):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    target = tmp_path / "home" if where == "home" else "/"
+    with pytest.raises(ValueError, match="home directory" if where == "home" else "filesystem root"):
+        _write(target, mode="overwrite")
+
+
+def test_overwrite_through_a_symlink_to_a_dataset_replaces_only_the_dataset(tmp_path):
+    real = tmp_path / "real"
+    _write(real, n=10)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    (tmp_path / "beside.txt").write_text("keep")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"data a symlinked shard points at")
+    _write(link, 100, n=3, mode="overwrite")
+    assert [k for k, _ in read_dataset(real)["samples"]] == ["img00100", "img00101", "img00102"]
+    assert sorted(p.name for p in real.iterdir()) == [
+        "README.md", "_SUCCESS", "_index.json", "shard-000000.parquet", "shard-000000.tar"]
+    assert (tmp_path / "beside.txt").read_text() == "keep" and link.is_symlink()
+    assert outside.read_bytes() == b"data a symlinked shard points at"
+    assert verify_dataset(str(link)).ok
+
+
+def test_overwrite_removes_a_symlinked_shard_but_not_what_it_points_to(tmp_path):
+    out = tmp_path / "out"
+    _write(out, n=10)
+    target = tmp_path / "kept-elsewhere.tar"
+    os.replace(out / "shard-000002.tar", target)
+    (out / "shard-000002.tar").symlink_to(target)
+    _write(out, 100, n=3, mode="overwrite")
+    assert target.exists() and not (out / "shard-000002.tar").exists()
+
+
+def test_overwrite_of_a_dataset_with_leftovers_of_an_old_release_says_how_to_clean(tmp_path):
+    out = tmp_path / "out"
+    _write(out)
+    (out / "_temporary" / "job").mkdir(parents=True)
+    with pytest.raises(ValueError, match="dask-imgsink clean"):
+        _write(out, 100, mode="overwrite")
+
+
+def test_append_refuses_a_different_schema(tmp_path):
+    out = tmp_path / "out"
+    _write(out)
+    before = _tree(out)
+    ddf = frame_ddf(4, 100)
+    ddf["extra"] = 1
+    with pytest.raises(ValueError) as info:
+        ddf.imgsink.to_webdataset(str(out), key_column="key", mode="append")
+    assert "extra: int64" in str(info.value) and "schema differs" in str(info.value)
+    with pytest.raises(ValueError, match="score: double"):
+        _write(out, 100, mode="append", metadata_schema={"score": pa.float32()})
+    assert _tree(out) == before
+    _write(out, 100, n=4, mode="append")  # the same schema appends
+    assert len(read_dataset(out)["samples"]) == 10 and verify_dataset(str(out)).ok
