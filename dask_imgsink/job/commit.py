@@ -42,7 +42,7 @@ from ..storage import (
     remove_quietly, resolve, write_small,
 )
 from .claim import Claim, sweep_dead_staging
-from .lock import LostLockError, holds_lock, release
+from .lock import LostLockError, holds_lock, read_lock, release
 from .output import existing_entries, not_empty_error, overwrite_removals
 
 logger = logging.getLogger("dask_imgsink")
@@ -208,14 +208,18 @@ def finish_job(fs, root: str, job_id: str, run_id: str) -> None:
     """Remove the job's staging folder, then its lock, then the work folder if nothing else is in it.
 
     Staging that a dead job's straggling task wrote after this job swept at its
-    claim goes too: while this job holds the lock, no other job stages.
+    claim goes too: while this job holds the lock, no other job stages. A rerun
+    that finds the lock already released tidies the empty folders only while no
+    other job holds the directory.
     """
     remove_quietly(fs, job_dir(root, job_id), recursive=True)
     if holds_lock(fs, root, run_id):
         sweep_dead_staging(fs, root, job_id, run_id)
-        remove_empty_dir(fs, jobs_root(root))  # only while holding the lock: nobody else stages
+        remove_empty_dir(fs, jobs_root(root))
         release(fs, root, run_id)
-        remove_empty_dir(fs, join(root, WORK_DIR))
+    elif read_lock(fs, root) is None:
+        remove_empty_dir(fs, jobs_root(root))
+    remove_empty_dir(fs, join(root, WORK_DIR))
 
 
 def _success_run(fs, root: str) -> str | None:
