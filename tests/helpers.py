@@ -153,21 +153,27 @@ def job_options(ddf, out, **overrides):
 JOB_FIELDS = ("job_id", "run_id", "committed_at")
 
 
-def comparable_dataset(out) -> dict:
+def comparable_dataset(out, fs=None) -> dict:
     """Everything a dataset holds, with what names its job (ids, commit time) taken out.
 
     Two runs of the same job on the same input must give equal values: the same
     files with the same bytes, the same index but for job ids, a ``_SUCCESS``.
+    ``fs`` reads a dataset on another fsspec filesystem (``out`` is then its path there).
     """
-    out = Path(out)
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())
-             if p.is_file() and p.name not in ("_index.json", "_SUCCESS")}
-    index = json.loads((out / "_index.json").read_text())
+    if fs is None:
+        import fsspec
+
+        fs, out = fsspec.filesystem("file"), str(Path(out))
+    names = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in fs.find(out, withdirs=True, maxdepth=1)
+             if p.rstrip("/") != out.rstrip("/")}
+    files = {n: fs.cat_file(p) for n, p in sorted(names.items())
+             if fs.isfile(p) and n not in ("_index.json", "_SUCCESS")}
+    index = json.loads(fs.cat_file(names["_index.json"]))
     for job in index.get("jobs", []):
         for name in JOB_FIELDS:
             job.pop(name, None)
-    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
-    return {"files": files, "index": index, "success": (out / "_SUCCESS").exists(), "hidden": hidden}
+    hidden = sorted(n for n in names if n.startswith("."))
+    return {"files": files, "index": index, "success": "_SUCCESS" in names, "hidden": hidden}
 
 
 def _gated_partition(bounds: tuple[int, int], wait: bool, gate: str) -> pd.DataFrame:

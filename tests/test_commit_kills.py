@@ -96,3 +96,36 @@ def test_a_worker_killed_at_any_step_of_the_commit_gives_the_same_dataset(tmp_pa
         assert _no_temporaries(out) == []
         assert [t.metadata["num_images"] for t in tasks] == [4, 4, 2]
         assert verify_dataset(str(out)).ok
+
+
+@pytest.mark.parametrize("mode", ["error", "append"])
+def test_a_worker_killed_inside_the_commit_on_s3_gives_the_same_dataset(s3, kill_client, kill_control, mode):
+    prefix, options, fs = s3
+
+    def job(url):
+        return frame_ddf(10, 0, npartitions=3).imgsink.to_webdataset(
+            url, key_column="key", text_column="caption", images_per_tar=4, mode=mode, storage_options=options)
+
+    def prepare(url):
+        if mode != "error":
+            frame_ddf(9, 1000).imgsink.to_webdataset(url, key_column="key", text_column="caption", images_per_tar=4,
+                                                     storage_options=options, compute=True)
+
+    kill_control.write_text(json.dumps({"armed": False}))
+    reference = f"{prefix}/reference/out"
+    prepare(reference)
+    kill_client.compute(job(reference)).result(timeout=120)
+    steps = json.loads(kill_control.with_suffix(".steps").read_text())
+    expected = comparable_dataset(reference.removeprefix("s3://"), fs)
+    publishes = [i + 1 for i, s in enumerate(steps) if s == "publish"]
+    index_write = [i + 1 for i, s in enumerate(steps) if s == "write_small"][-3]
+    for point in (publishes[0], publishes[len(publishes) // 2], index_write, steps.index("release") + 1,
+                  len(steps)):
+        url = f"{prefix}/killed-at-{point}/out"
+        prepare(url)
+        kill_control.write_text(json.dumps({"armed": True, "kill_at": point}))
+        kill_client.compute(job(url)).result(timeout=180)
+        assert json.loads(kill_control.read_text()).get("killed_at") == steps[point - 1]
+        assert comparable_dataset(url.removeprefix("s3://"), fs) == expected, f"killed before step {point}"
+        assert not fs.find(f"{url.removeprefix('s3://')}/.imgsink")
+        assert verify_dataset(url, storage_options=options).ok
