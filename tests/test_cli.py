@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from dask_imgsink.cli import main
 

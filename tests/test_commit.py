@@ -8,7 +8,6 @@ import json
 import dask
 import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds

@@ -3,7 +3,6 @@ is encoded once; the merge's memory does not grow with the number of partitions.
 
 from __future__ import annotations
 
-import json
 import threading
 import tracemalloc
 
@@ -17,7 +16,7 @@ import webdataset as wds
 import dask_imgsink.core.encode as encode_module
 from dask_imgsink.job.write import PartitionWriter
 from dask_imgsink.job.packing import assemble_shards, plan_shards
-from helpers import claimed_job, file_bytes, make_ddf, read_dataset
+from helpers import claimed_job, make_ddf, read_dataset
 
 UNEVEN = [0, 23, 0, 0, 3, 1, 0, 41, 7, 0, 0, 2]  # 77 rows; one partition spans 4+ shards
 

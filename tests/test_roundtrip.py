@@ -3,7 +3,6 @@ read back with tarfile, pyarrow, dask and webdataset."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys

@@ -1,11 +1,12 @@
-"""The Dask side: partitions -> write tasks -> (plan -> assemble) -> commit -> Bag[FileGroupTask].
+"""The Dask side: claim -> write tasks -> (plan -> assemble) -> commit -> Bag[FileGroupTask].
 
-The graph reads like ``to_parquet``'s: one picklable per-partition writer
-(:class:`PartitionWriter`) holding the settings, then, for exact packing, a plan
-task and a few assembly tasks (one per group of partitions), then one barrier
-task that commits.
-Task names start with ``imgsink-`` so progress bars and the dashboard show
-what runs. Nothing here knows image formats.
+The graph reads like ``to_parquet``'s: a claim task that takes the output
+directory (:mod:`~dask_imgsink.job.claim`), one picklable per-partition writer
+(:class:`~dask_imgsink.job.write.PartitionWriter`) holding the settings, then,
+for exact packing, a plan task and a few assembly tasks (one per group of
+partitions), then one barrier task that commits, or, when a task failed,
+cleans up and raises its error. Task names start with ``imgsink-`` so progress
+bars and the dashboard show what runs. Nothing here knows image formats.
 """
 
 from __future__ import annotations
@@ -137,9 +138,12 @@ def to_webdataset(
         in row order, names contiguous. ``"per_partition"``: each partition
         writes its own shards, with no cross-partition step.
     mode : {"error", "overwrite", "append"}, default "error"
-        What to do when ``output_dir`` is not empty: refuse, replace the
-        dataset there (at commit time), or add shards after those listed in its
-        ``_index.json``.
+        What to do when ``output_dir`` is not empty: refuse; replace the
+        dataset there at commit time, removing only the files its index and
+        fixed names account for (any other file makes it refuse); or add shards
+        after those listed in its ``_index.json`` (same Parquet schema only).
+        In every mode the job holds the directory while it runs: a second job
+        gets :class:`~dask_imgsink.OutputLockedError`.
     on_error : {"raise", "skip"}, default "raise"
         A bad row raises :class:`~dask_imgsink.BadRowError` naming its
         partition, row and key, or is left out and recorded in ``_errors.parquet``.

@@ -23,7 +23,7 @@ from ..format.layout import BREAK_PREFIX, SUCCESS_FILE, WORK_DIR, job_dir, jobs_
 from ..format.schema import shard_schema
 from ..storage import forget_listings, join, remove_quietly, resolve
 from .lock import (
-    LockInfo, break_lock, liveness, locked_error, new_lock, read_lock, release, try_claim, update_lock,
+    LockInfo, break_lock, liveness, locked_error, new_lock, read_lock, release, try_claim, update_lock, wait_briefly,
 )
 from .options import WriteOptions
 from .output import check_output
@@ -75,8 +75,6 @@ def _take_lock(fs, root: str, opts: WriteOptions, token: str) -> LockInfo:
         if break_lock(fs, root, holder):
             remove_quietly(fs, job_dir(root, holder.job_id), recursive=True)
         else:
-            from .lock import wait_briefly
-
             wait_briefly(attempt)
     raise locked_error(opts.url, holder, "unknown", "the lock kept changing hands while this job tried to take it")
 

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from ..format.layout import breaker_path, lock_path
@@ -304,5 +304,5 @@ def wait_briefly(attempt: int) -> None:
 
 __all__ = [
     "LockInfo", "LostLockError", "OutputLockedError", "ProcessId", "break_lock", "holds_lock",
-    "liveness", "locked_error", "new_lock", "read_lock", "release", "replace", "try_claim", "update_lock",
+    "liveness", "locked_error", "new_lock", "read_lock", "release", "try_claim", "update_lock", "wait_briefly",
 ]
