@@ -98,7 +98,7 @@ def test_a_worker_killed_at_any_step_of_the_commit_gives_the_same_dataset(tmp_pa
         assert verify_dataset(str(out)).ok
 
 
-@pytest.mark.parametrize("mode", ["error", "append"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_worker_killed_inside_the_commit_on_s3_gives_the_same_dataset(s3, kill_client, kill_control, mode):
     prefix, options, fs = s3
 
@@ -119,8 +119,9 @@ def test_a_worker_killed_inside_the_commit_on_s3_gives_the_same_dataset(s3, kill
     expected = comparable_dataset(reference.removeprefix("s3://"), fs)
     publishes = [i + 1 for i, s in enumerate(steps) if s == "publish"]
     index_write = [i + 1 for i, s in enumerate(steps) if s == "write_small"][-3]
-    for point in (publishes[0], publishes[len(publishes) // 2], index_write, steps.index("release") + 1,
-                  len(steps)):
+    removals = [i + 1 for i, s in enumerate(steps) if s == "remove_file"]
+    for point in sorted({publishes[0], publishes[len(publishes) // 2], index_write, steps.index("release") + 1,
+                         len(steps), removals[-1]}):
         url = f"{prefix}/killed-at-{point}/out"
         prepare(url)
         kill_control.write_text(json.dumps({"armed": True, "kill_at": point}))
