@@ -180,6 +180,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
     except OutputLockedError as exc:
         print(f"dask-imgsink clean: {exc}", file=sys.stderr)
         return 1
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
     if report.broke_lock:
         print(f"broke the lock of {report.broke_lock}")
     for path in report.removed:

@@ -15,6 +15,7 @@ content), a conditional PUT
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import uuid
@@ -39,10 +40,14 @@ def is_local(fs) -> bool:
 
 
 def forget_listings(fs, path: str | None = None) -> None:
-    """Drop fsspec's cached listings, so that a check sees what other processes did."""
+    """Drop fsspec's cached listings, so that a check sees what other processes did.
+
+    All of them: s3fs forgets only a path and its parents when given one, and
+    the checks list folders below it.
+    """
     try:
-        fs.invalidate_cache(path)
-    except Exception:  # not every backend caches, or takes a path
+        fs.invalidate_cache()
+    except Exception:  # not every backend caches
         pass
 
 
@@ -70,18 +75,38 @@ def create_exclusive(fs, path: str, data: bytes) -> None:
         _in_folder(folder, lambda: _write_file(tmp, data, sync=True))
         try:
             os.link(tmp, path)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            _create_excl(path, data)  # e.g. a FUSE mount: the file is empty for a moment
         finally:
             os.unlink(tmp)
         return
-    forget_listings(fs, path)
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
         raise
-    except OSError as exc:  # s3fs turns HTTP 412 Precondition Failed into FileExistsError; others vary
-        if "precondition" in str(exc).lower():
+    except OSError as exc:
+        # s3fs turns 412 Precondition Failed into FileExistsError; AWS answers 409
+        # ConditionalRequestConflict while another conditional write or a delete of
+        # the key is in flight: someone else is creating or removing it.
+        text = str(exc).lower()
+        if any(word in text for word in ("precondition", "conditionalrequestconflict", "409")):
             raise FileExistsError(path) from exc
         raise
+
+
+#: errno values of link() on filesystems without hard links
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
+
+
+def _create_excl(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_small(fs, path: str, data: bytes, tmp_dir: str) -> None:

@@ -152,13 +152,21 @@ def test_a_job_that_failed_upstream_on_the_cluster_does_not_hold_the_directory(t
     assert not (out / ".imgsink").exists() and verify_dataset(str(out)).ok
 
 
-def test_a_failed_job_on_threads_frees_the_directory_at_once(tmp_path):
+@pytest.mark.parametrize("scheduler", [None, "threads", "sync"])
+def test_a_failed_job_on_threads_frees_the_directory_at_once(tmp_path, scheduler):
+    """The user's partition function fails: no task of ours sees it, the local scheduler's hooks clean up."""
+    import dask
+
     out = tmp_path / "out"
     bag = failing_ddf([3, 3]).imgsink.to_webdataset(str(out), key_column="key")
     with pytest.raises(RuntimeError, match="upstream failure"):
-        import dask
-
-        dask.compute(bag)  # not bag.compute(): the WriteBag's own scheduler cleans up
+        dask.compute(bag, scheduler=scheduler)  # None: the WriteBag's own scheduler
+    if scheduler == "threads":
+        # dask's shared pool returns at the first error while our other tasks still run;
+        # each of them, finishing, sees the job given up and removes what it wrote
+        deadline = time.monotonic() + 30
+        while (out / ".imgsink").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert not (out / ".imgsink").exists()
     frame_ddf(4, 0).imgsink.to_webdataset(str(out), key_column="key", compute=True)
     assert verify_dataset(str(out)).ok
@@ -166,7 +174,7 @@ def test_a_failed_job_on_threads_frees_the_directory_at_once(tmp_path):
 
 def _foreign_lock(out: Path, host: str = "elsewhere") -> None:
     """A lock as a job on another machine would leave it (no other machine can run here)."""
-    info = LockInfo(job_id="f" * 32, run_id="r" * 32, token="t" * 32, mode="append", created="2026-01-01T00:00:00",
+    info = LockInfo(job_id="f" * 32, run_id="b" * 32, token="t" * 32, mode="append", created="2026-01-01T00:00:00",
                     process=ProcessId(host, "another-boot", "pid:[1]", 4242, 1))
     (out / ".imgsink").mkdir(parents=True, exist_ok=True)
     (out / ".imgsink" / "lock.json").write_bytes(info.to_bytes())
@@ -191,6 +199,19 @@ def test_a_lock_whose_holder_cannot_be_shown_dead_is_broken_only_on_purpose(tmp_
     assert not (out / ".imgsink").exists()
     _write(frame_ddf(4, 100), out, "append")
     assert len(read_dataset(out)["samples"]) == 8 and verify_dataset(str(out)).ok
+
+
+def test_a_lock_naming_a_loopback_scheduler_of_another_machine_is_not_judged_dead(tmp_path):
+    """``tcp://127.0.0.1:...`` on another machine is not our loopback: unknown, not dead."""
+    out = tmp_path / "out"
+    info = LockInfo(job_id="a" * 32, run_id="b" * 32, token="t" * 32, mode="error", created="2026-01-01T00:00:00",
+                    process=ProcessId("laptop", "other-boot", "pid:[1]", 99, 1),
+                    scheduler={"address": "tcp://127.0.0.1:1", "id": "Scheduler-elsewhere"})
+    (out / ".imgsink").mkdir(parents=True)
+    (out / ".imgsink" / "lock.json").write_bytes(info.to_bytes())
+    with pytest.raises(OutputLockedError, match="cannot be reached from here.*--break-lock"):
+        _write(frame_ddf(4, 0), out, "error")
+    assert (out / ".imgsink" / "lock.json").exists()
 
 
 def test_a_lock_of_a_dead_process_on_this_machine_is_taken_over(tmp_path, caplog):

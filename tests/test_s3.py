@@ -79,7 +79,7 @@ def test_a_foreign_lock_on_s3_is_refused_then_broken_on_purpose(s3, capsys):
     prefix, options, fs = s3
     url = f"{prefix}/held"
     root = url.removeprefix("s3://")
-    info = LockInfo(job_id="f" * 32, run_id="r" * 32, token="t", mode="error", created="2026-01-01T00:00:00",
+    info = LockInfo(job_id="f" * 32, run_id="b" * 32, token="t", mode="error", created="2026-01-01T00:00:00",
                     process=ProcessId("another-host", "boot", "pid:[1]", 7, 1))
     fs.pipe_file(f"{root}/.imgsink/lock.json", info.to_bytes())
     fs.pipe_file(f"{root}/.imgsink/jobs/{'f' * 32}/write-000000-x/run-000000.tar.part", b"x" * 10)

@@ -22,7 +22,7 @@ import xxhash
 
 from dask_imgsink import BadRowError, verify_dataset
 from dask_imgsink.cli import main
-from helpers import make_ddf
+from helpers import make_ddf, make_frame
 
 SHARD = "shard-000001.tar"
 
@@ -251,3 +251,34 @@ def test_parquet_pages_carry_crcs_that_verify_checks(out):
     _flip(path, column.data_page_offset + column.total_compressed_size - 4)  # in the data of the first page
     problems = _problems(out)
     assert any(p.startswith(f"{path.name}: is not a readable Parquet file") for p in problems), problems
+
+
+def test_empty_and_missing_captions_verify_as_intact(tmp_path):
+    pdf = make_frame(4)
+    pdf["caption"] = pd.Series(["", None, "x", ""], dtype=object)
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(pdf, npartitions=1)
+    out = tmp_path / "out"
+    ddf.imgsink.to_webdataset(str(out), key_column="key", text_column="caption", compute=True)
+    report = verify_dataset(str(out))
+    assert report.ok, report.problems
+
+
+def test_a_header_with_a_negative_size_is_damage_not_a_crash(out):
+    member = _members(out / SHARD)["img00004.txt"]
+    data = bytearray((out / SHARD).read_bytes())
+    header = bytearray(data[member.offset: member.offset + 512])
+    header[124:136] = b"-0000000001\0"
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    data[member.offset: member.offset + 512] = header
+    (out / SHARD).write_bytes(bytes(data))
+    problems = _problems(out)
+    assert any("its size field is not a number" in p for p in problems), problems
+
+
+def test_clean_of_a_missing_directory_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dask_imgsink.cli", "clean", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "nowhere").exists()

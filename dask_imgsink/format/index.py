@@ -29,13 +29,29 @@ def index_problems(index: object) -> list[str]:
     shardlist = index.get("shardlist")
     if not isinstance(shardlist, list):
         return ["it has no 'shardlist' list"]
-    problems = []
+    problems = _jobs_problems(index.get("jobs", []))
+    if not isinstance(index.get("totals", {}), dict):
+        problems.append("its 'totals' is not an object")
     for i, entry in enumerate(shardlist):
         if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
             problems.append(f"shardlist entry {i} has no 'url'")
         elif not all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) and entry[k] >= 0
                      for k in ("nsamples", "filesize")):
             problems.append(f"shardlist entry {i} ({entry['url']}) lacks a valid 'nsamples' or 'filesize'")
+    return problems
+
+
+def _jobs_problems(jobs: object) -> list[str]:
+    if not isinstance(jobs, list):
+        return ["its 'jobs' is not a list"]
+    problems = []
+    for i, job in enumerate(jobs):
+        if not isinstance(job, dict) or not isinstance(job.get("options", {}), dict):
+            problems.append(f"jobs entry {i} is not an object with 'options'")
+            continue
+        span = job.get("shard_range", [0, 0])
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)):
+            problems.append(f"jobs entry {i} has a malformed 'shard_range'")
     return problems
 
 

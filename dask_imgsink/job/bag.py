@@ -15,17 +15,19 @@ directory (asking the scheduler) for anything else.
 from __future__ import annotations
 
 import importlib
+import threading
 import weakref
 from collections.abc import Mapping
 
 import dask
 import dask.bag as db
 import dask.threaded
+from dask.callbacks import Callback
 from dask.system import CPU_COUNT
 from dask.threaded import ContextAwareThreadPoolExecutor
 
 from .cleanup import abort_job
-from .lock import _ACTIVE_LOCK, ACTIVE_LOCAL_JOBS
+from .lock import _ACTIVE_LOCK, ABORTED_LOCAL_JOBS, ACTIVE_LOCAL_JOBS
 
 #: Jobs built in this process, by graph token (their graphs keep them alive).
 _JOBS: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
@@ -43,22 +45,63 @@ def claim_key(token: str) -> str:
 
 def register_job(token: str, opts) -> None:
     _JOBS[token] = opts
+    _TRACKER.register()  # again: dask's local schedulers can drop global callbacks when run concurrently
 
 
 def _abort(tokens: list[str]) -> None:
-    for token in tokens:
-        opts = _JOBS.get(token)
-        if opts is not None:
-            abort_job(opts.url, opts.storage_options, opts.job_id, None)
+    jobs = [opts for opts in (_JOBS.get(t) for t in tokens) if opts is not None]
+    with _ACTIVE_LOCK:
+        ABORTED_LOCAL_JOBS.update(opts.job_id for opts in jobs)  # first: tasks finishing now see it
+    for opts in jobs:
+        abort_job(opts.url, opts.storage_options, opts.job_id, None)
+
+
+def _tokens_in(dsk) -> list[str]:
+    return [t for t in list(_JOBS) if claim_key(t) in dsk]
+
+
+_MANAGED = threading.local()
+
+
+class _LocalJobTracker(Callback):
+    """The same for jobs computed on dask's own local schedulers (``scheduler="threads"`` or ``"sync"``).
+
+    Registered once for the process; it acts only on graphs holding a job
+    built here, and stays out of :func:`local_get`'s way. After a failure it
+    cannot wait for tasks still running in dask's shared pool; a task of ours
+    finishing after the clean-up leaves its files under ``.imgsink``, which the
+    next job removes.
+    """
+
+    def _start(self, dsk) -> None:
+        if not getattr(_MANAGED, "on", False):
+            with _ACTIVE_LOCK:
+                ACTIVE_LOCAL_JOBS.update(_tokens_in(dsk))
+
+    def _finish(self, dsk, state, failed) -> None:
+        if getattr(_MANAGED, "on", False):
+            return
+        tokens = _tokens_in(dsk)
+        if failed:
+            _abort(tokens)
+        with _ACTIVE_LOCK:
+            ACTIVE_LOCAL_JOBS.difference_update(tokens)
+
+
+_TRACKER = _LocalJobTracker()
+_TRACKER.register()
 
 
 def local_get(dsk, keys, **kwargs):
     """``dask.threaded.get`` that tracks our jobs and cleans up after a failed one."""
     if not isinstance(dsk, Mapping):  # an expression: materialise it once, as dask.local would
         dsk = dsk.__dask_graph__()
-    tokens = [t for t in list(_JOBS) if claim_key(t) in dsk]
+    if kwargs.get("pool") is not None or dask.config.get("pool", None) is not None:
+        # the caller's pool: we cannot wait for its tasks after a failure (the tracker does what it can)
+        return dask.threaded.get(dsk, keys, **kwargs)
+    tokens = _tokens_in(dsk)
     own_pool = None
-    if tokens and kwargs.get("pool") is None and dask.config.get("pool", None) is None:
+    if tokens:
         # A pool of this computation's own, so that after a failure we can wait for the
         # tasks still running (dask returns at the first error) before removing staging.
         workers = kwargs.pop("num_workers", None) or dask.config.get("num_workers", None) or CPU_COUNT
@@ -66,6 +109,7 @@ def local_get(dsk, keys, **kwargs):
         kwargs["pool"] = own_pool
     with _ACTIVE_LOCK:
         ACTIVE_LOCAL_JOBS.update(tokens)
+    _MANAGED.on = True
     try:
         return dask.threaded.get(dsk, keys, **kwargs)
     except BaseException:
@@ -74,6 +118,7 @@ def local_get(dsk, keys, **kwargs):
         _abort(tokens)
         raise
     finally:
+        _MANAGED.on = False
         if own_pool is not None:
             own_pool.shutdown(wait=False)
         with _ACTIVE_LOCK:
@@ -92,9 +137,14 @@ class WriteBag(db.Bag):
 
     Under a ``distributed.Client`` (or with ``scheduler=``) the usual rules
     apply and the cluster runs it. Methods that return Bags return
-    ``WriteBag``; reductions return :class:`WriteItem`. A failed
-    ``.compute()`` removes the job's staging and frees the directory,
-    whichever scheduler ran it.
+    ``WriteBag``; reductions return :class:`WriteItem`.
+
+    Nothing is cleaned up from the client under ``distributed``: tasks the
+    scheduler releases after a failure, the commit among them, run on to their
+    end on the workers, and removing their staging beneath them would break a
+    commit in flight. The job's commit cleans up after its own tasks' errors;
+    for anything else (a worker lost too often, the user's own partition
+    function failing) the next job asks the scheduler and takes over.
     """
 
     __dask_optimize__ = staticmethod(_delayed_optimize)
@@ -103,11 +153,3 @@ class WriteBag(db.Bag):
     def reduction(self, *args, **kwargs):
         out = super().reduction(*args, **kwargs)
         return WriteItem(out.dask, out.key) if isinstance(out, db.Item) else out
-
-    def compute(self, **kwargs):
-        try:
-            return super().compute(**kwargs)
-        except BaseException:
-            graph = self.__dask_graph__()
-            _abort([t for t in list(_JOBS) if claim_key(t) in graph])
-            raise

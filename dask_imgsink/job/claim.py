@@ -23,7 +23,7 @@ from ..format.layout import BREAK_PREFIX, SUCCESS_FILE, WORK_DIR, job_dir, jobs_
 from ..format.schema import shard_schema
 from ..storage import forget_listings, join, remove_quietly, resolve
 from .lock import (
-    LockInfo, break_lock, liveness, locked_error, new_lock, read_lock, release, try_claim, update_lock, wait_briefly,
+    LockInfo, aborted_here, break_lock, liveness, locked_error, new_lock, read_lock, release, try_claim, update_lock, wait_briefly,
 )
 from .options import WriteOptions
 from .output import check_output
@@ -91,11 +91,24 @@ def sweep_dead_staging(fs, root: str, keep_job: str, keep_run: str) -> list[str]
                 removed.append(path)
     work = join(root, WORK_DIR)
     if fs.exists(work):
-        for path in fs.ls(work, detail=False):
+        for info in fs.ls(work, detail=True):
+            path = info["name"]
             name = posixpath.basename(path.rstrip("/"))
             if name.startswith(BREAK_PREFIX) and name != f"{BREAK_PREFIX}{keep_run}":
                 remove_quietly(fs, path)
+            elif name.startswith(".") and name.endswith(".part") and _age(info) > 60:
+                remove_quietly(fs, path)  # a lock's content, left when its writer died before linking it
     return removed
+
+
+def _age(info: dict) -> float:
+    """Seconds since ``info`` (an fsspec listing entry) was modified; 0 when unknown."""
+    import time
+
+    modified = info.get("mtime") or info.get("LastModified")
+    if modified is None:
+        return 0.0
+    return time.time() - (modified.timestamp() if hasattr(modified, "timestamp") else float(modified))
 
 
 def claim_output(opts: WriteOptions, token: str) -> Claim:
@@ -114,6 +127,12 @@ def claim_output(opts: WriteOptions, token: str) -> Claim:
         return Claim(opts.job_id, done.get("run_id", ""), done.get("first_shard", 0),
                      done.get("first_partition", 0), done=True)
     lock = _take_lock(fs, root, opts, token)
+    if aborted_here(opts.job_id):  # its local computation failed while this claim ran: let go at once
+        from .cleanup import discard_staging
+
+        release(fs, root, lock.run_id)
+        discard_staging(fs, root, opts.job_id)
+        raise RuntimeError(f"job {opts.job_id} was stopped: another of its tasks failed")
     if lock.numbering is None:
         try:
             index = check_output(fs, root, opts.url, opts.mode, shard_schema(opts.user_schema))

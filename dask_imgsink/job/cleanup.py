@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+import uuid
 from dataclasses import dataclass, field
 
-from ..format.layout import LEGACY_STAGING_DIR, WORK_DIR, jobs_root
+from ..format.layout import LEGACY_STAGING_DIR, WORK_DIR, job_dir, jobs_root
 from ..storage import forget_listings, join, remove_empty_dir, remove_quietly, resolve
 from .claim import sweep_dead_staging
-from .lock import liveness, locked_error, read_lock
+from .lock import OutputLockedError, liveness, locked_error, new_lock, read_lock, release, try_claim
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -32,6 +33,14 @@ def abort_job(url: str, storage_options: dict | None, job_id: str, run_id: str |
         finish_job(fs, root, job_id, run_id)
     except Exception:
         logger.warning("could not remove the staging of failed job %s in %s", job_id, url, exc_info=True)
+
+
+def discard_staging(fs, root: str, job_id: str) -> None:
+    """Remove a job's staging after the job was given up, and the work folders if they are empty."""
+    remove_quietly(fs, job_dir(root, job_id), recursive=True)
+    if read_lock(fs, root) is None:
+        remove_empty_dir(fs, jobs_root(root))
+        remove_empty_dir(fs, join(root, WORK_DIR))
 
 
 @dataclass
@@ -63,9 +72,13 @@ def clean(path: str, *, break_lock: bool = False, storage_options: dict | None =
     ------
     OutputLockedError
         A job holds the directory and is running, or may be (without ``break_lock``).
+    FileNotFoundError
+        ``path`` is not a directory.
     """
     fs, root = resolve(path, storage_options)
     forget_listings(fs, root)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{path!r} is not a directory")
     report = CleanReport()
     holder = read_lock(fs, root)
     if holder is not None:
@@ -76,22 +89,27 @@ def clean(path: str, *, break_lock: bool = False, storage_options: dict | None =
 
         if lock.break_lock(fs, root, holder):
             report.broke_lock = f"{holder.describe()}: {why}"
-    # a job that started meanwhile holds a new lock: keep its staging
-    current = read_lock(fs, root)
-    keep = (current.job_id, current.run_id) if current is not None else ("", "")
-    report.removed += sweep_dead_staging(fs, root, *keep)
-    if current is None:
+    # hold the directory while sweeping, so that a job starting now cannot lose its staging
+    mine = new_lock(uuid.uuid4().hex, "", "clean")
+    if not try_claim(fs, root, mine):
+        current = read_lock(fs, root)
+        if current is None:
+            raise OutputLockedError(f"{path!r} kept changing while clean ran; run clean again")
+        raise locked_error(path, current, *liveness(current))
+    try:
+        report.removed += sweep_dead_staging(fs, root, mine.job_id, mine.run_id)
         remove_empty_dir(fs, jobs_root(root))
-        remove_empty_dir(fs, join(root, WORK_DIR))
-    legacy = join(root, LEGACY_STAGING_DIR)
-    if fs.exists(legacy):
-        remove_quietly(fs, legacy, recursive=True)
-        report.removed.append(legacy)
-    if fs.exists(root):
+        legacy = join(root, LEGACY_STAGING_DIR)
+        if fs.exists(legacy):
+            remove_quietly(fs, legacy, recursive=True)
+            report.removed.append(legacy)
         for entry in fs.ls(root, detail=False):
             if _LEGACY_TMP.match(posixpath.basename(entry.rstrip("/"))):
                 remove_quietly(fs, entry)
                 report.removed.append(entry)
+    finally:
+        release(fs, root, mine.run_id)
+        remove_empty_dir(fs, join(root, WORK_DIR))
     return report
 
 

@@ -164,44 +164,60 @@ def file_group_tasks(fs, root: str, entries: list[dict], partitions: list[list[i
     return tasks
 
 
+def committed_tasks(fs, root: str, opts) -> list[FileGroupTask]:
+    """The :class:`FileGroupTask` list of a job that already committed, from its record in the index."""
+    index = read_index(fs, root) or {}
+    job = next(j for j in index.get("jobs", []) if j.get("job_id") == opts.job_id)
+    lo, hi = job["shard_range"]
+    partitions = job.get("shard_partitions") or [[]] * (hi - lo)
+    return file_group_tasks(fs, root, index["shardlist"][lo:hi], partitions, job, opts)
+
+
 def _index_entries(shards: list[tuple[WrittenShard, list[int]]]) -> list[dict]:
     return [{"url": s.target.tar_file, "nsamples": s.num_images, "filesize": s.tar_bytes,
              "sha256": s.tar_sha256, "parquet_filesize": s.parquet_bytes, "parquet_sha256": s.parquet_sha256}
             for s, _ in shards]
 
 
-def _job_record(opts, claim: Claim, journal: Journal, totals: dict, shard_range: list[int]) -> dict:
+def _job_record(opts, claim: Claim, journal: Journal, totals: dict, shard_range: list[int],
+                partitions: list[list[int]]) -> dict:
     return {
         "job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at, **totals,
         "first_shard": claim.first_shard, "first_partition": claim.first_partition, "shard_range": shard_range,
+        "shard_partitions": [list(p) for p in partitions],
         "checksums": {"shard": SHARD_CHECKSUM, "sample": SAMPLE_CHECKSUM},
         "options": opts.recorded(),
     }
 
 
-def _write_dataset_files(fs, root: str, opts, claim: Claim, journal: Journal, entries: list[dict],
-                         totals: dict, skipped: list[SkippedRow], num_partitions: int) -> dict:
-    """``_errors.parquet``, ``_index.json``, the card, then ``_SUCCESS``; return the job's index record."""
-    tmp = job_dir(root, opts.job_id)
-    if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
-        table = _errors_table(fs, root, skipped, opts.job_id, opts.mode == "append")
-        write_small(fs, join(root, ERRORS_FILE), parquet_bytes(table), tmp)
+def _write_index(fs, root: str, opts, claim: Claim, journal: Journal, entries: list[dict], totals: dict,
+                 partitions: list[list[int]], num_partitions: int) -> tuple[dict, str]:
+    """Write ``_index.json``; return it and its SHA-256."""
     base = journal.base_index if opts.mode == "append" else None
     before = len((base or {}).get("shardlist", []))
-    job = _job_record(opts, claim, journal, totals, [before, before + len(entries)])
+    job = _job_record(opts, claim, journal, totals, [before, before + len(entries)], partitions)
     next_shard = claim.first_shard + (len(entries) if opts.packing == "exact" else 0)
     index = build_index(base, entries, totals, job, name=opts.dataset_name, next_shard=next_shard,
                         next_partition=claim.first_partition + num_partitions)
     index_bytes = json.dumps(index, indent=1).encode()
-    write_small(fs, join(root, INDEX_FILE), index_bytes, tmp)
+    write_small(fs, join(root, INDEX_FILE), index_bytes, job_dir(root, opts.job_id))
+    return index, sha256_hex(index_bytes)
+
+
+def _write_after_index(fs, root: str, opts, claim: Claim, journal: Journal, index: dict, index_sha256: str,
+                       skipped: list[SkippedRow]) -> None:
+    """``_errors.parquet``, the card, then ``_SUCCESS`` (which names the index's SHA-256)."""
+    tmp = job_dir(root, opts.job_id)
+    if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
+        table = _errors_table(fs, root, skipped, opts.job_id, opts.mode == "append")
+        write_small(fs, join(root, ERRORS_FILE), parquet_bytes(table), tmp)
     ext = {"jpeg": "jpg"}.get(opts.encode.image_format, opts.encode.image_format)
     card = dataset_card(opts.dataset_name, index, image_extension=ext, text_column=opts.text_column,
                         label_column=opts.label_column, metadata_columns=opts.metadata_columns)
     write_small(fs, join(root, CARD_FILE), card, tmp)
     success = {"job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at,
-               "index_sha256": sha256_hex(index_bytes)}
+               "index_sha256": index_sha256}
     write_small(fs, join(root, SUCCESS_FILE), json.dumps(success).encode(), tmp)
-    return job
 
 
 def finish_job(fs, root: str, job_id: str, run_id: str) -> None:
@@ -230,11 +246,15 @@ def _success_run(fs, root: str) -> str | None:
         return None
 
 
-def _rollback(fs, root: str, journal: Journal | None, files: list[PlannedFile], opts) -> None:
-    """Undo a commit that failed before its index was written: our files go, an append's ``_SUCCESS`` returns."""
-    if journal is None:
-        return
-    for name in set(journal.planned) | {f.name for f in files}:
+def _rollback(fs, root: str, journal: Journal, opts) -> None:
+    """Undo a commit that failed after it began changing the directory and before its index.
+
+    Every planned name is then this job's or, under ``overwrite``, the old
+    dataset's, whose index and ``_SUCCESS`` are already gone: both go, so no
+    file is left that no index accounts for. An appended dataset gets its
+    ``_SUCCESS`` back (its index, errors and shards were not touched).
+    """
+    for name in [*journal.planned, *(journal.remove if opts.mode == "overwrite" else [])]:
         remove_file(fs, join(root, name))
     if opts.mode == "append" and journal.old_success is not None:
         write_small(fs, join(root, SUCCESS_FILE), journal.old_success.encode(), job_dir(root, opts.job_id))
@@ -278,7 +298,10 @@ def commit_job(
     num_images = sum(s.num_images for s, _ in shards)
     totals = {"rows": rows_in, "images": num_images, "skipped": len(skipped), "shards": len(shards)}
     partitions = [parts for _, parts in shards]
-    if claim.done or _success_run(fs, root) == claim.run_id:  # committed before: Dask recomputed it
+    if claim.done:  # the job committed before this computation began: its record says what it wrote
+        finish_job(fs, root, opts.job_id, claim.run_id)
+        return committed_tasks(fs, root, opts)
+    if _success_run(fs, root) == claim.run_id:  # this commit finished before; Dask ran it again
         finish_job(fs, root, opts.job_id, claim.run_id)
         return file_group_tasks(fs, root, entries, partitions, totals, opts)
     if not holds_lock(fs, root, claim.run_id):
@@ -288,13 +311,14 @@ def commit_job(
         )
     files = planned_files(shards)
     journal = _load_journal(fs, root, opts.job_id)
-    index_written = False
+    stage = "checking"
     try:
         if journal is None:
             journal = _start_journal(fs, root, opts, claim)
         dropped = [name for name in journal.planned if name not in {f.name for f in files}]
         journal.planned.update({f.name: [f.size, f.sha256] for f in files})
         _save_journal(fs, root, opts.job_id, journal)
+        stage = "changing"
         remove_file(fs, join(root, SUCCESS_FILE))  # the directory must not look complete while it changes
         if opts.mode == "overwrite":
             remove_file(fs, join(root, INDEX_FILE))
@@ -304,14 +328,18 @@ def commit_job(
         for name in dropped:  # an earlier attempt planned them from other input; they are ours
             remove_file(fs, join(root, name))
         _publish(fs, root, files)
-        index_written = True
-        job = _write_dataset_files(fs, root, opts, claim, journal, entries, totals, skipped, num_partitions)
+        index, index_sha256 = _write_index(fs, root, opts, claim, journal, entries, totals, partitions,
+                                           num_partitions)
+        stage = "indexed"
+        _write_after_index(fs, root, opts, claim, journal, index, index_sha256, skipped)
     except Exception:
         # A failure (not a death: a killed process runs nothing, and Dask reruns the
-        # commit, which the journal lets finish): undo what was published, free the directory.
+        # commit, which the journal lets finish): undo what was changed, free the directory.
+        # Once the index is written every shard it lists is in place; the dataset then
+        # only lacks _SUCCESS (verify says so; mode="overwrite" replaces it).
         try:
-            if not index_written:
-                _rollback(fs, root, journal, files, opts)
+            if stage == "changing":
+                _rollback(fs, root, journal, opts)
             finish_job(fs, root, opts.job_id, claim.run_id)
         except Exception:
             logger.exception("could not undo the failed commit of job %s in %s", opts.job_id, opts.url)
@@ -319,4 +347,4 @@ def commit_job(
     finish_job(fs, root, opts.job_id, claim.run_id)
     logger.info("committed %d shards (%d images, %d rows skipped) to %s",
                 len(shards), num_images, len(skipped), opts.url)
-    return file_group_tasks(fs, root, entries, partitions, job, opts)
+    return file_group_tasks(fs, root, entries, partitions, totals, opts)

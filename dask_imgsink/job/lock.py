@@ -21,8 +21,10 @@ same dead lock cannot both take the directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -33,8 +35,18 @@ from datetime import datetime, timezone
 from ..format.layout import breaker_path, lock_path
 from ..storage import create_exclusive, forget_listings, read_bytes, remove_file, write_small
 
-#: Tokens of jobs this process is computing on a local scheduler (see ``accessor.WriteBag``).
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+#: Tokens of jobs this process is computing on a local scheduler (see ``job.bag``).
 ACTIVE_LOCAL_JOBS: set[str] = set()
+#: Ids of jobs whose local computation failed: their tasks still running must let go.
+ABORTED_LOCAL_JOBS: set[str] = set()
+
+
+def aborted_here(job_id: str) -> bool:
+    """Whether this process gave up on the job (its local computation failed)."""
+    with _ACTIVE_LOCK:
+        return job_id in ABORTED_LOCAL_JOBS
 _ACTIVE_LOCK = threading.Lock()
 
 
@@ -109,9 +121,19 @@ class LockInfo:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LockInfo:
+        """Parse ``lock.json``; ids must be what we write (32 hex digits: they name folders we delete).
+
+        Raises
+        ------
+        ValueError, TypeError, KeyError
+            Not a lock we could have written.
+        """
         raw = json.loads(data)
         raw["process"] = ProcessId(**raw["process"])
-        return cls(**raw)
+        info = cls(**raw)
+        if not (_HEX32.match(info.job_id) and _HEX32.match(info.run_id)):
+            raise ValueError("job_id and run_id must be 32 hex digits")
+        return info
 
     def describe(self) -> str:
         where = f" on the Dask scheduler at {self.scheduler['address']}" if self.scheduler else ""
@@ -149,16 +171,23 @@ def _scheduler_here() -> dict | None:
 
 
 def read_lock(fs, root: str) -> LockInfo | None:
-    """The lock in ``root``, or ``None``. A lock that cannot be parsed reads as held by nobody known."""
-    forget_listings(fs, lock_path(root))
-    data = read_bytes(fs, lock_path(root))
-    if data is None:
-        return None
-    try:
-        return LockInfo.from_bytes(data)
-    except (ValueError, TypeError, KeyError):
-        return LockInfo(job_id="(unreadable lock)", run_id=f"unreadable-{len(data)}", token="", mode="?",
-                        created="?", process=ProcessId("?", "", "", 0, 0))
+    """The lock in ``root``, or ``None``.
+
+    A lock that still does not parse after a second (one being written where
+    hard links are not supported appears empty for a moment) reads as held by
+    an unknown job: never judged dead, broken only on purpose.
+    """
+    for attempt in range(10):
+        forget_listings(fs, lock_path(root))
+        data = read_bytes(fs, lock_path(root))
+        if data is None:
+            return None
+        try:
+            return LockInfo.from_bytes(data)
+        except (ValueError, TypeError, KeyError):
+            time.sleep(0.1)
+    return LockInfo(job_id="(unreadable lock)", run_id=f"unreadable-{hashlib.sha256(data).hexdigest()[:16]}",
+                    token="", mode="?", created="?", process=ProcessId("?", "", "", 0, 0))
 
 
 def try_claim(fs, root: str, info: LockInfo) -> bool:
@@ -191,12 +220,21 @@ def break_lock(fs, root: str, dead: LockInfo) -> bool:
 
     Whoever creates the breaker marker of ``dead``'s run may remove the lock;
     nobody else can then create a lock until it is gone, so the lock removed is
-    certainly ``dead``'s. Returns whether this call removed it.
+    certainly ``dead``'s. A marker whose breaker died (a break takes
+    milliseconds) is removed and the break tried again. Returns whether this
+    call removed the lock.
     """
     marker = breaker_path(root, dead.run_id)
-    try:
-        create_exclusive(fs, marker, b"")
-    except FileExistsError:
+    mine = json.dumps({"process": asdict(ProcessId.current()), "time": time.time()}).encode()
+    for _ in range(2):
+        try:
+            create_exclusive(fs, marker, mine)
+            break
+        except FileExistsError:
+            if not _stale_marker(fs, marker):
+                return False
+            remove_file(fs, marker)
+    else:
         return False
     try:
         if not holds_lock(fs, root, dead.run_id):
@@ -205,6 +243,21 @@ def break_lock(fs, root: str, dead: LockInfo) -> bool:
         return True
     finally:
         remove_file(fs, marker)
+
+
+def _stale_marker(fs, marker: str, max_age: float = 60.0) -> bool:
+    """A breaker marker left by a breaker that died: its process is gone, or it is old."""
+    for attempt in range(2):
+        data = read_bytes(fs, marker)
+        if data is None:
+            return False  # gone: its breaker finished
+        try:
+            raw = json.loads(data)
+            breaker = ProcessId(**raw["process"])
+            return breaker.is_running() is False or time.time() - float(raw["time"]) > max_age
+        except (ValueError, TypeError, KeyError):
+            time.sleep(1.0)  # being written (no hard links here), or damaged: look once more
+    return True
 
 
 # ----------------------------------------------------------------------------- liveness
@@ -228,6 +281,7 @@ def _job_tasks_executing(dask_worker, token: str) -> bool:
 
 
 def _ask_scheduler(address: str, expected_id: str, token: str) -> tuple[str, str]:
+    """Ask the scheduler at ``address``; "dead" only from the scheduler that ran the job (same id)."""
     from distributed import Client
 
     try:
@@ -240,7 +294,7 @@ def _ask_scheduler(address: str, expected_id: str, token: str) -> tuple[str, str
         client, own = Client(address, timeout=5, set_as_default=False), True
     try:
         if client.scheduler_info()["id"] != expected_id:
-            return "dead", f"the scheduler at {address} has restarted since, so the job is gone"
+            return "other", f"another scheduler now answers at {address}"
         if client.run_on_scheduler(_job_tasks_alive, token=token):
             return "running", f"its scheduler at {address} is still running its tasks"
         if any(client.run(_job_tasks_executing, token=token).values()):
@@ -251,31 +305,39 @@ def _ask_scheduler(address: str, expected_id: str, token: str) -> tuple[str, str
             client.close()
 
 
-def _is_loopback_or_here(address: str) -> bool:
-    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    if host in ("localhost", "127.0.0.1", "::1") or host.startswith("127."):
-        return True
+def _scheduler_liveness(info: LockInfo) -> tuple[str, str]:
+    """A distributed job: ask its scheduler, trusting an absent one only when it ran on this machine.
+
+    The scheduler's address alone (``tcp://127.0.0.1:...``, a container's
+    bridge address) may name another machine's scheduler; the claiming worker
+    process being on this machine tells that the address is ours.
+    """
+    address = info.scheduler["address"]
+    local = info.process.on_this_machine()
     try:
-        return host in {socket.gethostname(), *socket.gethostbyname_ex(socket.gethostname())[2]}
-    except OSError:
-        return False
+        state, why = _ask_scheduler(address, info.scheduler["id"], info.token)
+    except (OSError, TimeoutError) as exc:
+        if local:
+            return "dead", f"its scheduler at {address} on this machine is gone ({type(exc).__name__})"
+        return "unknown", f"its scheduler at {address} cannot be reached from here ({type(exc).__name__})"
+    except Exception as exc:  # a scheduler that cannot run our check
+        return "unknown", f"its scheduler at {address} could not be asked ({type(exc).__name__}: {exc})"
+    if state == "other":
+        if local:
+            return "dead", f"{why}: its own scheduler on this machine is gone"
+        return "unknown", f"{why}, which may not be the one that ran it (it ran on {info.process.host})"
+    return state, why
 
 
 def liveness(info: LockInfo) -> tuple[str, str]:
     """``("running" | "dead" | "unknown", why)`` for the job holding ``info``."""
     if info.scheduler:
-        address = info.scheduler["address"]
-        try:
-            return _ask_scheduler(address, info.scheduler["id"], info.token)
-        except (OSError, TimeoutError) as exc:
-            if _is_loopback_or_here(address):
-                return "dead", f"its scheduler at {address} on this machine is gone ({type(exc).__name__})"
-            return "unknown", f"its scheduler at {address} cannot be reached from here ({exc})"
-        except Exception as exc:  # a scheduler that cannot run our check
-            return "unknown", f"its scheduler at {address} could not be asked ({type(exc).__name__}: {exc})"
+        return _scheduler_liveness(info)
     running = info.process.is_running()
     if running is False:
         return "dead", f"{info.process.describe()} is no longer running"
+    if info.process == ProcessId.current() and aborted_here(info.job_id):
+        return "dead", "its computation in this process failed; a task still finishing lets go of it"
     if running and info.tracked and info.process == ProcessId.current():
         with _ACTIVE_LOCK:
             active = info.token in ACTIVE_LOCAL_JOBS

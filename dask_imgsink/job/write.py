@@ -13,6 +13,8 @@ from ..format.layout import failed_marker, new_attempt_dir, staged
 from ..format.schema import user_table
 from ..storage import remove_quietly, resolve
 from .claim import Claim
+from .cleanup import discard_staging
+from .lock import aborted_here
 from .options import WriteOptions
 from .results import PartitionResult, TaskFailed, cancelled, failure
 
@@ -66,17 +68,23 @@ class PartitionWriter:
 
     def __call__(self, frame: pd.DataFrame, partition: int, claim: Claim) -> PartitionResult | TaskFailed:
         opts = self.opts
+        if claim.done:  # the job committed before this computation began: nothing to write
+            return PartitionResult(partition, len(frame), [], [])
         fs, root = resolve(opts.url, opts.storage_options)
         if fs.exists(failed_marker(root, opts.job_id)):
             return cancelled(f"partition {partition}")
         try:
-            return self._write(fs, root, frame, partition, claim)
+            result = self._write(fs, root, frame, partition, claim)
         except Exception as exc:
             try:
                 fs.pipe_file(failed_marker(root, opts.job_id), b"")
             except Exception:
                 pass  # the marker only saves time; the commit still sees this failure
             return failure(exc, f"the write task of partition {partition}")
+        if aborted_here(opts.job_id):  # the job failed meanwhile and was cleaned up: leave nothing
+            discard_staging(fs, root, opts.job_id)
+            return cancelled(f"partition {partition}")
+        return result
 
     def _rows(self, frame: pd.DataFrame, partition: int, claim: Claim) -> Rows:
         opts = self.opts

@@ -82,7 +82,10 @@ class _Stream:
 
 
 def _octal(field_bytes: bytes) -> int:
+    """A header's octal number field; only octal digits (no sign, no underscores), else ``ValueError``."""
     text = field_bytes.rstrip(b"\0 ").lstrip(b" ")
+    if text.strip(b"01234567"):
+        raise ValueError(f"not an octal number: {text!r}")
     return int(text, 8) if text else 0
 
 
@@ -164,7 +167,8 @@ def scan_tar(f: BinaryIO, *, keep: Callable[[str], bool] = lambda name: False,
         size = _octal(header[124:136])
         member = Member(name, offset, offset + BLOCK, size)
         scan.samples[-1].members.append(member)
-        data = _read_data(stream, size, hasher, keep(name))
+        wanted = keep(name)
+        data = _read_data(stream, size, hasher, wanted)
         if data is None:
             scan.damage.append((name, f"the archive is cut short inside this member ({size} bytes long)"))
             break
@@ -175,8 +179,8 @@ def scan_tar(f: BinaryIO, *, keep: Callable[[str], bool] = lambda name: False,
             break
         if padding.strip(b"\0"):
             scan.damage.append((name, "the padding after this member is not zero"))
-        if data and on_data is not None:
-            on_data(member, data)
+        if wanted and on_data is not None:
+            on_data(member, data)  # empty members too: an empty caption is a kept member
         previous = name
     scan.size = stream.position
     scan.sha256 = stream.sha.hexdigest()

@@ -272,6 +272,9 @@ def _check_success(fs, root: str, index_bytes: bytes | None, report: VerifyRepor
 
 def _check_errors_file(fs, root: str, index: dict, report: VerifyReport) -> None:
     skipped = (index.get("totals") or {}).get("skipped", 0)
+    if not isinstance(skipped, int):
+        report.problems.append(Problem(INDEX_FILE, None, "its totals.skipped is not a number"))
+        return
     data = read_bytes(fs, join(root, ERRORS_FILE))
     if data is None:
         if skipped:
@@ -287,7 +290,7 @@ def _check_errors_file(fs, root: str, index: dict, report: VerifyReport) -> None
 
 
 def _max_pixels(index: dict) -> int:
-    recorded = [j.get("options", {}).get("max_pixels") for j in index.get("jobs", [])]
+    recorded = [(j.get("options") or {}).get("max_pixels") for j in index.get("jobs", [])]
     return max([m for m in recorded if isinstance(m, int)] or [DEFAULT_MAX_PIXELS])
 
 
@@ -331,6 +334,17 @@ def verify_dataset(path: str, *, storage_options: dict | None = None, decode: bo
     if not fs.isdir(root):
         raise FileNotFoundError(f"{path!r} is not a directory")
     report = VerifyReport()
+    try:
+        _verify_into(report, fs, root, path, storage_options, decode, client, max_pixels)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # damage no check foresaw, or a lost connection: a problem, not a crash
+        report.problems.append(Problem(None, None, f"could not be checked further ({type(exc).__name__}: {exc})"))
+    return report
+
+
+def _verify_into(report: VerifyReport, fs, root: str, path: str, storage_options: dict | None, decode: bool,
+                 client, max_pixels: int | None) -> None:
     index_bytes = read_bytes(fs, join(root, INDEX_FILE))
     index = None
     if index_bytes is None:
@@ -343,10 +357,10 @@ def verify_dataset(path: str, *, storage_options: dict | None = None, decode: bo
     _check_success(fs, root, index_bytes, report)
     _check_listing(fs, root, index, report)
     if index is None:
-        return report
+        return
     _check_errors_file(fs, root, index, report)
     limit = max_pixels or _max_pixels(index)
-    checks = [ShardCheck(path, storage_options, entry, job_for_shard(index, i).get("options", {}), decode, limit)
+    checks = [ShardCheck(path, storage_options, entry, job_for_shard(index, i).get("options") or {}, decode, limit)
               for i, entry in enumerate(index["shardlist"])]
     verify = dask.delayed(verify_shard, pure=True)
     token = dask.base.tokenize(path, decode, limit, index_bytes)
@@ -356,4 +370,3 @@ def verify_dataset(path: str, *, storage_options: dict | None = None, decode: bo
         report.images += shard.images
         report.bytes += shard.bytes
         report.problems.extend(shard.problems)
-    return report
