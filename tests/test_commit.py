@@ -246,3 +246,33 @@ def test_overwrite_refuses_the_directory_holding_the_working_directory(tmp_path,
     monkeypatch.chdir(out / "sub")
     with pytest.raises(ValueError, match="working directory"):
         make_ddf("from_pandas", [3], tmp_path).imgsink.to_webdataset(str(out), key_column="key", mode="overwrite")
+
+
+@pytest.mark.parametrize("mode", ["error", "overwrite", "append"])
+def test_a_commit_that_fails_midway_undoes_what_it_published(tmp_path, monkeypatch, mode):
+    """A failure, not a death (an I/O error the commit sees): it takes back its files and frees the directory."""
+    import dask_imgsink.job.commit as commit_module
+    from dask_imgsink import verify_dataset
+
+    out = tmp_path / "out"
+    if mode != "error":
+        make_ddf("from_pandas", [9], tmp_path).imgsink.to_webdataset(
+            str(out), key_column="key", images_per_tar=4, compute=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+    commit = _staged_job(tmp_path, out, [3, 6], mode)
+    real, calls = commit_module.publish, []
+
+    def fail_third(fs, staged, final):
+        calls.append(final)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error (injected)")
+        return real(fs, staged, final)
+
+    monkeypatch.setattr(commit_module, "publish", fail_third)
+    with pytest.raises(OSError, match="injected"):
+        commit()
+    left = {p.name: p.read_bytes() for p in out.iterdir()}
+    if mode == "append":
+        assert left == before and verify_dataset(str(out)).ok  # the old dataset, whole again
+    else:
+        assert left == {}  # error: as it was; overwrite: the old dataset was being replaced, nothing half-done
