@@ -45,9 +45,10 @@ def _demo_partition(seed: int, rows: int, size: int) -> pd.DataFrame:
 
 def demo_dataframe(images: int, partitions: int, size: int):
     """A Dask DataFrame whose images are generated inside the workers."""
+    from functools import partial
+
     import dask
     import dask.dataframe as dd
-    from functools import partial
 
     per_part = -(-images // partitions)
     counts = [max(0, min(per_part, images - p * per_part)) for p in range(partitions)]

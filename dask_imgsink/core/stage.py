@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from .encode import EncodeOptions
-from ..format.schema import check_metadata_names
 from ..format.layout import WORK_DIR, job_dir, jobs_root, staged
+from ..format.schema import check_metadata_names
 from ..storage import join, publish, remove_empty_dir, remove_quietly, resolve
+from .encode import EncodeOptions
 from .tasks import FileGroupTask, ImageBatch
 from .writer import Rows, ShardTarget, write_rows
 

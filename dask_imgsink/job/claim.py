@@ -15,15 +15,25 @@ owns the directory. The claim:
 from __future__ import annotations
 
 import logging
-import posixpath
 from dataclasses import dataclass, replace
 
 from ..format.index import next_numbers, read_index
-from ..format.layout import BREAK_PREFIX, SUCCESS_FILE, WORK_DIR, job_dir, jobs_root
+from ..format.layout import SUCCESS_FILE, job_dir
 from ..format.schema import shard_schema
 from ..storage import forget_listings, join, remove_quietly, resolve
+from .cleanup import discard_staging, sweep_dead_staging
 from .lock import (
-    LockInfo, aborted_here, break_lock, liveness, locked_error, new_lock, read_lock, release, try_claim, update_lock, wait_briefly,
+    LockInfo,
+    aborted_here,
+    break_lock,
+    liveness,
+    locked_error,
+    new_lock,
+    read_lock,
+    release,
+    try_claim,
+    update_lock,
+    wait_briefly,
 )
 from .options import WriteOptions
 from .output import check_output
@@ -79,38 +89,6 @@ def _take_lock(fs, root: str, opts: WriteOptions, token: str) -> LockInfo:
     raise locked_error(opts.url, holder, "unknown", "the lock kept changing hands while this job tried to take it")
 
 
-def sweep_dead_staging(fs, root: str, keep_job: str, keep_run: str) -> list[str]:
-    """Remove staging of every job but ``keep_job`` (whose lock is held), and stale breaker markers."""
-    removed = []
-    forget_listings(fs, root)
-    jobs = jobs_root(root)
-    if fs.exists(jobs):
-        for path in fs.ls(jobs, detail=False):
-            if posixpath.basename(path.rstrip("/")) != keep_job:
-                remove_quietly(fs, path, recursive=True)
-                removed.append(path)
-    work = join(root, WORK_DIR)
-    if fs.exists(work):
-        for info in fs.ls(work, detail=True):
-            path = info["name"]
-            name = posixpath.basename(path.rstrip("/"))
-            if name.startswith(BREAK_PREFIX) and name != f"{BREAK_PREFIX}{keep_run}":
-                remove_quietly(fs, path)
-            elif name.startswith(".") and name.endswith(".part") and _age(info) > 60:
-                remove_quietly(fs, path)  # a lock's content, left when its writer died before linking it
-    return removed
-
-
-def _age(info: dict) -> float:
-    """Seconds since ``info`` (an fsspec listing entry) was modified; 0 when unknown."""
-    import time
-
-    modified = info.get("mtime") or info.get("LastModified")
-    if modified is None:
-        return 0.0
-    return time.time() - (modified.timestamp() if hasattr(modified, "timestamp") else float(modified))
-
-
 def claim_output(opts: WriteOptions, token: str) -> Claim:
     """Take the output directory for the job (see the module docstring).
 
@@ -128,8 +106,6 @@ def claim_output(opts: WriteOptions, token: str) -> Claim:
                      done.get("first_partition", 0), done=True)
     lock = _take_lock(fs, root, opts, token)
     if aborted_here(opts.job_id):  # its local computation failed while this claim ran: let go at once
-        from .cleanup import discard_staging
-
         release(fs, root, lock.run_id)
         discard_staging(fs, root, opts.job_id)
         raise RuntimeError(f"job {opts.job_id} was stopped: another of its tasks failed")
@@ -144,6 +120,6 @@ def claim_output(opts: WriteOptions, token: str) -> Claim:
             update_lock(fs, root, lock, job_dir(root, opts.job_id))
         except BaseException:
             release(fs, root, lock.run_id)
-            remove_quietly(fs, job_dir(root, opts.job_id), recursive=True)
+            discard_staging(fs, root, opts.job_id)
             raise
     return Claim(opts.job_id, lock.run_id, lock.numbering["first_shard"], lock.numbering["first_partition"])

@@ -8,9 +8,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from ..format.layout import LEGACY_STAGING_DIR, WORK_DIR, job_dir, jobs_root
+from ..format.layout import BREAK_PREFIX, LEGACY_STAGING_DIR, WORK_DIR, job_dir, jobs_root
 from ..storage import forget_listings, join, remove_empty_dir, remove_quietly, resolve
-from .claim import sweep_dead_staging
 from .lock import OutputLockedError, liveness, locked_error, new_lock, read_lock, release, try_claim
 
 logger = logging.getLogger("dask_imgsink")
@@ -33,6 +32,38 @@ def abort_job(url: str, storage_options: dict | None, job_id: str, run_id: str |
         finish_job(fs, root, job_id, run_id)
     except Exception:
         logger.warning("could not remove the staging of failed job %s in %s", job_id, url, exc_info=True)
+
+
+def sweep_dead_staging(fs, root: str, keep_job: str, keep_run: str) -> list[str]:
+    """Remove staging of every job but ``keep_job`` (whose lock is held), and stale breaker markers."""
+    removed = []
+    forget_listings(fs, root)
+    jobs = jobs_root(root)
+    if fs.exists(jobs):
+        for path in fs.ls(jobs, detail=False):
+            if posixpath.basename(path.rstrip("/")) != keep_job:
+                remove_quietly(fs, path, recursive=True)
+                removed.append(path)
+    work = join(root, WORK_DIR)
+    if fs.exists(work):
+        for info in fs.ls(work, detail=True):
+            path = info["name"]
+            name = posixpath.basename(path.rstrip("/"))
+            if name.startswith(BREAK_PREFIX) and name != f"{BREAK_PREFIX}{keep_run}":
+                remove_quietly(fs, path)
+            elif name.startswith(".") and name.endswith(".part") and _age(info) > 60:
+                remove_quietly(fs, path)  # a lock's content, left when its writer died before linking it
+    return removed
+
+
+def _age(info: dict) -> float:
+    """Seconds since ``info`` (an fsspec listing entry) was modified; 0 when unknown."""
+    import time
+
+    modified = info.get("mtime") or info.get("LastModified")
+    if modified is None:
+        return 0.0
+    return time.time() - (modified.timestamp() if hasattr(modified, "timestamp") else float(modified))
 
 
 def discard_staging(fs, root: str, job_id: str) -> None:

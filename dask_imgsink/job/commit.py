@@ -34,14 +34,31 @@ from ..core.writer import SkippedRow, WrittenShard
 from ..format.checksums import SAMPLE_CHECKSUM, SHARD_CHECKSUM, sha256_hex
 from ..format.index import build_index, dataset_card, read_index
 from ..format.layout import (
-    CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE, WORK_DIR, job_dir, jobs_root, journal_path, parquet_name,
+    CARD_FILE,
+    ERRORS_FILE,
+    INDEX_FILE,
+    SUCCESS_FILE,
+    WORK_DIR,
+    job_dir,
+    jobs_root,
+    journal_path,
+    parquet_name,
 )
 from ..format.schema import ERRORS_SCHEMA, parquet_bytes, parquet_from_bytes
 from ..storage import (
-    forget_listings, is_local, join, publish, read_bytes, remove_empty_dir, remove_file,
-    remove_quietly, resolve, write_small,
+    forget_listings,
+    is_local,
+    join,
+    publish,
+    read_bytes,
+    remove_empty_dir,
+    remove_file,
+    remove_quietly,
+    resolve,
+    write_small,
 )
-from .claim import Claim, sweep_dead_staging
+from .claim import Claim
+from .cleanup import sweep_dead_staging
 from .lock import LostLockError, holds_lock, read_lock, release
 from .output import existing_entries, not_empty_error, overwrite_removals
 
@@ -260,6 +277,19 @@ def _rollback(fs, root: str, journal: Journal, opts) -> None:
         write_small(fs, join(root, SUCCESS_FILE), journal.old_success.encode(), job_dir(root, opts.job_id))
 
 
+def _replace_files(fs, root: str, opts, journal: Journal, files: list[PlannedFile], dropped: list[str]) -> None:
+    """``_SUCCESS`` goes, then what the mode removes, then every staged file replaces its final name."""
+    remove_file(fs, join(root, SUCCESS_FILE))  # the directory must not look complete while it changes
+    if opts.mode == "overwrite":
+        remove_file(fs, join(root, INDEX_FILE))
+        for name in journal.remove:
+            if name not in journal.planned:
+                remove_file(fs, join(root, name))
+    for name in dropped:  # an earlier attempt planned them from other input; they are ours
+        remove_file(fs, join(root, name))
+    _publish(fs, root, files)
+
+
 def commit_job(
     claim: Claim,
     shards: list[tuple[WrittenShard, list[int]]],
@@ -319,15 +349,7 @@ def commit_job(
         journal.planned.update({f.name: [f.size, f.sha256] for f in files})
         _save_journal(fs, root, opts.job_id, journal)
         stage = "changing"
-        remove_file(fs, join(root, SUCCESS_FILE))  # the directory must not look complete while it changes
-        if opts.mode == "overwrite":
-            remove_file(fs, join(root, INDEX_FILE))
-            for name in journal.remove:
-                if name not in journal.planned:
-                    remove_file(fs, join(root, name))
-        for name in dropped:  # an earlier attempt planned them from other input; they are ours
-            remove_file(fs, join(root, name))
-        _publish(fs, root, files)
+        _replace_files(fs, root, opts, journal, files, dropped)
         index, index_sha256 = _write_index(fs, root, opts, claim, journal, entries, totals, partitions,
                                            num_partitions)
         stage = "indexed"

@@ -76,7 +76,7 @@ class WriteOptions:
         return f"{self._stem_prefix()}-{index:06d}"
 
     def partition_stem(self, partition: int, chunk: int) -> str:
-        """Base name of chunk ``chunk`` of ``partition`` (per-partition packing), ``partition`` numbered in the dataset."""
+        """Base name of chunk ``chunk`` of ``partition`` (numbered in the dataset), for per-partition packing."""
         return f"{self._stem_prefix()}-{partition:06d}-{chunk:06d}"
 
     def recorded(self) -> dict:

@@ -159,7 +159,8 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions
         return [_assemble_one(fs, attempt, reader, plan, local_index, pieces, opts) for local_index, pieces in todo]
     except Exception as exc:
         remove_quietly(fs, attempt, recursive=True)
-        return failure(exc, f"the assembly of the shards starting in partitions {partitions.start}-{partitions.stop - 1}")
+        where = f"partitions {partitions.start}-{partitions.stop - 1}"
+        return failure(exc, f"the assembly of the shards starting in {where}")
     finally:
         reader.close()
 

@@ -29,7 +29,13 @@ from ..errors import RowProblem
 from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
 from ..format.index import IndexFormatError, job_for_shard, parse_index
 from ..format.layout import (
-    ERRORS_FILE, INDEX_FILE, LEGACY_STAGING_DIR, SUCCESS_FILE, WORK_DIR, dataset_files, parquet_name,
+    ERRORS_FILE,
+    INDEX_FILE,
+    LEGACY_STAGING_DIR,
+    SUCCESS_FILE,
+    WORK_DIR,
+    dataset_files,
+    parquet_name,
 )
 from ..format.members import JSON_EXT, LABEL_EXT, TEXT_EXT, json_rows, label_member, text_member
 from ..format.schema import WRITER_COLUMNS, parquet_from_bytes
@@ -166,7 +172,8 @@ def _decode(shard: str, member: str, data: bytes, fmt: str, max_pixels: int, rep
     except RowProblem as exc:
         report.problems.append(Problem(shard, member, f"was not decoded: {exc.reason} (pass a larger max_pixels)"))
     except Exception as exc:
-        report.problems.append(Problem(shard, member, f"does not decode as {fmt.upper()} ({type(exc).__name__}: {exc})"))
+        what = f"{type(exc).__name__}: {exc}"
+        report.problems.append(Problem(shard, member, f"does not decode as {fmt.upper()} ({what})"))
 
 
 def _expected_members(check: ShardCheck, table, row: int, json_bytes: list[bytes] | None) -> dict[str, bytes]:
