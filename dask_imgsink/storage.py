@@ -145,12 +145,20 @@ def _in_folder(folder: str, write) -> None:
 
 
 def read_bytes(fs, path: str) -> bytes | None:
-    """The whole file at ``path``, or ``None`` if there is none."""
-    try:
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+    """The whole (small) file at ``path``, or ``None`` if there is none.
+
+    One GET on object stores: a file object would pin the object's ETag and fail
+    (s3fs's ``FileExpired``) when another process replaces the object between
+    opening and reading it, as a lock being updated is.
+    """
+    for attempt in range(5):
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if type(exc).__name__ != "FileExpired" or attempt == 4:
+                raise
 
 
 def remove_file(fs, path: str) -> None:

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from ..storage import join
+from ..storage import join, read_bytes
 from .layout import CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE
 
 WRITER_NAME = "dask-imgsink"
@@ -82,12 +82,8 @@ def read_index(fs, root: str) -> dict | None:
         It exists but is not a readable shard index.
     """
     path = join(root, INDEX_FILE)
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    return parse_index(data, path)
+    data = read_bytes(fs, path)
+    return None if data is None else parse_index(data, path)
 
 
 def job_for_shard(index: dict, position: int) -> dict:

@@ -6,11 +6,13 @@ removes it after its commit, or when it fails. The lock says which job holds the
 directory, which process claimed it and, under ``distributed``, which scheduler
 runs the job, so a later job can tell a live holder from a dead one:
 
-- the holder's scheduler is reachable and still knows the job's tasks: running;
-  it does not (they failed, or their client went away), or another scheduler
-  now answers at that address, or it was on this machine and cannot be reached: dead;
-- a job run on a local scheduler (threads) by a process on this machine: dead when
-  that process is gone, or when it is this process and the job is not computing;
+- under ``distributed``: running while the scheduler that ran it (same id) holds
+  a live task of the job or a worker still executes one; dead when that
+  scheduler holds none (they failed, or their client went away), or when the
+  claim ran on this machine and its scheduler is gone (unreachable, or another
+  answers at its address: a loopback address means this machine only then);
+- on a local scheduler: dead when the process is gone (this machine only), or
+  when it is this process and it no longer computes the job, or gave it up;
 - otherwise: unknown.
 
 A dead holder's lock is broken by the next job on its own (its staging goes with
@@ -41,13 +43,13 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 ACTIVE_LOCAL_JOBS: set[str] = set()
 #: Ids of jobs whose local computation failed: their tasks still running must let go.
 ABORTED_LOCAL_JOBS: set[str] = set()
+_ACTIVE_LOCK = threading.Lock()
 
 
 def aborted_here(job_id: str) -> bool:
     """Whether this process gave up on the job (its local computation failed)."""
     with _ACTIVE_LOCK:
         return job_id in ABORTED_LOCAL_JOBS
-_ACTIVE_LOCK = threading.Lock()
 
 
 def _read_text(path: str) -> str:
@@ -177,7 +179,7 @@ def read_lock(fs, root: str) -> LockInfo | None:
     hard links are not supported appears empty for a moment) reads as held by
     an unknown job: never judged dead, broken only on purpose.
     """
-    for attempt in range(10):
+    for _ in range(10):
         forget_listings(fs, lock_path(root))
         data = read_bytes(fs, lock_path(root))
         if data is None:
@@ -247,7 +249,7 @@ def break_lock(fs, root: str, dead: LockInfo) -> bool:
 
 def _stale_marker(fs, marker: str, max_age: float = 60.0) -> bool:
     """A breaker marker left by a breaker that died: its process is gone, or it is old."""
-    for attempt in range(2):
+    for _ in range(2):
         data = read_bytes(fs, marker)
         if data is None:
             return False  # gone: its breaker finished

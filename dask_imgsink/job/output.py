@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ..format.index import read_index
 from ..format.layout import INDEX_FILE, LEGACY_STAGING_DIR, WORK_DIR, dataset_files, parquet_name, shard_files
-from ..storage import forget_listings, is_local
+from ..storage import forget_listings, is_local, read_bytes
 
 MODE_CHOICES = ("error", "overwrite", "append")
 
@@ -108,8 +108,8 @@ def existing_shard_schema(fs, root: str, index: dict) -> pa.Schema | None:
     names = shard_files(index)
     if not names:
         return None
-    with fs.open(posixpath.join(root, parquet_name(names[0])), "rb") as f:
-        return pq.read_schema(f)
+    data = read_bytes(fs, posixpath.join(root, parquet_name(names[0])))
+    return None if data is None else pq.read_schema(pa.BufferReader(data))
 
 
 def check_append_schema(existing: pa.Schema | None, new: pa.Schema, url: str) -> None:
