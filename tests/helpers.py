@@ -268,3 +268,38 @@ def register_enospc_filesystem(limit: int) -> None:
             return _Full(f, self._strip_protocol(path)) if "w" in mode else f
 
     fsspec.register_implementation("enospc", EnospcFileSystem, clobber=True)
+
+
+def race_for_the_lock(monkeypatch, jobs: dict) -> dict:
+    """Run ``jobs`` (name -> callable) on threads that all reach the lock's create-if-absent at once.
+
+    Returns name -> the job's result, or the exception it raised. Build the jobs'
+    DataFrames beforehand: ``dask.config.set`` is process-wide, not per thread.
+    """
+    import threading
+
+    import dask_imgsink.job.claim as claim_module
+
+    barrier = threading.Barrier(len(jobs), timeout=60)
+    real = claim_module.try_claim
+
+    def together(fs, root, info):
+        barrier.wait()
+        return real(fs, root, info)
+
+    outcome = {}
+
+    def run(name):
+        try:
+            outcome[name] = jobs[name]()
+        except Exception as exc:  # noqa: BLE001 - the loser's error is the point
+            outcome[name] = exc
+
+    monkeypatch.setattr(claim_module, "try_claim", together)
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    monkeypatch.setattr(claim_module, "try_claim", real)
+    return outcome

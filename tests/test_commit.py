@@ -276,3 +276,24 @@ def test_a_commit_that_fails_midway_undoes_what_it_published(tmp_path, monkeypat
         assert left == before and verify_dataset(str(out)).ok  # the old dataset, whole again
     else:
         assert left == {}  # error: as it was; overwrite: the old dataset was being replaced, nothing half-done
+
+
+def test_a_commit_rerun_after_its_runs_are_gone_returns_what_it_committed(tmp_path):
+    """A worker died after the commit finished: Dask recomputes the lost assembly (whose runs
+    the commit has removed) and the commit; both must come back with what was committed."""
+    import dask_imgsink.job.accessor as acc
+
+    out = tmp_path / "out"
+    ddf = make_ddf("from_map", [3, 6], tmp_path)
+    opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=4)
+    frames = [f.compute() for f in ddf.to_delayed()]
+    results = [acc.PartitionWriter(opts)(frame, i, claim) for i, frame in enumerate(frames)]
+    plan = acc.plan_shards(results, claim, opts)
+    first = acc._commit_exact(claim, plan, [acc.assemble_shards(plan, range(2), opts)], 2, opts)
+    rerun_assembly = acc.assemble_shards(plan, range(2), opts)  # its runs were removed with the staging
+    assert rerun_assembly == []
+    again = acc._commit_exact(claim, plan, [rerun_assembly], 2, opts)
+    assert [(t.task_id, t.data, t.metadata) for t in again] == [(t.task_id, t.data, t.metadata) for t in first]
+    from dask_imgsink import verify_dataset
+
+    assert verify_dataset(str(out)).ok and not (out / ".imgsink").exists()

@@ -8,18 +8,16 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import dask_imgsink
-import dask_imgsink.job.claim as claim_module
 from dask_imgsink import OutputLockedError, clean, verify_dataset
 from dask_imgsink.cli import main
 from dask_imgsink.job.lock import LockInfo, ProcessId
-from helpers import comparable_dataset, failing_ddf, frame_ddf, gated_ddf, read_dataset
+from helpers import comparable_dataset, failing_ddf, frame_ddf, gated_ddf, race_for_the_lock, read_dataset
 
 MODES = ["error", "overwrite", "append"]
 TESTS = Path(__file__).parent
@@ -42,28 +40,10 @@ def test_two_jobs_racing_for_the_lock_never_both_succeed(tmp_path, monkeypatch, 
     out = tmp_path / "race" / "out"
     if start_with_dataset:
         _initial(out)
-    barrier = threading.Barrier(2, timeout=60)
-    real_try_claim = claim_module.try_claim
-
-    def try_claim_together(fs, root, info):
-        barrier.wait()
-        return real_try_claim(fs, root, info)
-
-    monkeypatch.setattr(claim_module, "try_claim", try_claim_together)
     inputs = {"a": frame_ddf(10, 0), "b": frame_ddf(7, 500)}
-    outcome: dict[str, object] = {}
-
-    def run(name, mode):
-        try:
-            outcome[name] = _write(inputs[name], out, mode)
-        except Exception as exc:  # noqa: BLE001 - the loser's error is what we check
-            outcome[name] = exc
-
-    threads = [threading.Thread(target=run, args=("a", mode_a)), threading.Thread(target=run, args=("b", mode_b))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    modes = {"a": mode_a, "b": mode_b}
+    outcome = race_for_the_lock(monkeypatch, {
+        name: (lambda name=name: _write(inputs[name], out, modes[name])) for name in inputs})
     won = [n for n, v in outcome.items() if isinstance(v, list)]
     lost = [n for n, v in outcome.items() if isinstance(v, Exception)]
     assert len(won) == 1 and len(lost) == 1, outcome
@@ -73,11 +53,10 @@ def test_two_jobs_racing_for_the_lock_never_both_succeed(tmp_path, monkeypatch, 
     assert f"held by job {winner_job}" in str(error) and "Wait for it to finish" in str(error), str(error)
 
     # the dataset is exactly the winner's (on top of the first dataset when appending): nothing lost, nothing mixed
-    monkeypatch.setattr(claim_module, "try_claim", real_try_claim)
     reference = tmp_path / "reference" / "out"
     if start_with_dataset:
         _initial(reference)
-    _write(inputs[won[0]], reference, {"a": mode_a, "b": mode_b}[won[0]])
+    _write(inputs[won[0]], reference, modes[won[0]])
     assert comparable_dataset(out) == comparable_dataset(reference)
     assert verify_dataset(str(out)).ok
 

@@ -1,18 +1,16 @@
-"""Object stores: the commit, the lock (a conditional PUT), verify and clean against a real S3 API server on loopback."""
+"""Object stores: commit, lock (a conditional PUT), verify and clean on a real S3 API server on loopback."""
 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
 import dask_imgsink  # noqa: F401
-import dask_imgsink.job.claim as claim_module
 from dask_imgsink import OutputLockedError, verify_dataset
 from dask_imgsink.cli import main
 from dask_imgsink.job.lock import LockInfo, ProcessId
-from helpers import frame_ddf
+from helpers import frame_ddf, race_for_the_lock
 
 
 def _keys(fs, url) -> list[str]:
@@ -46,32 +44,13 @@ def test_a_round_trip_on_the_cluster_leaves_only_the_dataset(s3, client):
 def test_the_lock_is_a_conditional_put_two_racing_jobs_cannot_share(s3, monkeypatch):
     prefix, options, fs = s3
     url = f"{prefix}/race"
-    barrier = threading.Barrier(2, timeout=60)
-    real = claim_module.try_claim
-
-    def together(fs_, root, info):
-        barrier.wait()
-        return real(fs_, root, info)
-
-    monkeypatch.setattr(claim_module, "try_claim", together)
-    outcome = {}
-    inputs = {"a": frame_ddf(6, 0), "b": frame_ddf(6, 500)}  # built here: dask.config.set is not per thread
-
-    def run(name, start):
-        try:
-            outcome[name] = inputs[name].imgsink.to_webdataset(
-                url, key_column="key", storage_options=options, mode="append", compute=True)
-        except Exception as exc:  # noqa: BLE001
-            outcome[name] = exc
-
-    threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", 0), ("b", 500))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    inputs = {"a": frame_ddf(6, 0), "b": frame_ddf(6, 500)}
+    outcome = race_for_the_lock(monkeypatch, {
+        name: (lambda ddf=ddf: ddf.imgsink.to_webdataset(url, key_column="key", storage_options=options,
+                                                          mode="append", compute=True))
+        for name, ddf in inputs.items()})
     errors = [v for v in outcome.values() if isinstance(v, Exception)]
     assert len(errors) == 1 and isinstance(errors[0], OutputLockedError), outcome
-    monkeypatch.setattr(claim_module, "try_claim", real)
     assert verify_dataset(url, storage_options=options).ok
 
 

@@ -34,25 +34,26 @@ from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
 from .packing import ShardPlan, assemble_shards, plan_shards
-from .results import first_failure
+from .results import TaskFailed, first_failure
 from .write import PartitionWriter, check_image_dtype
 
 
-def _commit_exact(claim: Claim, plan: ShardPlan, assembled: list, num_partitions: int, opts: WriteOptions):
-    failed = plan.failed or first_failure(assembled)
+def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions) -> None:
+    """A task of the job failed: remove its staging, free the directory, raise the task's error."""
     if failed is not None:
         abort_job(opts.url, opts.storage_options, opts.job_id, claim.run_id)
         failed.reraise()
+
+
+def _commit_exact(claim: Claim, plan: ShardPlan, assembled: list, num_partitions: int, opts: WriteOptions):
+    _raise_if_failed(plan.failed or first_failure(assembled), claim, opts)
     shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
     return commit_job(claim, [(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped,
                       num_partitions, opts)
 
 
 def _commit_per_partition(claim: Claim, results: list, num_partitions: int, opts: WriteOptions):
-    failed = first_failure(results)
-    if failed is not None:
-        abort_job(opts.url, opts.storage_options, opts.job_id, claim.run_id)
-        failed.reraise()
+    _raise_if_failed(first_failure(results), claim, opts)
     results = sorted(results, key=lambda r: r.partition)
     shards = [(s, [r.partition]) for r in results for s in r.shards]
     skipped = [s for r in results for s in r.skipped]

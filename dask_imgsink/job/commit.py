@@ -328,12 +328,12 @@ def commit_job(
     num_images = sum(s.num_images for s, _ in shards)
     totals = {"rows": rows_in, "images": num_images, "skipped": len(skipped), "shards": len(shards)}
     partitions = [parts for _, parts in shards]
-    if claim.done:  # the job committed before this computation began: its record says what it wrote
+    if claim.done or _success_run(fs, root) == claim.run_id:
+        # The job committed before: before this computation began, or this very commit,
+        # which Dask runs again (its inputs may have been recomputed from runs already
+        # removed). Its record in the index says what it wrote.
         finish_job(fs, root, opts.job_id, claim.run_id)
         return committed_tasks(fs, root, opts)
-    if _success_run(fs, root) == claim.run_id:  # this commit finished before; Dask ran it again
-        finish_job(fs, root, opts.job_id, claim.run_id)
-        return file_group_tasks(fs, root, entries, partitions, totals, opts)
     if not holds_lock(fs, root, claim.run_id):
         raise LostLockError(
             f"job {opts.job_id} no longer holds {opts.url!r}: its lock was broken or replaced while it ran "

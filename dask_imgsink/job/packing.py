@@ -24,7 +24,7 @@ from ..errors import BadRowError
 from ..format.layout import new_attempt_dir, staged
 from ..format.schema import read_parquet, shard_schema, write_parquet
 from ..storage import remove_quietly, resolve
-from .claim import Claim
+from .claim import Claim, committed_job
 from .options import WriteOptions
 from .results import PartitionResult, TaskFailed, failure, first_failure
 
@@ -144,7 +144,8 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions
     Returns ``(index, shard, source partitions)`` for each, or the
     :class:`TaskFailed` of this task (two samples of one shard sharing a key,
     which came from different partitions, or an I/O error). Files go to a fresh
-    staging folder of this attempt; the commit publishes them.
+    staging folder of this attempt; the commit publishes them. Rerun by Dask
+    after the job committed (its runs are gone), it returns nothing.
     """
     if plan.failed is not None:
         return []
@@ -159,6 +160,8 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions
         return [_assemble_one(fs, attempt, reader, plan, local_index, pieces, opts) for local_index, pieces in todo]
     except Exception as exc:
         remove_quietly(fs, attempt, recursive=True)
+        if isinstance(exc, FileNotFoundError) and committed_job(fs, root, opts.job_id) is not None:
+            return []  # Dask reran it after the commit had finished and removed the runs: nothing to do
         where = f"partitions {partitions.start}-{partitions.stop - 1}"
         return failure(exc, f"the assembly of the shards starting in {where}")
     finally:
