@@ -11,14 +11,25 @@ class RowProblem(ValueError):
     as skipped when ``on_error="skip"``.
     """
 
-    def __init__(self, reason: str, fix: str = "") -> None:
+    def __init__(self, reason: str, fix: str = "", column: str | None = None) -> None:
         self.reason = reason
         self.fix = fix
+        self.column = column
         super().__init__(f"{reason}. {fix}".strip() if fix else reason)
+
+    def __reduce__(self):
+        return (RowProblem, (self.reason, self.fix, self.column))
+
+
+class MissingDependencyError(ImportError):
+    """A package the job needs is not installed where the job runs (a worker, say).
+
+    Not a row's fault, so never skipped: the job fails with this error at the client.
+    """
 
 
 class BadRowError(ValueError):
-    """A row that cannot be written; names the partition, row, key, reason and fix."""
+    """A row that cannot be written; names the partition, row, key, column, reason and fix."""
 
     def __init__(
         self,
@@ -28,12 +39,14 @@ class BadRowError(ValueError):
         partition: int | str | None = None,
         row: int | None = None,
         key: str | None = None,
+        column: str | None = None,
     ) -> None:
         self.reason = reason
         self.fix = fix
         self.partition = partition
         self.row = row
         self.key = key
+        self.column = column
         where = []
         if partition is not None:
             where.append(f"partition {partition}")
@@ -41,6 +54,8 @@ class BadRowError(ValueError):
             where.append(f"row {row}")
         if key is not None:
             where.append(f"key {key!r}")
+        if column is not None:
+            where.append(f"column {column!r}")
         prefix = ", ".join(where)
         text = f"{prefix}: {reason}" if prefix else reason
         if fix:
@@ -50,9 +65,9 @@ class BadRowError(ValueError):
     def __reduce__(self):  # keep the fields when Dask ships the error to the client
         return (
             _rebuild_bad_row,
-            (self.reason, self.fix, self.partition, self.row, self.key),
+            (self.reason, self.fix, self.partition, self.row, self.key, self.column),
         )
 
 
-def _rebuild_bad_row(reason, fix, partition, row, key) -> BadRowError:
-    return BadRowError(reason, fix=fix, partition=partition, row=row, key=key)
+def _rebuild_bad_row(reason, fix, partition, row, key, column=None) -> BadRowError:
+    return BadRowError(reason, fix=fix, partition=partition, row=row, key=key, column=column)

@@ -111,7 +111,7 @@ def read_dataset(out: Path) -> dict:
     tables = []
     for name in shards:
         samples.extend(read_tar_samples(out / name))
-        tables.append(pq.read_table(out / name.replace(".tar", ".parquet")))
+        tables.append(pq.read_table(out / metadata_of(name)))
     return {"index": index, "shards": shards, "samples": samples, "tables": tables}
 
 
@@ -125,8 +125,29 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
-def file_bytes(out: Path, suffixes=(".tar", ".parquet")) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir()) if p.suffix in suffixes}
+def file_bytes(out: Path, suffixes=(".tar", ".parquet", ".idx")) -> dict[str, bytes]:
+    """Every shard file's bytes by its path relative to ``out``."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(Path(out).rglob("*"))
+            if p.suffix in suffixes and ".imgsink" not in p.parts}
+
+
+def metadata_of(tar_name: str) -> str:
+    """Where the Parquet of the shard ``tar_name`` lives, relative to the dataset."""
+    return "metadata/" + tar_name.replace(".tar", ".parquet")
+
+
+def shard_names(*stems: str) -> list[str]:
+    """The files of shards with these stems: ``metadata/<stem>.parquet``, ``<stem>.idx``, ``<stem>.tar``."""
+    return sorted(name for stem in stems for name in (f"metadata/{stem}.parquet", f"{stem}.idx", f"{stem}.tar"))
+
+
+def dataset_names(out: Path) -> list[str]:
+    """Every file of the dataset directory, relative to it, without the hidden work folder."""
+    out = Path(out)
+    if not out.exists():
+        return []
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.is_file() and ".imgsink" not in p.relative_to(out).parts)
 
 
 def claimed_job(ddf, out, **overrides):
@@ -168,6 +189,9 @@ def comparable_dataset(out, fs=None) -> dict:
              if p.rstrip("/") != out.rstrip("/")}
     files = {n: fs.cat_file(p) for n, p in sorted(names.items())
              if fs.isfile(p) and n not in ("_index.json", "_SUCCESS")}
+    if "metadata" in names:
+        files.update({f"metadata/{p.rsplit('/', 1)[-1]}": fs.cat_file(p)
+                      for p in sorted(fs.find(names["metadata"]))})
     index = json.loads(fs.cat_file(names["_index.json"]))
     for job in index.get("jobs", []):
         for name in JOB_FIELDS:

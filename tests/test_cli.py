@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-
 from dask_imgsink.cli import main
 
 
@@ -45,8 +44,9 @@ def test_demo_refuses_a_directory_it_did_not_write(tmp_path):
 
 
 def test_verify_and_info(tmp_path, capsys):
-    import dask_imgsink  # noqa: F401
     from helpers import make_ddf
+
+    import dask_imgsink  # noqa: F401
 
     out = tmp_path / "out"
     make_ddf("from_pandas", [7], tmp_path).imgsink.to_webdataset(str(out), key_column="key",

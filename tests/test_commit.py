@@ -8,16 +8,24 @@ import json
 import dask
 import dask.dataframe as dd
 import numpy as np
-import pyarrow.parquet as pq
+import pandas as pd
 import pytest
 import webdataset as wds
+from helpers import (
+    claimed_job,
+    comparable_dataset,
+    dataset_names,
+    make_ddf,
+    make_frame,
+    read_dataset,
+    shard_names,
+)
 
 from dask_imgsink import BadRowError
-from helpers import claimed_job, comparable_dataset, make_ddf, make_frame, read_dataset
 
 
 def _final_looking(out) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name != ".imgsink") if out.exists() else []
+    return dataset_names(out)
 
 
 def _with_bad_row(n_parts: int = 4, bad_partition: int = 3, per: int = 6) -> dd.DataFrame:
@@ -48,22 +56,24 @@ def test_success_publishes_everything_and_removes_staging(tmp_path):
     out = tmp_path / "out"
     make_ddf("from_pandas", [5, 5], tmp_path).imgsink.to_webdataset(
         str(out), key_column="key", images_per_tar=4, compute=True)
-    assert _final_looking(out) == [
-        "README.md", "_SUCCESS", "_index.json",
-        "shard-000000.parquet", "shard-000000.tar", "shard-000001.parquet", "shard-000001.tar",
-        "shard-000002.parquet", "shard-000002.tar",
-    ]
+    assert _final_looking(out) == ["README.md", "_SUCCESS", "_index.json"] + shard_names(
+        "shard-000000", "shard-000001", "shard-000002")
     assert not (out / ".imgsink").exists()
     index = json.loads((out / "_index.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
-    tar, parquet = (out / "shard-000000.tar").read_bytes(), (out / "shard-000000.parquet").read_bytes()
+    tar, parquet = (out / "shard-000000.tar").read_bytes(), (out / "metadata/shard-000000.parquet").read_bytes()
+    idx = (out / "shard-000000.idx").read_bytes()
+    assert index["layout"] == 2
     assert index["shardlist"][0] == {
         "url": "shard-000000.tar", "nsamples": 4, "filesize": len(tar), "sha256": hashlib.sha256(tar).hexdigest(),
-        "parquet_filesize": len(parquet), "parquet_sha256": hashlib.sha256(parquet).hexdigest()}
+        "parquet": "metadata/shard-000000.parquet",
+        "parquet_filesize": len(parquet), "parquet_sha256": hashlib.sha256(parquet).hexdigest(),
+        "formats": {"jpeg": 4},
+        "idx": "shard-000000.idx", "idx_filesize": len(idx), "idx_sha256": hashlib.sha256(idx).hexdigest()}
     success = json.loads((out / "_SUCCESS").read_text())
     assert success["index_sha256"] == hashlib.sha256((out / "_index.json").read_bytes()).hexdigest()
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"*.tar\"\n---")
+    assert card.startswith("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: '*.tar'\n")
 
 
 def test_mode_error_refuses_a_non_empty_directory(tmp_path):
@@ -85,7 +95,7 @@ def test_mode_overwrite_replaces_the_old_dataset_without_mixing(tmp_path):
     bag.compute()
     data = read_dataset(out)
     assert data["shards"] == ["shard-000000.tar"] and len(data["samples"]) == 8
-    assert _final_looking(out) == ["README.md", "_SUCCESS", "_index.json", "shard-000000.parquet", "shard-000000.tar"]
+    assert _final_looking(out) == ["README.md", "_SUCCESS", "_index.json"] + shard_names("shard-000000")
 
 
 def test_mode_overwrite_keeps_the_old_dataset_when_the_new_job_fails(tmp_path):
@@ -143,9 +153,9 @@ def test_skip_records_bad_rows_and_the_counts_add_up(client, tmp_path):
     tasks = ddf.imgsink.to_webdataset(str(out), key_column="key", images_per_tar=5,
                                       on_error="skip", compute=True)
     data = read_dataset(out)
-    errors = pq.read_table(out / "_errors.parquet").to_pandas()
-    assert errors[["partition", "row", "key"]].values.tolist() == [
-        [0, 2, "img00002"], [1, 4, "img00009"], [3, 0, "bad/key"]]
+    errors = pd.read_json(out / "_errors.jsonl", lines=True)
+    assert errors[["partition", "row", "key", "column"]].values.tolist() == [
+        [0, 2, "img00002", "image"], [1, 4, "img00009", "image"], [3, 0, "bad/key", "key"]]
     assert "missing" in errors.reason[0] and "alpha" in errors.reason[1] and "'/'" in errors.reason[2]
     assert data["index"]["totals"] == {"rows": 20, "images": 17, "skipped": 3, "shards": 4}
     assert len(data["samples"]) == 17
@@ -159,7 +169,8 @@ def test_duplicate_keys_across_partitions_in_one_shard_are_an_error(tmp_path):
     pdf.at[4, "key"] = "img00001"
     with dask.config.set({"dataframe.convert-string": False}):
         ddf = dd.from_pandas(pdf, npartitions=2, sort=False)
-    with pytest.raises(BadRowError, match="used twice in shard 0"):
+    with pytest.raises(BadRowError, match=r"partition 1, row 1, key 'img00001', column 'key'.*used twice "
+                                          r"\(first at partition 0, row 1\)"):
         ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", compute=True)
     assert _final_looking(tmp_path / "out") == []
 
@@ -188,7 +199,9 @@ def _staged_job(tmp_path, out, sizes, mode):
     import dask_imgsink.job.accessor as acc
 
     ddf = make_ddf("from_map", sizes, tmp_path)
-    opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode)
+    # appends the same keys as the dataset there: only unique per shard
+    opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode,
+                              unique_keys="shard")
     frames = ddf.to_delayed()
     results = [acc.PartitionWriter(opts)(f.compute(), i, claim) for i, f in enumerate(frames)]
     plan = acc.plan_shards(results, claim, opts)
@@ -258,7 +271,7 @@ def test_a_commit_that_fails_midway_undoes_what_it_published(tmp_path, monkeypat
     if mode != "error":
         make_ddf("from_pandas", [9], tmp_path).imgsink.to_webdataset(
             str(out), key_column="key", images_per_tar=4, compute=True)
-    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+    before = {name: (out / name).read_bytes() for name in dataset_names(out)}
     commit = _staged_job(tmp_path, out, [3, 6], mode)
     real, calls = commit_module.publish, []
 
@@ -271,7 +284,8 @@ def test_a_commit_that_fails_midway_undoes_what_it_published(tmp_path, monkeypat
     monkeypatch.setattr(commit_module, "publish", fail_third)
     with pytest.raises(OSError, match="injected"):
         commit()
-    left = {p.name: p.read_bytes() for p in out.iterdir()}
+    left = {name: (out / name).read_bytes() for name in dataset_names(out)}
+    assert not (out / "metadata").exists() or mode == "append"
     if mode == "append":
         assert left == before and verify_dataset(str(out)).ok  # the old dataset, whole again
     else:

@@ -18,10 +18,10 @@ from pathlib import Path
 import dask
 import pytest
 from distributed import Client, LocalCluster
+from helpers import comparable_dataset, frame_ddf
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink import verify_dataset
-from helpers import comparable_dataset, frame_ddf
 
 PRELOAD = Path(__file__).parent / "preload" / "kill_in_commit.py"
 MODES = ["error", "overwrite", "append"]

@@ -12,12 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import (
+    comparable_dataset,
+    failing_ddf,
+    frame_ddf,
+    gated_ddf,
+    race_for_the_lock,
+    read_dataset,
+)
 
 import dask_imgsink
 from dask_imgsink import OutputLockedError, clean, verify_dataset
 from dask_imgsink.cli import main
 from dask_imgsink.job.lock import LockInfo, ProcessId
-from helpers import comparable_dataset, failing_ddf, frame_ddf, gated_ddf, race_for_the_lock, read_dataset
 
 MODES = ["error", "overwrite", "append"]
 TESTS = Path(__file__).parent

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
+from helpers import claimed_job, make_ddf, read_dataset
 
 import dask_imgsink.core.encode as encode_module
-from dask_imgsink.job.write import PartitionWriter
 from dask_imgsink.job.packing import assemble_shards, plan_shards
-from helpers import claimed_job, make_ddf, read_dataset
+from dask_imgsink.job.write import PartitionWriter
 
 UNEVEN = [0, 23, 0, 0, 3, 1, 0, 41, 7, 0, 0, 2]  # 77 rows; one partition spans 4+ shards
 

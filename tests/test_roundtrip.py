@@ -15,10 +15,18 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import webdataset as wds
+from helpers import (
+    decode,
+    file_bytes,
+    make_ddf,
+    make_frame,
+    make_image,
+    psnr,
+    read_dataset,
+)
 
 import dask_imgsink
 from dask_imgsink import BadRowError, FileGroupTask, WriteBag
-from helpers import decode, file_bytes, make_ddf, make_frame, make_image, psnr, read_dataset
 
 SOURCES = ["from_pandas", "from_map", "read_parquet", "from_delayed"]
 SIZES = [9, 0, 14, 5, 1]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import frame_ddf, race_for_the_lock, shard_names
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink import OutputLockedError, verify_dataset
 from dask_imgsink.cli import main
 from dask_imgsink.job.lock import LockInfo, ProcessId
-from helpers import frame_ddf, race_for_the_lock
 
 
 def _keys(fs, url) -> list[str]:
@@ -30,8 +30,8 @@ def test_a_round_trip_on_the_cluster_leaves_only_the_dataset(s3, client):
     tasks = frame_ddf(10, 0, npartitions=3).imgsink.to_webdataset(
         url, key_column="key", text_column="caption", images_per_tar=4, storage_options=options, compute=True)
     assert [t.data[0] for t in tasks] == [f"{url}/shard-00000{i}.tar" for i in range(3)]
-    assert _keys(fs, url) == ["README.md", "_SUCCESS", "_index.json"] + [
-        f"shard-00000{i}.{ext}" for i in range(3) for ext in ("parquet", "tar")]
+    assert _keys(fs, url) == ["README.md", "_SUCCESS", "_index.json"] + shard_names(
+        *(f"shard-00000{i}" for i in range(3)))
     report = verify_dataset(url, storage_options=options, client=client, decode=True)
     assert report.ok and report.images == 10, report.problems
     frame_ddf(3, 100).imgsink.to_webdataset(url, key_column="key", text_column="caption", images_per_tar=4,

@@ -8,10 +8,16 @@ import logging
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import decode, make_image, png_bytes, psnr, read_tar_samples
 from PIL import Image
 
-from dask_imgsink import BadRowError, FileGroupTask, ImageBatch, ImageObject, ImageWriterStage
-from helpers import decode, make_image, png_bytes, psnr, read_tar_samples
+from dask_imgsink import (
+    BadRowError,
+    FileGroupTask,
+    ImageBatch,
+    ImageObject,
+    ImageWriterStage,
+)
 
 
 def _batch(n: int, task_id: str = "task-1") -> ImageBatch:

@@ -22,11 +22,18 @@ import polars as pl
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from helpers import (
+    claimed_job,
+    dataset_names,
+    frame_ddf,
+    make_frame,
+    read_dataset,
+    shard_names,
+)
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink import BadRowError, verify_dataset
 from dask_imgsink.cli import main
-from helpers import claimed_job, frame_ddf, make_frame, read_dataset
 
 TESTS = Path(__file__).parent
 
@@ -60,11 +67,11 @@ def test_readers_see_only_the_dataset_while_an_append_is_in_flight(tmp_path):
     frame_ddf(9, 0).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4, compute=True)
     _stage_without_commit(frame_ddf(10, 100), out, mode="append")
     assert len(dd.read_parquet(str(out)).compute()) == 9
-    assert pl.read_parquet(f"{out}/*.parquet").height == 9
-    assert duckdb.sql(f"select count(*) from '{out}/*.parquet'").fetchall() == [(9,)]
+    assert pl.read_parquet(f"{out}/metadata/*.parquet").height == 9
+    assert duckdb.sql(f"select count(*) from '{out}/metadata/*.parquet'").fetchall() == [(9,)]
+    assert pd.read_parquet(out / "metadata").shape[0] == 9
     assert sorted(Path(p).name for p in glob.glob(f"{out}/*.tar")) == [f"shard-00000{i}.tar" for i in range(3)]
-    # Arrow's discovery skips the dot folder (the README.md card beside the shards is the readers issue's)
-    files = ds.dataset(str(out), format="parquet", exclude_invalid_files=True).files
+    files = ds.dataset(str(out / "metadata"), format="parquet").files
     assert sorted(Path(f).name for f in files) == [f"shard-00000{i}.parquet" for i in range(3)]
     script = textwrap.dedent(f"""
         import datasets, os
@@ -255,8 +262,7 @@ def test_clean_removes_leftovers_that_no_lock_owns(tmp_path, capsys):
     assert main(["clean", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "removed" in printed and "_temporary" in printed
-    assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "_SUCCESS", "_index.json", "shard-000000.parquet", "shard-000000.tar"]
+    assert dataset_names(out) == ["README.md", "_SUCCESS", "_index.json"] + shard_names("shard-000000")
     assert verify_dataset(str(out)).ok
     assert main(["clean", str(out)]) == 0 and "nothing to clean" in capsys.readouterr().out
 

@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import xxhash
+from helpers import make_ddf, make_frame, metadata_of
 
 from dask_imgsink import BadRowError, verify_dataset
 from dask_imgsink.cli import main
-from helpers import make_ddf, make_frame
 
 SHARD = "shard-000001.tar"
 
@@ -95,12 +95,14 @@ def test_truncation_and_missing_end_blocks(out):
 
 
 def test_missing_and_extra_files(out):
-    (out / "shard-000002.parquet").unlink()
+    (out / "metadata/shard-000002.parquet").unlink()
+    (out / "shard-000001.idx").unlink()
     (out / "shard-000000.tar").unlink()
     shutil.copy(out / SHARD, out / "shard-000009.tar")
     (out / "notes.txt").write_text("hello")
     problems = _problems(out)
-    assert "shard-000002.parquet: is missing" in problems
+    assert "metadata/shard-000002.parquet: is missing" in problems
+    assert "shard-000001.idx: is missing" in problems
     assert "shard-000000.tar: is missing" in problems
     assert "shard-000009.tar: is a stray shard: the index does not list it" in problems
     assert "notes.txt: is a stray file: the index does not list it" in problems
@@ -112,17 +114,17 @@ def _rewrite_parquet(path, change) -> None:
 
 
 def test_a_parquet_row_with_a_wrong_offset(out):
-    path = out / SHARD.replace(".tar", ".parquet")
+    path = out / metadata_of(SHARD)
     _rewrite_parquet(path, lambda t: t.set_column(
         t.schema.get_field_index("offset"), "offset", pc.add(t.column("offset"), 512)))
     problems = _problems(out)
-    assert f"{path.name}: differs from the size and SHA-256 the index records" in problems
+    assert f"{metadata_of(SHARD)}: differs from the size and SHA-256 the index records" in problems
     assert any(p.startswith(f"{SHARD}: img00003.jpg: Parquet row 0 (key 'img00003'): offset/size say")
                for p in problems), problems
 
 
 def test_tampered_metadata_names_the_row_and_member(out):
-    path = out / SHARD.replace(".tar", ".parquet")
+    path = out / metadata_of(SHARD)
     _rewrite_parquet(path, lambda t: t.set_column(
         t.schema.get_field_index("caption"), "caption", pa.array(["forged", *t.column("caption").to_pylist()[1:]])))
     problems = _problems(out)
@@ -233,7 +235,7 @@ def test_checksums_are_plain_sha256_of_the_files(intact):
     index = json.loads((intact / "_index.json").read_text())
     for entry in index["shardlist"]:
         tar = (intact / entry["url"]).read_bytes()
-        parquet = (intact / entry["url"].replace(".tar", ".parquet")).read_bytes()
+        parquet = (intact / metadata_of(entry["url"])).read_bytes()
         assert entry["sha256"] == hashlib.sha256(tar).hexdigest() and entry["filesize"] == len(tar)
         assert entry["parquet_sha256"] == hashlib.sha256(parquet).hexdigest()
         table = pq.read_table(io.BytesIO(parquet))
@@ -246,11 +248,11 @@ def test_checksums_are_plain_sha256_of_the_files(intact):
 
 
 def test_parquet_pages_carry_crcs_that_verify_checks(out):
-    path = out / SHARD.replace(".tar", ".parquet")
+    path = out / metadata_of(SHARD)
     column = pq.ParquetFile(path).metadata.row_group(0).column(0)
     _flip(path, column.data_page_offset + column.total_compressed_size - 4)  # in the data of the first page
     problems = _problems(out)
-    assert any(p.startswith(f"{path.name}: is not a readable Parquet file") for p in problems), problems
+    assert any(p.startswith(f"{metadata_of(SHARD)}: is not a readable Parquet file") for p in problems), problems
 
 
 def test_empty_and_missing_captions_verify_as_intact(tmp_path):

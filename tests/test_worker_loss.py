@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
+from helpers import file_bytes, read_dataset
 
 import dask_imgsink  # noqa: F401
-from helpers import file_bytes, read_dataset
 
 PARTS, ROWS = 16, 40
 

@@ -1,14 +1,15 @@
 """Image values -> encoded bytes plus their facts (format, width, height, channels).
 
-Accepted values: NumPy arrays (``uint8``; other integer types holding 0-255;
-``uint16`` scaled by 1/257; floats in [0, 1] scaled by 255), shaped ``(H, W)``,
-``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``; PIL images; already-encoded
-JPEG/PNG/WebP bytes (passed through unchanged); Hugging Face style
-``{"bytes": ..., "path": ...}`` dicts.
+Accepted values: NumPy arrays and PIL images (scaled by their dtype's declared
+range, see :mod:`~dask_imgsink.core.pixels`); already-encoded JPEG/PNG/WebP
+bytes (checked to be whole, then passed through unchanged, see
+:mod:`~dask_imgsink.core.encoded`); Hugging Face style ``{"bytes": ...,
+"path": ...}`` dicts, as dicts or Arrow structs.
 
 Output formats are rows of :data:`ENCODERS`. JPEG goes through simplejpeg
-(libjpeg-turbo, releases the GIL, so threads scale); PNG and WebP go through
-Pillow, whose encoders for those formats release the GIL too.
+(libjpeg-turbo, releases the GIL, so threads scale), imported when first
+needed so a worker without it fails the job with a clear error; PNG and WebP
+go through Pillow, whose encoders for those formats release the GIL too.
 """
 
 from __future__ import annotations
@@ -18,13 +19,25 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import simplejpeg
-from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+import pandas as pd
+from PIL import Image
 
-from ..errors import RowProblem
+from ..errors import MissingDependencyError, RowProblem
+from .argcheck import check_bool, check_choice, check_int
+from .encoded import (
+    DAMAGED_FIX,
+    VALIDATE_CHOICES,
+    check_complete,
+    open_encoded,
+    sniff_format,
+)
+from .pixels import pil_to_array, to_hwc, to_uint8
 
 #: Output format -> file extension used for the tar member.
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+#: Largest width or height each format can store (libjpeg: 65500; WebP: 16383).
+MAX_SIDE = {"jpeg": 65500, "png": 2**31 - 1, "webp": 16383}
 
 #: What to do with an alpha channel when writing JPEG.
 JPEG_ALPHA_CHOICES = ("error", "drop", "white")
@@ -33,25 +46,17 @@ JPEG_ALPHA_CHOICES = ("error", "drop", "white")
 #: setting for both directions: ``verify --decode`` opens whatever was written.
 DEFAULT_MAX_PIXELS = 16384 * 16384
 
-#: Pillow's image classes, opened directly: ``Image.open`` applies Pillow's global
-#: pixel limit (``Image.MAX_IMAGE_PIXELS``), which is not ours and not per call.
-_IMAGE_CLASSES = {
-    "jpeg": JpegImagePlugin.JpegImageFile,
-    "png": PngImagePlugin.PngImageFile,
-    "webp": WebPImagePlugin.WebPImageFile,
-}
-
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """How to encode images.
+    """How to encode images. Every field is checked strictly when the options are made.
 
     Parameters
     ----------
     image_format : {"jpeg", "png", "webp"}
         Format of pixel inputs (and of encoded inputs when ``reencode``).
     quality : int
-        JPEG / WebP quality, 1-100.
+        JPEG / WebP quality, 1-100 (an ``int``: ``92.5`` and ``True`` are refused).
     jpeg_alpha : {"error", "drop", "white"}
         A 4-channel image written as JPEG: raise (default), drop the alpha
         channel, or composite over a white background.
@@ -61,6 +66,10 @@ class EncodeOptions:
     max_pixels : int
         Largest image (width x height) accepted; larger ones are bad rows. The
         same limit applies when ``verify`` decodes the dataset.
+    validate : {"complete", "decode", "header"}
+        How already-encoded bytes are checked before they are passed through:
+        the file is whole (default, structural, microseconds), it decodes fully,
+        or only its header parses.
     """
 
     image_format: str = "jpeg"
@@ -68,20 +77,15 @@ class EncodeOptions:
     jpeg_alpha: str = "error"
     reencode: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    validate: str = "complete"
 
     def __post_init__(self) -> None:
-        if self.image_format not in EXTENSIONS:
-            raise ValueError(
-                f"image_format={self.image_format!r} is not one of {sorted(EXTENSIONS)}"
-            )
-        if not 1 <= int(self.quality) <= 100:
-            raise ValueError(f"quality={self.quality!r} must be between 1 and 100")
-        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            raise ValueError(f"max_pixels={self.max_pixels!r} must be a positive integer")
-        if self.jpeg_alpha not in JPEG_ALPHA_CHOICES:
-            raise ValueError(
-                f"jpeg_alpha={self.jpeg_alpha!r} is not one of {list(JPEG_ALPHA_CHOICES)}"
-            )
+        check_choice("image_format", self.image_format, tuple(EXTENSIONS))
+        check_int("quality", self.quality, low=1, high=100)
+        check_choice("jpeg_alpha", self.jpeg_alpha, JPEG_ALPHA_CHOICES)
+        check_bool("reencode", self.reencode)
+        check_int("max_pixels", self.max_pixels, low=1)
+        check_choice("validate", self.validate, VALIDATE_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,20 @@ class EncodedImage:
 # --------------------------------------------------------------------------- encoders
 
 
+def _simplejpeg():
+    try:
+        import simplejpeg
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"JPEG encoding needs the package simplejpeg, which cannot be imported here ({exc}). "
+            "Install dask-imgsink (which requires it) on every worker: pip install simplejpeg"
+        ) from None
+    return simplejpeg
+
+
 def _encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
     gray = pixels.shape[2] == 1
-    return simplejpeg.encode_jpeg(
+    return _simplejpeg().encode_jpeg(
         np.ascontiguousarray(pixels),
         quality=quality,
         colorspace="GRAY" if gray else "RGB",
@@ -139,18 +154,7 @@ ENCODERS: dict[str, Callable[[np.ndarray, int], bytes]] = {
 }
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def sniff_format(data: bytes) -> str | None:
-    """Return ``"jpeg"``, ``"png"`` or ``"webp"`` from magic bytes, or ``None``."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
+# --------------------------------------------------------------------------- checks
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -162,9 +166,14 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def open_encoded(data: bytes, fmt: str) -> Image.Image:
-    """Open JPEG/PNG/WebP bytes lazily (header only) without Pillow's global pixel limit."""
-    return _IMAGE_CLASSES[fmt](io.BytesIO(data))
+def check_side(width: int, height: int, fmt: str) -> None:
+    """Raise :class:`RowProblem` if ``fmt`` cannot store an image this wide or tall."""
+    limit = MAX_SIDE[fmt]
+    if width > limit or height > limit:
+        raise RowProblem(
+            f"the image is {width}x{height} and {fmt.upper()} stores at most {limit} pixels per side",
+            "write it as PNG (image_format='png'), or resize it",
+        )
 
 
 def decode_encoded(data: bytes, fmt: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -183,60 +192,7 @@ def decode_encoded(data: bytes, fmt: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     return img
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale (never clip) a pixel array to uint8."""
-    if arr.dtype == np.uint8:
-        return arr
-    if arr.dtype == np.uint16:
-        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise RowProblem(
-                "the float image holds NaN or infinite values",
-                "replace them (np.nan_to_num) before writing",
-            )
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0.0 or hi > 1.0:
-            raise RowProblem(
-                f"float images must hold values in [0, 1], this one spans [{lo:g}, {hi:g}]",
-                "scale it to [0, 1] (img / 255.0) or pass uint8",
-            )
-        return np.rint(arr * 255.0).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_):
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise RowProblem(
-                f"{arr.dtype} images must hold values 0-255, this one spans [{lo}, {hi}]",
-                "convert to uint8 (or uint16 for 16-bit data) yourself",
-            )
-        return arr.astype(np.uint8)
-    raise RowProblem(
-        f"image arrays of dtype {arr.dtype} are not supported",
-        "pass uint8, uint16, or float in [0, 1]",
-    )
-
-
-def _to_hwc(arr: np.ndarray) -> np.ndarray:
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise RowProblem(
-            f"image arrays must be shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}",
-            "pass HWC RGB/RGBA or HW gray (transpose CHW arrays with arr.transpose(1, 2, 0))",
-        )
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise RowProblem(f"the image is empty (shape {arr.shape})", "drop the row before writing")
-    return arr
-
-
-def _pil_to_array(img: Image.Image) -> np.ndarray:
-    mode = img.mode
-    if mode in ("L", "RGB", "RGBA", "I;16", "F"):
-        return np.asarray(img)
-    if mode == "1":
-        return np.asarray(img.convert("L"))
-    has_alpha = mode in ("LA", "PA", "RGBa", "La") or "transparency" in img.info
-    return np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+# --------------------------------------------------------------------------- inputs
 
 
 def _handle_alpha(pixels: np.ndarray, options: EncodeOptions) -> np.ndarray:
@@ -256,29 +212,31 @@ def _handle_alpha(pixels: np.ndarray, options: EncodeOptions) -> np.ndarray:
 
 
 def encode_pixels(arr: np.ndarray, options: EncodeOptions) -> EncodedImage:
-    """Encode a pixel array; see the module docstring for what is accepted.
+    """Encode a pixel array; see :mod:`~dask_imgsink.core.pixels` for what is accepted.
 
     Raises
     ------
     RowProblem
-        For an unsupported dtype, shape or value range, or alpha into JPEG
-        with ``jpeg_alpha="error"``.
+        For an unsupported dtype, shape or value range, an image too large for
+        ``max_pixels`` or for the format, or alpha into JPEG with ``jpeg_alpha="error"``.
     """
-    arr = np.asarray(arr)
-    if arr.ndim in (2, 3):
-        check_pixels(arr.shape[1], arr.shape[0], options.max_pixels)
-    pixels = _handle_alpha(_to_hwc(_to_uint8(arr)), options)
+    arr = to_hwc(np.asarray(arr))
+    height, width = arr.shape[:2]
+    check_pixels(width, height, options.max_pixels)
+    check_side(width, height, options.image_format)
+    pixels = _handle_alpha(to_uint8(arr), options)
     data = ENCODERS[options.image_format](pixels, options.quality)
-    return EncodedImage(data, options.image_format, pixels.shape[1], pixels.shape[0], pixels.shape[2])
+    return EncodedImage(data, options.image_format, width, height, pixels.shape[2])
 
 
 def encode_bytes(data: bytes, options: EncodeOptions) -> EncodedImage:
-    """Pass already-encoded bytes through (or re-encode them when asked).
+    """Pass already-encoded bytes through, once checked (or re-encode them when asked).
 
     Raises
     ------
     RowProblem
-        If the bytes are not a readable JPEG, PNG or WebP image.
+        If the bytes are not a JPEG, PNG or WebP image, or are damaged or
+        truncated (as far as ``options.validate`` checks).
     """
     fmt = sniff_format(data)
     if fmt is None:
@@ -286,21 +244,22 @@ def encode_bytes(data: bytes, options: EncodeOptions) -> EncodedImage:
             f"the bytes are not a JPEG, PNG or WebP image (they start with {bytes(data[:8])!r})",
             "pass pixels as a NumPy array, or convert the image to JPEG/PNG/WebP first",
         )
+    if options.validate == "complete":
+        check_complete(data, fmt)
     try:
         with open_encoded(data, fmt) as img:
             width, height = img.size
             channels = len(img.getbands())
             check_pixels(width, height, options.max_pixels)
-            if options.reencode and fmt != options.image_format:
+            if options.validate == "decode" or (options.reencode and fmt != options.image_format):
                 img.load()
-                return encode_pixels(_pil_to_array(img), options)
+            if options.reencode and fmt != options.image_format:
+                return encode_pixels(pil_to_array(img), options)
     except RowProblem:
         raise
-    except Exception as exc:  # PIL raises many types for a damaged header
-        raise RowProblem(
-            f"the {fmt.upper()} bytes cannot be read ({type(exc).__name__}: {exc})",
-            "the image is damaged; drop or re-fetch it",
-        ) from None
+    except Exception as exc:  # PIL raises many types for damaged data
+        raise RowProblem(f"the {fmt.upper()} bytes cannot be read ({type(exc).__name__}: {exc})",
+                         DAMAGED_FIX) from None
     return EncodedImage(bytes(data), fmt, width, height, channels)
 
 
@@ -321,6 +280,8 @@ def encode_image(value: Any, options: EncodeOptions) -> EncodedImage:
     ------
     RowProblem
         If the value cannot be written; the message says why and how to fix it.
+    MissingDependencyError
+        If the encoder's package is not installed here.
     """
     if isinstance(value, np.ndarray):
         return encode_pixels(value, options)
@@ -328,10 +289,10 @@ def encode_image(value: Any, options: EncodeOptions) -> EncodedImage:
         return encode_bytes(bytes(value), options)
     if isinstance(value, Image.Image):
         check_pixels(value.size[0], value.size[1], options.max_pixels)
-        return encode_pixels(_pil_to_array(value), options)
+        return encode_pixels(pil_to_array(value), options)
     if isinstance(value, dict):
-        return encode_image(_read_hf_dict(value), options)
-    if value is None or (isinstance(value, float) and value != value):
+        return encode_bytes(_read_hf_dict(value), options)
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         raise RowProblem("the image is missing (None/NaN)", "drop rows without an image before writing")
     if isinstance(value, str):
         raise RowProblem(
@@ -346,11 +307,17 @@ def encode_image(value: Any, options: EncodeOptions) -> EncodedImage:
 
 
 def _read_hf_dict(value: dict) -> bytes:
+    """The encoded bytes of a ``{"bytes": ..., "path": ...}`` dict (read from ``path`` if needed)."""
     data = value.get("bytes")
     if data is not None:
-        return data
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise RowProblem(
+                f"the image dict's 'bytes' holds a {type(data).__name__}, not bytes",
+                "put the encoded image bytes in 'bytes' (or None and a readable 'path')",
+            )
+        return bytes(data)
     path = value.get("path")
-    if path:
+    if isinstance(path, str) and path:
         import fsspec
 
         try:
@@ -362,6 +329,6 @@ def _read_hf_dict(value: dict) -> bytes:
                 "give the dict its 'bytes' or a readable 'path'",
             ) from None
     raise RowProblem(
-        "the image dict has neither 'bytes' nor 'path'",
+        "the image dict has neither 'bytes' nor a 'path' string",
         "pass {'bytes': b'...', 'path': None} or {'bytes': None, 'path': 'file.jpg'}",
     )

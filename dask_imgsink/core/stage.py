@@ -10,16 +10,25 @@ relative tar names, writes any fsspec URL, and handles RGBA/float/uint16 input.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import pyarrow as pa
 
-from ..format.layout import WORK_DIR, job_dir, jobs_root, staged
-from ..format.schema import check_metadata_names
-from ..storage import join, publish, remove_empty_dir, remove_quietly, resolve
+from ..format.layout import (
+    METADATA_DIR,
+    WORK_DIR,
+    idx_name,
+    job_dir,
+    jobs_root,
+    parquet_name,
+    staged,
+)
+from ..storage import is_local, join, publish, remove_empty_dir, remove_quietly, resolve
+from .argcheck import check_bool, check_int
 from .encode import EncodeOptions
+from .stage_metadata import MetadataSchema, batch_fingerprint
 from .tasks import FileGroupTask, ImageBatch
 from .writer import Rows, ShardTarget, write_rows
 
@@ -37,18 +46,27 @@ class ImageWriterStage:
     verbose : bool, default False
         Log each shard written at INFO level.
     deterministic_name : bool, default True
-        The same batch (``task_id`` and image paths) gives the same file names;
-        ``False`` gives fresh random names on each call.
+        The same batch (``dataset_name``, ``task_id``, and each object's path,
+        id, image and metadata) gives the same file names, so a rerun replaces
+        its own files; different batches never share a name. ``False`` gives
+        fresh random names on each call.
     remove_image_data : bool, default False
         Set each written object's ``image_data`` to ``None`` after writing.
     name : str, default "image_writer"
+
+    metadata_schema : dict or pyarrow.Schema, optional
+        Arrow types of metadata keys. Keys it does not name take their type
+        from the first batch that has them.
 
     Notes
     -----
     Encoding is JPEG quality 92 (as in the reference). The image key is the
     object's ``image_id``; an empty id gets a generated key unique to the batch.
     The Parquet holds the writer's columns, ``image_path``, then one typed
-    column per ``metadata`` key.
+    column per metadata key: the union of the keys of the batch's objects
+    (an object without a key gets null). The first batch fixes the schema for
+    the stage's life, so every shard has the same one; a later batch with a
+    new key or a value of another type is refused with the key named.
     """
 
     output_dir: str
@@ -60,21 +78,24 @@ class ImageWriterStage:
     encode_options: EncodeOptions = field(default_factory=EncodeOptions, repr=False)
     encode_threads: int | None = field(default=None, repr=False)
     storage_options: dict | None = field(default=None, repr=False)
+    metadata_schema: Mapping[str, pa.DataType] | pa.Schema | None = field(default=None, repr=False)
+    dali_index: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
-        if int(self.images_per_tar) < 1:
-            raise ValueError(f"images_per_tar={self.images_per_tar!r} must be at least 1")
+        check_int("images_per_tar", self.images_per_tar, low=1)
+        for name in ("verbose", "deterministic_name", "remove_image_data", "dali_index"):
+            check_bool(name, getattr(self, name))
+        check_int("encode_threads", self.encode_threads, low=1, optional=True)
+        if not isinstance(self.encode_options, EncodeOptions):
+            raise TypeError(f"encode_options must be an EncodeOptions, not {type(self.encode_options).__name__}")
+        self._schema = MetadataSchema(self.metadata_schema)
         self._fs, self._root = resolve(self.output_dir, self.storage_options)
         self._fs.makedirs(self._root, exist_ok=True)
 
     def construct_base_name(self, task: ImageBatch) -> str:
-        """Base file name of the batch's shards (``images-<hash>``)."""
+        """Base file name of the batch's shards (``images-<hash>``), see ``deterministic_name``."""
         if self.deterministic_name:
-            digest = hashlib.sha256()
-            for part in (task.dataset_name, task.task_id, *(obj.image_path for obj in task.data)):
-                digest.update(str(part).encode())
-                digest.update(b"\0")
-            return f"images-{digest.hexdigest()[:16]}"
+            return f"images-{batch_fingerprint(task)[:16]}"
         return f"images-{uuid.uuid4().hex[:16]}"
 
     def process(self, task: ImageBatch) -> FileGroupTask:
@@ -88,11 +109,7 @@ class ImageWriterStage:
         """
         base = self.construct_base_name(task)
         objects = task.data
-        metas = [dict(obj.metadata or {}) for obj in objects]
-        check_metadata_names(sorted({name for m in metas for name in m}))
-        meta = pa.Table.from_pylist(
-            [{"image_path": obj.image_path, **m} for obj, m in zip(objects, metas)]
-        ) if objects else None
+        meta = self._schema.table(objects, task.task_id or base) if objects else None
         rows = Rows(
             images=[obj.image_data for obj in objects],
             keys=[obj.image_id or f"{base[len('images-'):]}_{i:08d}" for i, obj in enumerate(objects)],
@@ -103,7 +120,8 @@ class ImageWriterStage:
 
         def target_for(i: int) -> ShardTarget:
             stem = f"{base}-{i:06d}"
-            return ShardTarget(staged(folder, f"{stem}.tar"), staged(folder, f"{stem}.parquet"), f"{stem}.tar")
+            return ShardTarget(staged(folder, f"{stem}.tar"), staged(folder, f"{stem}.parquet"), f"{stem}.tar",
+                               idx_path=staged(folder, f"{stem}.idx") if self.dali_index else None)
 
         try:
             shards, _ = write_rows(
@@ -118,11 +136,15 @@ class ImageWriterStage:
                 verbose=self.verbose,
             )
             tars, parquets = [], []
+            if shards and is_local(self._fs):
+                self._fs.makedirs(join(self._root, METADATA_DIR), exist_ok=True)
             for shard in shards:
-                stem = shard.target.tar_file[: -len(".tar")]
-                tar_final = join(self._root, f"{stem}.tar")
-                parquet_final = join(self._root, f"{stem}.parquet")
+                tar = shard.target.tar_file
+                tar_final = join(self._root, tar)
+                parquet_final = join(self._root, parquet_name(tar))
                 publish(self._fs, shard.target.parquet_path, parquet_final)
+                if shard.target.idx_path is not None:
+                    publish(self._fs, shard.target.idx_path, join(self._root, idx_name(tar)))
                 publish(self._fs, shard.target.tar_path, tar_final)
                 tars.append(tar_final)
                 parquets.append(parquet_final)

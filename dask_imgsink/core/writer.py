@@ -16,9 +16,17 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from ..errors import BadRowError, RowProblem
-from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sample_checksum
-from ..format.members import JSON_EXT, LABEL_EXT, TEXT_EXT, json_rows, label_member, text_member
+from ..errors import BadRowError, MissingDependencyError, RowProblem
+from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sample_checksum, sha256_hex
+from ..format.dali import idx_bytes, idx_line, sample_layout
+from ..format.members import (
+    JSON_EXT,
+    LABEL_EXT,
+    TEXT_EXT,
+    json_member,
+    label_member,
+    text_member,
+)
 from ..format.schema import WRITER_FIELDS, write_parquet
 from ..storage import remove_quietly
 from .encode import EncodedImage, EncodeOptions, encode_image
@@ -37,6 +45,8 @@ class Rows:
 
     ``keys`` are raw (validated while writing); ``meta`` holds the user's
     metadata columns as Arrow, one row per image, or ``None`` for none.
+    ``columns`` names the source column of images, keys, texts and labels,
+    for the errors that name a row's column.
     """
 
     images: Sequence[Any]
@@ -44,6 +54,11 @@ class Rows:
     texts: Sequence[Any] | None = None
     labels: Sequence[Any] | None = None
     meta: pa.Table | None = None
+    columns: dict[str, str | None] = field(default_factory=dict)
+
+    def column(self, role: str) -> str:
+        """The source column of ``role`` ("image", "key", "text", "label")."""
+        return self.columns.get(role) or role
 
     def __len__(self) -> int:
         return len(self.images)
@@ -51,16 +66,23 @@ class Rows:
 
 @dataclass(frozen=True)
 class ShardTarget:
-    """Where one shard goes: the files to write and the tar name recorded in Parquet."""
+    """Where one shard goes: the files to write and the tar name recorded in Parquet.
+
+    ``idx_path`` is where its DALI index goes (``None``: none). An exact-packing
+    run has no index; it records each sample's layout in a :data:`LAYOUT_COLUMN`
+    of its Parquet instead (``run=True``), from which assembly writes the shards' indexes.
+    """
 
     tar_path: str
     parquet_path: str
     tar_file: str
+    idx_path: str | None = None
+    run: bool = False
 
 
 @dataclass
 class WrittenShard:
-    """A shard written by :func:`write_rows`: its target, counts, sizes and SHA-256s."""
+    """A shard written by :func:`write_rows`: its target, counts, sizes, SHA-256s and formats."""
 
     target: ShardTarget
     num_images: int
@@ -68,6 +90,13 @@ class WrittenShard:
     tar_sha256: str = ""
     parquet_bytes: int = 0
     parquet_sha256: str = ""
+    idx_bytes: int = 0
+    idx_sha256: str = ""
+    formats: dict[str, int] = field(default_factory=dict)
+
+
+#: A run's Parquet column holding each sample's member layout (see :mod:`~dask_imgsink.format.dali`).
+LAYOUT_COLUMN = "_layout"
 
 
 @dataclass(frozen=True)
@@ -78,6 +107,7 @@ class SkippedRow:
     row: int
     key: str | None
     reason: str
+    column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,7 @@ class _OpenShard:
     tar: TarShardWriter
     records: dict[str, list] = field(default_factory=lambda: {f.name: [] for f in WRITER_FIELDS})
     meta_rows: list[int] = field(default_factory=list)
+    layouts: list[str] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -145,6 +176,8 @@ class ShardRoller:
         ):
             rec[name].append(value)
         shard.meta_rows.append(row)
+        layout = sample_layout(block.names, block.data_offsets, block.sizes)
+        shard.layouts.append(layout if shard.target.run else idx_line(start, layout))
 
     def _shard_with_room(self) -> _OpenShard:
         full = self.current is not None and self.images_per_tar and self.current.count >= self.images_per_tar
@@ -169,11 +202,19 @@ class ShardRoller:
             taken = self.meta.take(pa.array(shard.meta_rows, pa.int64()))
             columns += list(taken.columns)
             fields += list(taken.schema)
+        if shard.target.run:
+            columns.append(pa.array(shard.layouts, pa.string()))
+            fields.append(pa.field(LAYOUT_COLUMN, pa.string()))
         self.created.append(shard.target.parquet_path)
         table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
         parquet_size, parquet_sha = write_parquet(table, self.fs, shard.target.parquet_path)
         tar_sha = shard.tar.sha256 if self.checksums else ""
-        self.shards.append(WrittenShard(shard.target, shard.count, size, tar_sha, parquet_size, parquet_sha))
+        written = WrittenShard(shard.target, shard.count, size, tar_sha, parquet_size, parquet_sha,
+                               formats=format_counts(shard.records["format"]))
+        if shard.target.idx_path is not None:
+            self.created.append(shard.target.idx_path)
+            written.idx_bytes, written.idx_sha256 = write_idx(self.fs, shard.target.idx_path, shard.layouts)
+        self.shards.append(written)
         logger.log(logging.INFO if self.verbose else logging.DEBUG,
                    "wrote %s (%d images, %d bytes)", shard.target.tar_path, shard.count, size)
 
@@ -195,7 +236,23 @@ class ShardRoller:
             remove_quietly(self.fs, path)
 
 
-def _check_keys(raw_keys: Sequence[Any]) -> tuple[list[str | None], dict[int, RowProblem]]:
+def format_counts(formats: Sequence[str]) -> dict[str, int]:
+    """How many images of each format, e.g. ``{"jpeg": 998, "png": 2}``."""
+    counts: dict[str, int] = {}
+    for fmt in formats:
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
+def write_idx(fs, path: str, lines: Sequence[str]) -> tuple[int, str]:
+    """Write a shard's DALI index from its samples' index lines; return its size and SHA-256."""
+    data = idx_bytes(lines)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+    return len(data), sha256_hex(data)
+
+
+def _check_keys(raw_keys: Sequence[Any], column: str) -> tuple[list[str | None], dict[int, RowProblem]]:
     """Validate every key; return the keys (``None`` where bad) and each bad row's problem."""
     keys: list[str | None] = []
     problems: dict[int, RowProblem] = {}
@@ -204,13 +261,14 @@ def _check_keys(raw_keys: Sequence[Any]) -> tuple[list[str | None], dict[int, Ro
         try:
             key = check_key(raw)
         except RowProblem as problem:
-            problems[i] = problem
+            problems[i] = RowProblem(problem.reason, problem.fix, column)
             keys.append(None)
             continue
         if key in seen:
             problems[i] = RowProblem(
                 f"the key is used twice (rows {seen[key]} and {i} of this partition)",
                 "make keys unique, e.g. ddf.drop_duplicates(subset='key')",
+                column,
             )
         else:
             seen[key] = i
@@ -218,17 +276,35 @@ def _check_keys(raw_keys: Sequence[Any]) -> tuple[list[str | None], dict[int, Ro
     return keys, problems
 
 
-def _extra_members(rows: Rows, i: int, key: str, json_members: list[bytes] | None) -> list[tuple[str, bytes]]:
+def _in_column(column: str | None, make: Callable[[], Any]) -> Any:
+    """Run ``make``; any failure becomes a :class:`RowProblem` of ``column`` (a missing package stays a job error)."""
+    try:
+        return make()
+    except RowProblem as problem:
+        raise RowProblem(problem.reason, problem.fix, problem.column or column) from None
+    except MissingDependencyError:
+        raise
+    except Exception as exc:  # whatever a codec or a strange value raises still names its row
+        raise RowProblem(
+            f"writing this value failed ({type(exc).__name__}: {str(exc)[:300]})",
+            "fix or drop the value (on_error='skip' leaves such rows out and records them)",
+            column,
+        ) from None
+
+
+def _extra_members(rows: Rows, i: int, key: str, meta_rows: list[dict] | None) -> list[tuple[str, bytes]]:
     """The ``key.txt``, ``key.cls`` and ``key.json`` members of row ``i``, where it has them."""
     extra = []
-    text = text_member(rows.texts[i]) if rows.texts is not None else None
-    if text is not None:
-        extra.append((f"{key}.{TEXT_EXT}", text))
-    label = label_member(rows.labels[i]) if rows.labels is not None else None
-    if label is not None:
-        extra.append((f"{key}.{LABEL_EXT}", label))
-    if json_members is not None:
-        extra.append((f"{key}.{JSON_EXT}", json_members[i]))
+    if rows.texts is not None:
+        text = _in_column(rows.column("text"), lambda: text_member(rows.texts[i]))
+        if text is not None:
+            extra.append((f"{key}.{TEXT_EXT}", text))
+    if rows.labels is not None:
+        label = _in_column(rows.column("label"), lambda: label_member(rows.labels[i]))
+        if label is not None:
+            extra.append((f"{key}.{LABEL_EXT}", label))
+    if meta_rows is not None:
+        extra.append((f"{key}.{JSON_EXT}", _in_column(None, lambda: json_member(meta_rows[i]))))
     return extra
 
 
@@ -280,14 +356,14 @@ def write_rows(
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
-    keys, problems = _check_keys(rows.keys)
-    json_members = json_rows(rows.meta) if rows.meta is not None and rows.meta.num_columns else None
+    keys, problems = _check_keys(rows.keys, rows.column("key"))
+    meta_rows = rows.meta.to_pylist() if rows.meta is not None and rows.meta.num_columns else None
 
     def prepare(i: int) -> PreparedSample | None:
         if i in problems:
             return None
-        image = encode_image(rows.images[i], options)
-        return prepare_sample(keys[i], image, _extra_members(rows, i, keys[i], json_members))
+        image = _in_column(rows.column("image"), lambda: encode_image(rows.images[i], options))
+        return prepare_sample(keys[i], image, _extra_members(rows, i, keys[i], meta_rows))
 
     roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, verbose, shard_checksums)
     skipped: list[SkippedRow] = []
@@ -302,8 +378,9 @@ def write_rows(
             if problem is not None:
                 shown_key = keys[i] if keys[i] is not None else str(rows.keys[i])
                 if on_error == "raise":
-                    raise BadRowError(problem.reason, fix=problem.fix, partition=partition, row=i, key=shown_key)
-                skipped.append(SkippedRow(partition, i, shown_key, problem.reason))
+                    raise BadRowError(problem.reason, fix=problem.fix, partition=partition, row=i, key=shown_key,
+                                      column=problem.column)
+                skipped.append(SkippedRow(partition, i, shown_key, problem.reason, problem.column))
                 continue
             roller.add(i, sample)
         return roller.close(), skipped

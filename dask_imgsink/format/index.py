@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from ..storage import join, read_bytes
-from .layout import CARD_FILE, ERRORS_FILE, INDEX_FILE, SUCCESS_FILE
+from .layout import CARD_FILE, INDEX_FILE, LAYOUT_VERSION
 
 WRITER_NAME = "dask-imgsink"
 
@@ -125,6 +125,7 @@ def build_index(
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
         "name": name,
+        "layout": LAYOUT_VERSION,
         "shardlist": shardlist,
         "num_samples": sum(e["nsamples"] for e in shardlist),
         "totals": {k: old_totals.get(k, 0) + v for k, v in totals.items()},
@@ -135,45 +136,5 @@ def build_index(
     }
 
 
-def dataset_card(
-    name: str,
-    index: dict,
-    *,
-    image_extension: str,
-    text_column: str | None,
-    label_column: str | None,
-    metadata_columns: list[str] | tuple[str, ...],
-) -> bytes:
-    """The ``README.md`` whose YAML ``configs`` points ``datasets.load_dataset(out)`` at ``*.tar``."""
-    members = [f"`key.{image_extension}` (image; encoded inputs keep their own format)"]
-    if text_column:
-        members.append(f"`key.txt` (column `{text_column}`)")
-    if label_column:
-        members.append(f"`key.cls` (column `{label_column}`)")
-    if metadata_columns:
-        members.append("`key.json` (metadata columns)")
-    text = f"""---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: "*.tar"
----
-
-# {name}
-
-WebDataset shards written by dask-imgsink: {index['num_samples']} images in
-{len(index['shardlist'])} shards (`{INDEX_FILE}` lists them with their sample counts).
-
-- Each `*.tar` holds one sample per image: {", ".join(members)}.
-- Each `*.parquet` beside a tar holds one row per image: `key`, `tar_file`, `member`,
-  `offset` and `size` (byte range of the image inside the tar), `format`, `width`,
-  `height`, `channels`, then the metadata columns
-  ({", ".join(f"`{c}`" for c in metadata_columns) or "none"}).
-- `{SUCCESS_FILE}` marks a complete dataset; rows left out are listed in `{ERRORS_FILE}`.
-"""
-    return text.encode()
-
-
-__all__ = ["CARD_FILE", "IndexFormatError", "build_index", "dataset_card", "job_for_shard", "next_numbers",
+__all__ = ["CARD_FILE", "IndexFormatError", "build_index", "job_for_shard", "next_numbers",
            "parse_index", "read_index"]

@@ -4,20 +4,31 @@ The one place that says where every file of a dataset lives, so the writer,
 the commit, ``verify`` and ``clean`` can never disagree::
 
     out/
-      shard-000000.tar, shard-000000.parquet, ...   the shards
-      _index.json, README.md, _SUCCESS, _errors.parquet
+      shard-000000.tar, shard-000000.idx, ...       the shards and their DALI indexes
+      metadata/shard-000000.parquet, ...            one Parquet per shard, same stem
+      _index.json, README.md, _SUCCESS, _errors.jsonl
       .imgsink/                                      present only while a job runs
         lock.json                                    the owning job (create-if-absent)
         jobs/<job id>/...                            that job's staged files
 
-Staged files sit in a dot folder, which Arrow, Hugging Face ``datasets`` and
-Spark skip, and end in ``.part`` rather than ``.parquet``, because
-``dd.read_parquet(out)`` reads every ``*.parquet``/``*.parq``/``*.pq`` below
-``out``, hidden folders included.
+Why the Parquet files have a folder of their own: Arrow's directory discovery
+(``pd.read_parquet``, ``pq.read_table``, ``pyarrow.dataset``) tries every file
+whose name does not start with ``.`` or ``_``, so a tar, an ``.idx`` or the
+card's ``README.md`` beside the Parquet files makes ``pd.read_parquet(dir)``
+fail; ``metadata/`` holds nothing else, so every reader's plain call works on
+it, and ``dd.read_parquet(out)`` (which reads every ``*.parquet`` below
+``out``, recursively, hidden and ``_`` names included) finds exactly these.
+For that same reason nothing else in the tree ends in ``.parquet``: skipped
+rows are recorded as JSON Lines, and staged files end in ``.part``.
+
+Datasets written before this layout (``layout`` absent from the index) kept
+each Parquet beside its tar; the index says which, so verify, overwrite and
+append read both.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 import uuid
 
@@ -25,9 +36,16 @@ from ..storage import join
 
 INDEX_FILE = "_index.json"
 SUCCESS_FILE = "_SUCCESS"
-ERRORS_FILE = "_errors.parquet"
+ERRORS_FILE = "_errors.jsonl"
 CARD_FILE = "README.md"
-FIXED_FILES = (INDEX_FILE, SUCCESS_FILE, ERRORS_FILE, CARD_FILE)
+METADATA_DIR = "metadata"
+#: What older releases called the skipped-rows file (``overwrite`` removes it).
+LEGACY_ERRORS_FILE = "_errors.parquet"
+FIXED_FILES = (INDEX_FILE, SUCCESS_FILE, ERRORS_FILE, CARD_FILE, LEGACY_ERRORS_FILE)
+
+#: The dataset layout this release writes (recorded in ``_index.json``): 2 puts
+#: the Parquet files in ``metadata/``; 1 (no ``layout`` field) kept them beside the tars.
+LAYOUT_VERSION = 2
 
 WORK_DIR = ".imgsink"
 LOCK_FILE = f"{WORK_DIR}/lock.json"
@@ -42,9 +60,21 @@ LEGACY_STAGING_DIR = "_temporary"
 SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
 
 
-def parquet_name(tar_name: str) -> str:
-    """The Parquet file beside the tar ``tar_name``."""
-    return tar_name[: -len(".tar")] + ".parquet"
+def parquet_name(tar_name: str, layout: int = LAYOUT_VERSION) -> str:
+    """The Parquet file of the tar ``tar_name``, relative to the dataset directory."""
+    stem = tar_name[: -len(".tar")]
+    return f"{METADATA_DIR}/{stem}.parquet" if layout >= 2 else f"{stem}.parquet"
+
+
+def idx_name(tar_name: str) -> str:
+    """The DALI index beside the tar ``tar_name`` (same stem, as DALI's ``wds2idx`` names it)."""
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+def index_layout(index: dict | None) -> int:
+    """The layout of the dataset this index describes (1 when it does not say)."""
+    layout = (index or {}).get("layout", 1)
+    return layout if isinstance(layout, int) and not isinstance(layout, bool) else 1
 
 
 def lock_path(root: str) -> str:
@@ -86,15 +116,31 @@ def staged(folder: str, name: str) -> str:
 
 
 def shard_files(index: dict) -> list[str]:
-    """The tar and Parquet names the index lists (plain names only)."""
+    """The tar, Parquet and DALI index names the index lists (plain names only)."""
+    layout = index_layout(index)
     names = []
     for entry in index.get("shardlist", []):
         url = entry.get("url") if isinstance(entry, dict) else None
         if isinstance(url, str) and SHARD_NAME.match(url):
-            names += [url, parquet_name(url)]
+            names += [url, parquet_name(url, layout)]
+            if entry.get("idx"):
+                names.append(idx_name(url))
     return names
 
 
 def dataset_files(index: dict | None) -> set[str]:
     """Every name a dataset owns: its shards (from its index) and the fixed files."""
     return set(FIXED_FILES) | (set(shard_files(index)) if index else set())
+
+
+def dataset_listing(fs, root: str) -> list[str]:
+    """Every name in ``root``, with the ``metadata/`` folder's files listed as ``metadata/<name>``."""
+    names = []
+    for entry in fs.ls(root, detail=True):
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if name == METADATA_DIR and entry.get("type") == "directory":
+            names += [f"{METADATA_DIR}/{posixpath.basename(p.rstrip('/'))}"
+                      for p in fs.ls(join(root, METADATA_DIR), detail=False)]
+        else:
+            names.append(name)
+    return sorted(names)

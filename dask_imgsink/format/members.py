@@ -14,6 +14,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from ..errors import RowProblem
+
 #: Member extensions in the order a sample's members are written (the image comes first).
 TEXT_EXT, LABEL_EXT, JSON_EXT = "txt", "cls", "json"
 
@@ -23,21 +25,57 @@ def is_null(value: Any) -> bool:
 
 
 def text_member(value: Any) -> bytes | None:
-    """The ``key.txt`` bytes of a text value, or ``None`` for a missing value."""
-    return None if is_null(value) else str(value).encode("utf-8")
+    """The ``key.txt`` bytes (UTF-8) of a text value, or ``None`` for a missing value.
+
+    Raises
+    ------
+    RowProblem
+        The value is not a ``str``, or ``bytes`` that are not UTF-8, or a
+        ``str`` that cannot be UTF-8 (lone surrogates).
+    """
+    if is_null(value):
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RowProblem(f"the text is bytes that are not UTF-8 ({exc})",
+                             "decode it yourself (value.decode('latin-1'), say) into str") from None
+        return bytes(value)
+    if not isinstance(value, str):
+        raise RowProblem(f"the text must be a str, got {type(value).__name__} {value!r:.40}",
+                         "convert the text column to strings (ddf[col].astype(str)) or leave it out")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowProblem(f"the text cannot be written as UTF-8 ({exc})",
+                         "remove lone surrogates (s.encode('utf-8', 'replace').decode())") from None
 
 
 def label_member(value: Any) -> bytes | None:
-    """The ``key.cls`` bytes of a label (integers without a trailing ``.0``), or ``None``."""
+    """The ``key.cls`` bytes of an integer class label, or ``None`` for a missing label.
+
+    WebDataset readers decode ``.cls`` with ``int()``, so only integers are
+    written (integral floats such as ``3.0`` from a nullable column too).
+
+    Raises
+    ------
+    RowProblem
+        The label is not an integer.
+    """
     if is_null(value):
         return None
-    if hasattr(value, "item"):
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()
-    if isinstance(value, bool):
+    if isinstance(value, float) and value.is_integer():
         value = int(value)
-    elif isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).encode("utf-8")
+    elif isinstance(value, bool):
+        value = int(value)  # a boolean label is class 0 or 1
+    if not isinstance(value, int):
+        raise RowProblem(f"the label must be an integer class id, got {type(value).__name__} {value!r:.40}",
+                         "map class names to integers (ddf[col].astype('category').cat.codes), or put "
+                         "names in text_column or a metadata column")
+    return str(value).encode("ascii")
 
 
 def _json_value(value: Any) -> Any:
@@ -60,9 +98,35 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _dumps(value: Any) -> bytes:
+    return json.dumps(_json_value(value), default=_json_default, ensure_ascii=False, allow_nan=False).encode()
+
+
+def json_member(row: dict[str, Any]) -> bytes:
+    """The ``key.json`` bytes of one metadata row: UTF-8 JSON, NaN as null, times as ISO strings.
+
+    Raises
+    ------
+    RowProblem
+        A value cannot be written as JSON (a string with lone surrogates, say);
+        its ``column`` names the metadata column.
+    """
+    try:
+        return _dumps(row)
+    except (ValueError, TypeError, RecursionError) as exc:
+        column = next((name for name, value in row.items() if not _dumps_ok(value)), None)
+        raise RowProblem(f"the metadata cannot be written as JSON ({type(exc).__name__}: {exc})",
+                         "clean or drop the value in this column", column=column) from None
+
+
+def _dumps_ok(value: Any) -> bool:
+    try:
+        _dumps(value)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return True
+
+
 def json_rows(table: pa.Table) -> list[bytes]:
-    """The ``key.json`` bytes of each row: UTF-8 JSON, NaN as null, times as ISO strings."""
-    return [
-        json.dumps(_json_value(row), default=_json_default, ensure_ascii=False, allow_nan=False).encode()
-        for row in table.to_pylist()
-    ]
+    """The ``key.json`` bytes of each row of ``table`` (see :func:`json_member`)."""
+    return [json_member(row) for row in table.to_pylist()]

@@ -21,6 +21,7 @@ from dask.base import tokenize
 from dask.dataframe.extensions import register_dataframe_accessor
 from dask.highlevelgraph import HighLevelGraph
 
+from ..core.argcheck import check_bool, check_optional_str
 from ..core.encode import DEFAULT_MAX_PIXELS, EncodeOptions
 from ..core.pool import default_encode_threads
 from ..core.tasks import FileGroupTask
@@ -34,8 +35,9 @@ from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
 from .packing import ShardPlan, assemble_shards, plan_shards
-from .results import TaskFailed, first_failure
-from .write import PartitionWriter, check_image_dtype
+from .results import TaskFailed, failure, first_failure
+from .unique import cross_partition_duplicate
+from .write import PartitionWriter, check_image_dtype, check_label_dtype
 
 
 def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions) -> None:
@@ -53,7 +55,11 @@ def _commit_exact(claim: Claim, plan: ShardPlan, assembled: list, num_partitions
 
 
 def _commit_per_partition(claim: Claim, results: list, num_partitions: int, opts: WriteOptions):
-    _raise_if_failed(first_failure(results), claim, opts)
+    failed = first_failure(results)
+    if failed is None and not claim.done:
+        duplicate = cross_partition_duplicate(results, opts)
+        failed = None if duplicate is None else failure(duplicate, "the check for duplicate keys")
+    _raise_if_failed(failed, claim, opts)
     results = sorted(results, key=lambda r: r.partition)
     shards = [(s, [r.partition]) for r in results for s in r.shards]
     skipped = [s for r in results for s in r.skipped]
@@ -83,6 +89,9 @@ def to_webdataset(
     jpeg_alpha: str = "error",
     reencode: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    validate: str = "complete",
+    unique_keys: str = "dataset",
+    dali_index: bool = True,
     dataset_name: str | None = None,
     compute: bool = False,
     compute_kwargs: dict | None = None,
@@ -104,7 +113,9 @@ def to_webdataset(
         Local path or fsspec URL of the dataset directory.
     image_column : str, default "image"
         Object column of NumPy arrays, encoded bytes, PIL images or
-        ``{"bytes", "path"}`` dicts, or a ``pd.ArrowDtype(pa.binary())`` column.
+        ``{"bytes", "path"}`` dicts; a ``pd.ArrowDtype(pa.binary())`` column;
+        or an Arrow ``struct<bytes: binary, path: string>`` column (Hugging
+        Face images, as ``dd.read_parquet`` returns them).
     key_column : str, optional
         Sample keys (no ``.``, ``/``, ``\\``, control characters; at most 95
         bytes). By default keys are generated from partition and row, unique in
@@ -116,7 +127,8 @@ def to_webdataset(
     quality : int, default 92
         JPEG/WebP quality.
     text_column, label_column : str, optional
-        Columns written as ``key.txt`` and ``key.cls``.
+        Columns written as ``key.txt`` (UTF-8 ``str``; ``bytes`` must be UTF-8)
+        and ``key.cls`` (integer class ids). A null value writes no member.
     metadata_columns : list of str, optional
         Columns for ``key.json`` and the Parquet; default every column but the
         image and key columns.
@@ -155,6 +167,21 @@ def to_webdataset(
     max_pixels : int, default 16384 * 16384
         Largest image (width x height) written; a larger one is a bad row. The
         index records it, and ``verify`` decodes with the same limit.
+    validate : {"complete", "decode", "header"}, default "complete"
+        How already-encoded bytes are checked before they are passed through:
+        that the file is whole (a JPEG ends with its EOI marker, a PNG with its
+        IEND chunk, a WebP's RIFF size matches), that it decodes fully, or only
+        that its header parses. A failing image is a bad row.
+    unique_keys : {"dataset", "shard"}, default "dataset"
+        Keys must be unique in the whole dataset (this job's rows, and the
+        dataset's keys when appending), or only within each shard (what
+        WebDataset readers need). The first copy in row order is kept; a later
+        one is a bad row. With ``packing="per_partition"`` a duplicate across
+        partitions cannot be left out (its shard is already written), so it
+        fails the job whatever ``on_error`` says.
+    dali_index : bool, default True
+        Write a DALI index (``shard-000000.idx``) beside each tar, built from
+        the offsets known while writing.
     dataset_name : str, optional
         Name in the index and card; default the directory's name.
     compute : bool, default False
@@ -187,8 +214,10 @@ def to_webdataset(
         metadata_schema=metadata_schema, deterministic_name=deterministic_name,
         name_prefix=name_prefix, encode_threads=encode_threads, storage_options=storage_options,
         packing=packing, mode=mode, on_error=on_error, jpeg_alpha=jpeg_alpha, reencode=reencode,
-        max_pixels=max_pixels, dataset_name=dataset_name,
+        max_pixels=max_pixels, validate=validate, unique_keys=unique_keys, dali_index=dali_index,
+        dataset_name=dataset_name,
     )
+    check_bool("compute", compute)
     bag = _build_graph(ddf, opts)
     if not compute:
         return bag
@@ -198,7 +227,8 @@ def to_webdataset(
 def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per_tar, image_format,
                    quality, text_column, label_column, metadata_columns, metadata_schema,
                    deterministic_name, name_prefix, encode_threads, storage_options, packing, mode,
-                   on_error, jpeg_alpha, reencode, max_pixels, dataset_name) -> tuple[object, WriteOptions]:
+                   on_error, jpeg_alpha, reencode, max_pixels, validate, unique_keys, dali_index,
+                   dataset_name) -> tuple[object, WriteOptions]:
     """Validate the arguments against the DataFrame and the output directory."""
     columns = list(ddf.columns)
     for name, col in (("image_column", image_column), ("key_column", key_column),
@@ -206,6 +236,11 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
         if col is not None and col not in columns:
             raise ValueError(f"{name}={col!r} is not a column of the DataFrame; columns: {columns}")
     check_image_dtype(ddf._meta[image_column].dtype, image_column)
+    if label_column is not None:
+        check_label_dtype(ddf._meta[label_column].dtype, label_column)
+    check_optional_str("dataset_name", dataset_name)
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(f"storage_options must be a dict, not {type(storage_options).__name__}")
     if metadata_columns is None:
         metadata_columns = [c for c in columns if c not in (image_column, key_column)]
     else:
@@ -217,7 +252,7 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
             raise ValueError(f"metadata_columns must not include the image column {image_column!r}")
     user_schema = user_schema_from_meta(ddf._meta, metadata_columns, metadata_schema)
     encode = EncodeOptions(image_format=image_format, quality=quality, jpeg_alpha=jpeg_alpha, reencode=reencode,
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, validate=validate)
 
     fs, root = resolve(output_dir, storage_options)
     opts = WriteOptions(
@@ -230,7 +265,7 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
         label_column=label_column,
         metadata_columns=tuple(metadata_columns),
         user_schema=user_schema,
-        images_per_tar=int(images_per_tar),
+        images_per_tar=images_per_tar,
         encode=encode,
         deterministic_name=deterministic_name,
         name_prefix=name_prefix,
@@ -239,6 +274,8 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
         mode=mode,
         on_error=on_error,
         dataset_name=dataset_name or posixpath.basename(root.rstrip("/")) or "dataset",
+        unique_keys=unique_keys,
+        dali_index=dali_index,
     )
     _check_output_early(fs, root, opts)
     return fs, opts

@@ -8,9 +8,23 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from ..format.layout import BREAK_PREFIX, LEGACY_STAGING_DIR, WORK_DIR, job_dir, jobs_root
+from ..format.layout import (
+    BREAK_PREFIX,
+    LEGACY_STAGING_DIR,
+    WORK_DIR,
+    job_dir,
+    jobs_root,
+)
 from ..storage import forget_listings, join, remove_empty_dir, remove_quietly, resolve
-from .lock import OutputLockedError, liveness, locked_error, new_lock, read_lock, release, try_claim
+from .lock import (
+    OutputLockedError,
+    liveness,
+    locked_error,
+    new_lock,
+    read_lock,
+    release,
+    try_claim,
+)
 
 logger = logging.getLogger("dask_imgsink")
 

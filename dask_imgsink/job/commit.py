@@ -26,25 +26,25 @@ import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from ..core.tasks import FileGroupTask
 from ..core.writer import SkippedRow, WrittenShard
+from ..format.card import dataset_card
 from ..format.checksums import SAMPLE_CHECKSUM, SHARD_CHECKSUM, sha256_hex
-from ..format.index import build_index, dataset_card, read_index
+from ..format.index import build_index, read_index
 from ..format.layout import (
     CARD_FILE,
     ERRORS_FILE,
     INDEX_FILE,
+    METADATA_DIR,
     SUCCESS_FILE,
     WORK_DIR,
+    idx_name,
     job_dir,
     jobs_root,
     journal_path,
     parquet_name,
 )
-from ..format.schema import ERRORS_SCHEMA, parquet_bytes, parquet_from_bytes
+from ..format.skipped import errors_jsonl, read_errors
 from ..storage import (
     forget_listings,
     is_local,
@@ -89,12 +89,14 @@ class PlannedFile:
 
 
 def planned_files(shards: list[tuple[WrittenShard, list[int]]]) -> list[PlannedFile]:
-    """Each shard's Parquet then its tar, in shard order."""
+    """Each shard's Parquet, DALI index (if any), then its tar, in shard order."""
     files = []
     for shard, _ in shards:
         tar = shard.target.tar_file
         files.append(PlannedFile(parquet_name(tar), shard.target.parquet_path, shard.parquet_bytes,
                                  shard.parquet_sha256))
+        if shard.target.idx_path is not None:
+            files.append(PlannedFile(idx_name(tar), shard.target.idx_path, shard.idx_bytes, shard.idx_sha256))
         files.append(PlannedFile(tar, shard.target.tar_path, shard.tar_bytes, shard.tar_sha256))
     return files
 
@@ -131,6 +133,8 @@ def _save_journal(fs, root: str, job_id: str, journal: Journal) -> None:
 
 
 def _publish(fs, root: str, files: list[PlannedFile]) -> None:
+    if is_local(fs) and any(f.name.startswith(METADATA_DIR + "/") for f in files):
+        fs.makedirs(join(root, METADATA_DIR), exist_ok=True)
     for f in files:
         final = join(root, f.name)
         if fs.exists(f.staged):
@@ -142,18 +146,14 @@ def _publish(fs, root: str, files: list[PlannedFile]) -> None:
             )
 
 
-def _errors_table(fs, root: str, skipped: list[SkippedRow], job_id: str, append: bool) -> pa.Table:
-    table = pa.table(
-        {"job_id": [job_id] * len(skipped), "partition": [int(s.partition) for s in skipped],
-         "row": [s.row for s in skipped], "key": [s.key for s in skipped], "reason": [s.reason for s in skipped]},
-        schema=ERRORS_SCHEMA,
-    )
+def _errors_records(fs, root: str, skipped: list[SkippedRow], job_id: str, append: bool) -> list[dict]:
+    records = [{"job_id": job_id, "partition": s.partition, "row": s.row, "key": s.key, "column": s.column,
+                "reason": s.reason} for s in skipped]
     old = read_bytes(fs, join(root, ERRORS_FILE)) if append else None
     if old is not None:
-        previous = parquet_from_bytes(old).cast(ERRORS_SCHEMA)
-        previous = previous.filter(pc.not_equal(previous.column("job_id"), job_id))  # a rerun replaces its rows
-        table = pa.concat_tables([previous, table])
-    return table
+        previous = [r for r in read_errors(old) if r["job_id"] != job_id]  # a rerun replaces its rows
+        records = previous + records
+    return records
 
 
 def _display_path(fs, path: str) -> str:
@@ -191,9 +191,17 @@ def committed_tasks(fs, root: str, opts) -> list[FileGroupTask]:
 
 
 def _index_entries(shards: list[tuple[WrittenShard, list[int]]]) -> list[dict]:
-    return [{"url": s.target.tar_file, "nsamples": s.num_images, "filesize": s.tar_bytes,
-             "sha256": s.tar_sha256, "parquet_filesize": s.parquet_bytes, "parquet_sha256": s.parquet_sha256}
-            for s, _ in shards]
+    entries = []
+    for s, _ in shards:
+        entry = {"url": s.target.tar_file, "nsamples": s.num_images, "filesize": s.tar_bytes,
+                 "sha256": s.tar_sha256, "parquet": parquet_name(s.target.tar_file),
+                 "parquet_filesize": s.parquet_bytes, "parquet_sha256": s.parquet_sha256,
+                 "formats": dict(sorted(s.formats.items()))}
+        if s.target.idx_path is not None:
+            entry.update({"idx": idx_name(s.target.tar_file), "idx_filesize": s.idx_bytes,
+                          "idx_sha256": s.idx_sha256})
+        entries.append(entry)
+    return entries
 
 
 def _job_record(opts, claim: Claim, journal: Journal, totals: dict, shard_range: list[int],
@@ -226,11 +234,10 @@ def _write_after_index(fs, root: str, opts, claim: Claim, journal: Journal, inde
     """``_errors.parquet``, the card, then ``_SUCCESS`` (which names the index's SHA-256)."""
     tmp = job_dir(root, opts.job_id)
     if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
-        table = _errors_table(fs, root, skipped, opts.job_id, opts.mode == "append")
-        write_small(fs, join(root, ERRORS_FILE), parquet_bytes(table), tmp)
-    ext = {"jpeg": "jpg"}.get(opts.encode.image_format, opts.encode.image_format)
-    card = dataset_card(opts.dataset_name, index, image_extension=ext, text_column=opts.text_column,
-                        label_column=opts.label_column, metadata_columns=opts.metadata_columns)
+        records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")
+        write_small(fs, join(root, ERRORS_FILE), errors_jsonl(records), tmp)
+    card = dataset_card(opts.dataset_name, index, text_column=opts.text_column, label_column=opts.label_column,
+                        user_schema=opts.user_schema)
     write_small(fs, join(root, CARD_FILE), card, tmp)
     success = {"job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at,
                "index_sha256": index_sha256}
@@ -273,6 +280,7 @@ def _rollback(fs, root: str, journal: Journal, opts) -> None:
     """
     for name in [*journal.planned, *(journal.remove if opts.mode == "overwrite" else [])]:
         remove_file(fs, join(root, name))
+    remove_empty_dir(fs, join(root, METADATA_DIR))
     if opts.mode == "append" and journal.old_success is not None:
         write_small(fs, join(root, SUCCESS_FILE), journal.old_success.encode(), job_dir(root, opts.job_id))
 

@@ -35,7 +35,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from ..format.layout import breaker_path, lock_path
-from ..storage import create_exclusive, forget_listings, read_bytes, remove_file, write_small
+from ..storage import (
+    create_exclusive,
+    forget_listings,
+    read_bytes,
+    remove_file,
+    write_small,
+)
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 

@@ -12,18 +12,14 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from ..core.argcheck import check_bool, check_choice, check_int
 from ..core.encode import EncodeOptions
 from .output import MODE_CHOICES
+from .unique import UNIQUE_KEYS_CHOICES
 
 PACKING_CHOICES = ("exact", "per_partition")
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -48,12 +44,16 @@ class WriteOptions:
     mode: str
     on_error: str
     dataset_name: str
+    unique_keys: str = "dataset"
+    dali_index: bool = True
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
-        if int(self.images_per_tar) < 1:
-            raise ValueError(f"images_per_tar={self.images_per_tar!r} must be at least 1")
-        if not _PREFIX.match(self.name_prefix):
+        check_int("images_per_tar", self.images_per_tar, low=1)
+        check_bool("deterministic_name", self.deterministic_name)
+        check_bool("dali_index", self.dali_index)
+        check_choice("unique_keys", self.unique_keys, UNIQUE_KEYS_CHOICES)
+        if not isinstance(self.name_prefix, str) or not _PREFIX.match(self.name_prefix):
             raise ValueError(
                 f"name_prefix={self.name_prefix!r} must be letters, digits, '_' or '-' "
                 "(no '.', '/'), so shard names stay plain and brace patterns work"
@@ -61,8 +61,7 @@ class WriteOptions:
         check_choice("packing", self.packing, PACKING_CHOICES)
         check_choice("mode", self.mode, MODE_CHOICES)
         check_choice("on_error", self.on_error, ("raise", "skip"))
-        if self.encode_threads is not None and int(self.encode_threads) < 1:
-            raise ValueError(f"encode_threads={self.encode_threads!r} must be at least 1")
+        check_int("encode_threads", self.encode_threads, low=1, optional=True)
 
     # ------------------------------------------------------------------ names
 
@@ -87,7 +86,8 @@ class WriteOptions:
             "max_pixels": self.encode.max_pixels, "image_column": self.image_column,
             "key_column": self.key_column, "text_column": self.text_column,
             "label_column": self.label_column, "metadata_columns": list(self.metadata_columns),
-            "on_error": self.on_error, "mode": self.mode,
+            "on_error": self.on_error, "mode": self.mode, "unique_keys": self.unique_keys,
+            "validate": self.encode.validate, "dali_index": self.dali_index,
         }
 
     def token(self) -> tuple:

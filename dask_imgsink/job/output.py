@@ -21,21 +21,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..format.index import read_index
-from ..format.layout import INDEX_FILE, LEGACY_STAGING_DIR, WORK_DIR, dataset_files, parquet_name, shard_files
+from ..format.layout import (
+    INDEX_FILE,
+    LAYOUT_VERSION,
+    LEGACY_STAGING_DIR,
+    METADATA_DIR,
+    WORK_DIR,
+    dataset_files,
+    dataset_listing,
+    index_layout,
+    parquet_name,
+    shard_files,
+)
 from ..storage import forget_listings, is_local, read_bytes
 
 MODE_CHOICES = ("error", "overwrite", "append")
 
 
 def existing_entries(fs, root: str) -> list[str]:
-    """Names in the output directory, leaving out our hidden work folder."""
+    """Names in the output directory, leaving out our hidden work folder.
+
+    The ``metadata/`` folder is listed by its files (``metadata/shard-000000.parquet``);
+    an empty one counts as nothing.
+    """
     forget_listings(fs, root)
     if not fs.exists(root):
         return []
     if not fs.isdir(root):
         raise NotADirectoryError(f"the output path {root!r} exists and is not a directory")
-    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
-    return sorted(n for n in names if n != WORK_DIR)
+    return sorted(n for n in dataset_listing(fs, root) if n != WORK_DIR)
 
 
 def _shown(names: list[str], limit: int = 5) -> str:
@@ -108,7 +122,7 @@ def existing_shard_schema(fs, root: str, index: dict) -> pa.Schema | None:
     names = shard_files(index)
     if not names:
         return None
-    data = read_bytes(fs, posixpath.join(root, parquet_name(names[0])))
+    data = read_bytes(fs, posixpath.join(root, parquet_name(names[0], index_layout(index))))
     return None if data is None else pq.read_schema(pa.BufferReader(data))
 
 
@@ -155,6 +169,12 @@ def check_output(fs, root: str, url: str, mode: str, shard_schema: pa.Schema) ->
         raise ValueError(
             f"mode='append' needs the dataset's {INDEX_FILE} in {url!r}, and there is none: "
             "it is not a complete dask-imgsink dataset. Use mode='overwrite' to replace it"
+        )
+    if index_layout(index) != LAYOUT_VERSION:
+        raise ValueError(
+            f"mode='append' cannot add to the dataset in {url!r}: an older dask-imgsink wrote it with its "
+            f"Parquet files beside the tars (layout {index_layout(index)}), and this release puts them in "
+            f"{METADATA_DIR}/ (layout {LAYOUT_VERSION}). Rewrite it as a new dataset, or use mode='overwrite'"
         )
     check_append_schema(existing_shard_schema(fs, root, index), shard_schema, url)
     return index

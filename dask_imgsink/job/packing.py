@@ -19,14 +19,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.tarshard import TarShardWriter
-from ..core.writer import ShardTarget, SkippedRow, WrittenShard
+from ..core.writer import (
+    LAYOUT_COLUMN,
+    ShardTarget,
+    SkippedRow,
+    WrittenShard,
+    format_counts,
+    write_idx,
+)
 from ..errors import BadRowError
+from ..format.dali import idx_line
 from ..format.layout import new_attempt_dir, staged
 from ..format.schema import read_parquet, shard_schema, write_parquet
 from ..storage import remove_quietly, resolve
 from .claim import Claim, committed_job
 from .options import WriteOptions
 from .results import PartitionResult, TaskFailed, failure, first_failure
+from .unique import drop_duplicate_keys
 
 
 @dataclass
@@ -40,26 +49,36 @@ class Piece:
 
 @dataclass
 class ShardPlan:
-    """The cut of all runs into shards; only counts and paths, O(partitions) in size."""
+    """The cut of all runs into shards; only counts and paths, O(partitions) in size.
+
+    ``dropped`` lists, per run, the rows left out as duplicate keys (see
+    :mod:`~dask_imgsink.job.unique`); shards are cut over the rows kept, so each
+    still holds exactly ``images_per_tar`` images.
+    """
 
     runs: list[tuple[int, WrittenShard]]  # (partition, run) for runs holding images
     images_per_tar: int
     first_shard: int
     rows_in: int
     skipped: list[SkippedRow] = field(default_factory=list)
-    run_starts: list[int] = field(default_factory=list)  # global row of each run's first image
+    run_starts: list[int] = field(default_factory=list)  # global kept row of each run's first kept image
     failed: TaskFailed | None = None  # a write task failed: nothing to assemble
+    dropped: dict[int, list[int]] = field(default_factory=dict)  # run index -> its rows left out
 
     @cached_property
     def run_of(self) -> dict[int, int]:
         """Partition -> index of its run in ``runs``."""
         return {p: i for i, (p, _) in enumerate(self.runs)}
 
+    def kept(self, run: int) -> int:
+        """Images of run ``run`` that go into shards."""
+        return self.runs[run][1].num_images - len(self.dropped.get(run, ()))
+
     @property
     def num_images(self) -> int:
         if not self.runs:
             return 0
-        return self.run_starts[-1] + self.runs[-1][1].num_images
+        return self.run_starts[-1] + self.kept(len(self.runs) - 1)
 
     @property
     def num_shards(self) -> int:
@@ -71,7 +90,7 @@ class ShardPlan:
         if run is None:
             return []
         lo = self.run_starts[run]
-        hi = lo + self.runs[run][1].num_images
+        hi = lo + self.kept(run)
         n = self.images_per_tar
         out = []
         for s in range(-(-lo // n), -(-hi // n)):
@@ -82,35 +101,61 @@ class ShardPlan:
         pieces = []
         run = bisect.bisect_right(self.run_starts, start) - 1
         while start < stop:
+            while self.kept(run) == 0 or start >= self.run_starts[run] + self.kept(run):
+                run += 1
             base = self.run_starts[run]
-            end = min(stop, base + self.runs[run][1].num_images)
-            pieces.append(Piece(run, start - base, end - base))
+            end = min(stop, base + self.kept(run))
+            pieces += self._row_ranges(run, start - base, end - base)
             start = end
             run += 1
         return pieces
 
+    def _row_ranges(self, run: int, first: int, stop: int) -> list[Piece]:
+        """Kept images ``[first, stop)`` of ``run`` as contiguous row ranges, around its dropped rows."""
+        dropped = self.dropped.get(run)
+        if not dropped:
+            return [Piece(run, first, stop)]
+        pieces, row, kept = [], 0, 0
+        dropped_set = set(dropped)
+        start_row = None
+        while kept < stop:
+            if row not in dropped_set:
+                if kept >= first and start_row is None:
+                    start_row = row
+                kept += 1
+            elif start_row is not None:
+                pieces.append(Piece(run, start_row, row))
+                start_row = None
+            row += 1
+        if start_row is not None:
+            pieces.append(Piece(run, start_row, row))
+        return pieces
+
 
 def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts: WriteOptions) -> ShardPlan:
-    """Cut the runs of all partitions, in partition order, into shards."""
+    """Cut the runs of all partitions, in partition order, into shards (duplicate keys left out first)."""
     failed = first_failure(results)
     if failed is not None:
         return ShardPlan([], opts.images_per_tar, claim.first_shard, 0, failed=failed)
-    runs, starts, total = [], [], 0
+    runs: list[tuple[int, WrittenShard]] = []
     results = sorted(results, key=lambda r: r.partition)
     for res in results:
-        for run in res.shards:
-            if run.num_images:
-                runs.append((res.partition, run))
-                starts.append(total)
-                total += run.num_images
-    return ShardPlan(
-        runs=runs,
-        images_per_tar=opts.images_per_tar,
-        first_shard=claim.first_shard,
-        rows_in=sum(r.rows_in for r in results),
-        skipped=[s for r in results for s in r.skipped],
-        run_starts=starts,
-    )
+        runs += [(res.partition, run) for run in res.shards if run.num_images]
+    plan = ShardPlan(runs=runs, images_per_tar=opts.images_per_tar, first_shard=claim.first_shard,
+                     rows_in=sum(r.rows_in for r in results), skipped=[s for r in results for s in r.skipped])
+    try:
+        drop_duplicate_keys(plan, [r for r in results if r.shards and r.num_images], opts)
+    except Exception as exc:
+        fs, root = resolve(opts.url, opts.storage_options)
+        if isinstance(exc, BadRowError) or committed_job(fs, root, opts.job_id) is None:
+            plan.failed = failure(exc, "the check for duplicate keys")
+            return plan
+        # Dask reran the plan after the job committed (its runs are gone): the commit returns what it wrote
+    total = 0
+    for i in range(len(runs)):
+        plan.run_starts.append(total)
+        total += plan.kept(i)
+    return plan
 
 
 class _RunReader:
@@ -173,7 +218,8 @@ def _assemble_one(fs, attempt: str, reader: "_RunReader", plan: ShardPlan, local
     """Copy one shard's samples from its runs; write its Parquet."""
     index = plan.first_shard + local_index
     stem = opts.exact_stem(index)
-    target = ShardTarget(staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"), f"{stem}.tar")
+    target = ShardTarget(staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"), f"{stem}.tar",
+                         idx_path=staged(attempt, f"{stem}.idx") if opts.dali_index else None)
     tables = []
     with fs.open(target.tar_path, "wb") as out:
         writer = TarShardWriter(out)
@@ -186,11 +232,17 @@ def _assemble_one(fs, attempt: str, reader: "_RunReader", plan: ShardPlan, local
             shift = writer.copy_members(src, first, end - first) - first
             tables.append(_moved_rows(rows, shift, target.tar_file))
         size = writer.close()
-    table = pa.Table.from_arrays(pa.concat_tables(tables).columns, schema=shard_schema(opts.user_schema))
-    _check_unique_keys(table, plan, pieces, index)
+    moved = pa.concat_tables(tables)
+    layouts = moved.column(LAYOUT_COLUMN).to_pylist()
+    table = pa.Table.from_arrays(moved.drop_columns([LAYOUT_COLUMN]).columns, schema=shard_schema(opts.user_schema))
     parquet_size, parquet_sha = write_parquet(table, fs, target.parquet_path)
+    shard = WrittenShard(target, table.num_rows, size, writer.sha256, parquet_size, parquet_sha,
+                         formats=format_counts(table.column("format").to_pylist()))
+    if target.idx_path is not None:
+        starts = table.column("sample_offset").to_pylist()
+        shard.idx_bytes, shard.idx_sha256 = write_idx(fs, target.idx_path, map(idx_line, starts, layouts))
     sources = sorted({plan.runs[p.run][0] for p in pieces})
-    return index, WrittenShard(target, table.num_rows, size, writer.sha256, parquet_size, parquet_sha), sources
+    return index, shard, sources
 
 
 def _moved_rows(rows: pa.Table, shift: int, tar_file: str) -> pa.Table:
@@ -200,22 +252,3 @@ def _moved_rows(rows: pa.Table, shift: int, tar_file: str) -> pa.Table:
         rows = rows.set_column(rows.schema.get_field_index(name), name, moved)
     names = pa.array([tar_file] * rows.num_rows, pa.string())
     return rows.set_column(rows.schema.get_field_index("tar_file"), "tar_file", names)
-
-
-def _check_unique_keys(table: pa.Table, plan: ShardPlan, pieces: list[Piece], index: int) -> None:
-    keys = table.column("key")
-    if pc.count_distinct(keys).as_py() == table.num_rows:
-        return
-    seen: dict[str, int] = {}
-    partitions = [plan.runs[p.run][0] for p in pieces for _ in range(p.stop - p.start)]
-    for row, key in enumerate(keys.to_pylist()):
-        if key in seen:
-            raise BadRowError(
-                f"the key is used twice in shard {index} (partitions {partitions[seen[key]]} "
-                f"and {partitions[row]}); WebDataset would merge the two samples",
-                fix="make keys unique across the DataFrame, e.g. ddf.drop_duplicates(subset='key')",
-                partition=partitions[row],
-                key=key,
-            )
-        seen[key] = row
-

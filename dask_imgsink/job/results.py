@@ -15,17 +15,26 @@ import traceback
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
+
 from ..core.writer import SkippedRow, WrittenShard
 
 
 @dataclass
 class PartitionResult:
-    """What one write task produced: its shards (or run), its skipped rows, its row count."""
+    """What one write task produced: its shards (or run), its skipped rows, its row count.
+
+    With a key column, ``key_hashes`` holds the XXH3-128 hash of each written
+    key and ``written_rows`` its row in the partition, in the order written,
+    for the job's duplicate-key check (:mod:`~dask_imgsink.job.unique`).
+    """
 
     partition: int
     rows_in: int
     shards: list[WrittenShard]
     skipped: list[SkippedRow]
+    key_hashes: np.ndarray | None = None
+    written_rows: np.ndarray | None = None
 
     @property
     def num_images(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -17,6 +18,7 @@ from .cleanup import discard_staging
 from .lock import aborted_here
 from .options import WriteOptions
 from .results import PartitionResult, TaskFailed, cancelled, failure
+from .unique import key_hashes
 
 CONVERT_STRING_HELP = (
     "Dask converts object columns to strings by default (the 'dataframe.convert-string' "
@@ -28,10 +30,22 @@ CONVERT_STRING_HELP = (
 )
 
 
+def _is_binary(arrow: pa.DataType) -> bool:
+    return pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow) or pa.types.is_binary_view(arrow)
+
+
+def _is_image_struct(arrow: pa.DataType) -> bool:
+    """``struct<bytes: binary, path: string>``, as Hugging Face stores images (path optional)."""
+    if not pa.types.is_struct(arrow):
+        return False
+    names = [f.name for f in arrow]
+    return "bytes" in names and _is_binary(arrow.field("bytes").type)
+
+
 def check_image_dtype(dtype: Any, column: str, where: str = "") -> None:
-    """Raise ``TypeError`` unless ``dtype`` can hold images (object or Arrow binary)."""
+    """Raise ``TypeError`` unless ``dtype`` can hold images (object, Arrow binary, or an image struct)."""
     arrow = dtype.pyarrow_dtype if isinstance(dtype, pd.ArrowDtype) else None
-    if arrow is not None and (pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow)):
+    if arrow is not None and (_is_binary(arrow) or _is_image_struct(arrow)):
         return
     if isinstance(dtype, pd.StringDtype) or (
         arrow is not None and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow))
@@ -41,9 +55,23 @@ def check_image_dtype(dtype: Any, column: str, where: str = "") -> None:
         return
     raise TypeError(
         f"{where}the image column {column!r} has dtype {dtype}; it must be an object column "
-        "(NumPy arrays, encoded bytes, PIL images or {'bytes', 'path'} dicts) or a "
-        "pd.ArrowDtype(pa.binary()) column of encoded bytes"
+        "(NumPy arrays, encoded bytes, PIL images or {'bytes', 'path'} dicts), a "
+        "pd.ArrowDtype(pa.binary()) column of encoded bytes, or an Arrow struct<bytes: binary, "
+        "path: string> column of Hugging Face images"
     )
+
+
+def check_label_dtype(dtype: Any, column: str) -> None:
+    """Raise ``TypeError`` if ``dtype`` cannot hold integer class ids (strings, say)."""
+    arrow = dtype.pyarrow_dtype if isinstance(dtype, pd.ArrowDtype) else None
+    is_text = isinstance(dtype, pd.StringDtype) or (
+        arrow is not None and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow)))
+    if is_text or (arrow is None and dtype != object and not pd.api.types.is_numeric_dtype(dtype)):
+        raise TypeError(
+            f"label_column {column!r} has dtype {dtype}; WebDataset's key.cls holds an integer class id "
+            "(readers decode it with int()). Map names to ids (ddf[col].astype('category').cat.codes), "
+            "or write the names with text_column or as a metadata column"
+        )
 
 
 def _column_values(frame: pd.DataFrame, column: str | None) -> list | None:
@@ -98,6 +126,8 @@ class PartitionWriter:
             keys=keys,
             texts=_column_values(frame, opts.text_column),
             labels=_column_values(frame, opts.label_column),
+            columns={"image": opts.image_column, "key": opts.key_column, "text": opts.text_column,
+                     "label": opts.label_column},
             meta=user_table(frame, opts.user_schema, f"partition {partition}") if opts.metadata_columns else None,
         )
 
@@ -112,11 +142,12 @@ class PartitionWriter:
                 attempt.append(new_attempt_dir(root, opts.job_id, f"write-{partition:06d}"))
                 fs.makedirs(attempt[0], exist_ok=True)
             if exact:
-                stem, tar_file = f"run-{partition:06d}", ""
-            else:
-                stem = opts.partition_stem(claim.first_partition + partition, chunk)
-                tar_file = f"{stem}.tar"
-            return ShardTarget(staged(attempt[0], f"{stem}.tar"), staged(attempt[0], f"{stem}.parquet"), tar_file)
+                stem = f"run-{partition:06d}"
+                return ShardTarget(staged(attempt[0], f"{stem}.tar"), staged(attempt[0], f"{stem}.parquet"), "",
+                                   run=True)
+            stem = opts.partition_stem(claim.first_partition + partition, chunk)
+            return ShardTarget(staged(attempt[0], f"{stem}.tar"), staged(attempt[0], f"{stem}.parquet"),
+                               f"{stem}.tar", idx_path=staged(attempt[0], f"{stem}.idx") if opts.dali_index else None)
 
         try:
             shards, skipped = write_rows(
@@ -129,4 +160,10 @@ class PartitionWriter:
             if attempt:
                 remove_quietly(fs, attempt[0], recursive=True)
             raise
-        return PartitionResult(partition, len(frame), shards, skipped)
+        result = PartitionResult(partition, len(frame), shards, skipped)
+        if opts.key_column is not None:
+            left_out = {s.row for s in skipped}
+            written = [i for i in range(len(frame)) if i not in left_out]
+            result.written_rows = np.asarray(written, dtype=np.int64)
+            result.key_hashes = key_hashes([str(rows.keys[i]) for i in written])
+        return result

@@ -13,13 +13,14 @@ rebuilt from the row and compared byte for byte, which tells which member of
 a damaged sample changed; with ``decode``, every image decoded under the
 dataset's ``max_pixels``. Dataset-wide: ``_index.json`` parses, ``_SUCCESS``
 exists and names this index, no file is missing or unaccounted for, no job's
-staging is left, ``_errors.parquet`` agrees with the totals.
+staging is left, ``_errors.jsonl`` agrees with the totals. Each DALI index
+(``.idx``) is checked against the index's SHA-256 and rebuilt from the tar
+scan, so an index that points at the wrong bytes is found too.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass, field
 
 import dask
@@ -27,18 +28,31 @@ import dask
 from ..core.encode import DEFAULT_MAX_PIXELS, decode_encoded
 from ..errors import RowProblem
 from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
+from ..format.dali import idx_bytes, idx_line, sample_layout
 from ..format.index import IndexFormatError, job_for_shard, parse_index
 from ..format.layout import (
     ERRORS_FILE,
     INDEX_FILE,
+    LAYOUT_VERSION,
     LEGACY_STAGING_DIR,
     SUCCESS_FILE,
     WORK_DIR,
     dataset_files,
+    dataset_listing,
+    idx_name,
+    index_layout,
     parquet_name,
 )
-from ..format.members import JSON_EXT, LABEL_EXT, TEXT_EXT, json_rows, label_member, text_member
+from ..format.members import (
+    JSON_EXT,
+    LABEL_EXT,
+    TEXT_EXT,
+    json_rows,
+    label_member,
+    text_member,
+)
 from ..format.schema import WRITER_COLUMNS, parquet_from_bytes
+from ..format.skipped import read_errors
 from ..storage import forget_listings, join, read_bytes, resolve
 from .tarstream import Sample, TarScan, scan_tar
 
@@ -88,6 +102,7 @@ class ShardCheck:
     job_options: dict
     decode: bool
     max_pixels: int
+    layout: int = LAYOUT_VERSION
 
 
 # ----------------------------------------------------------------------------- per shard
@@ -103,13 +118,15 @@ def verify_shard(check: ShardCheck) -> ShardReport:
         scan = _scan_shard_tar(fs, root, check, table, report)
         if scan is not None and table is not None:
             _compare_rows(check, table, scan, report)
+        if scan is not None and check.entry.get("idx"):
+            _check_idx(fs, root, check, scan, report)
     except Exception as exc:  # an unreadable file, a broken connection: a problem, not a crash
         report.problems.append(Problem(name, None, f"could not be checked ({type(exc).__name__}: {exc})"))
     return report
 
 
 def _read_shard_parquet(fs, root: str, check: ShardCheck, report: ShardReport):
-    name = parquet_name(check.entry["url"])
+    name = parquet_name(check.entry["url"], check.layout)
     data = read_bytes(fs, join(root, name))
     if data is None:
         report.problems.append(Problem(name, None, "is missing"))
@@ -164,6 +181,23 @@ def _scan_shard_tar(fs, root: str, check: ShardCheck, table, report: ShardReport
         report.problems.append(Problem(name, None, f"holds {len(scan.samples)} samples, the index says "
                                                    f"{check.entry['nsamples']}"))
     return scan
+
+
+def _check_idx(fs, root: str, check: ShardCheck, scan: TarScan, report: ShardReport) -> None:
+    name = idx_name(check.entry["url"])
+    data = read_bytes(fs, join(root, name))
+    if data is None:
+        report.problems.append(Problem(name, None, "is missing"))
+        return
+    if (len(data), sha256_hex(data)) != (check.entry.get("idx_filesize"), check.entry.get("idx_sha256")):
+        report.problems.append(Problem(name, None, "differs from the size and SHA-256 the index records"))
+    lines = [idx_line(sample.start, sample_layout([m.name for m in sample.members],
+                                                  [m.data_offset - sample.start for m in sample.members],
+                                                  [m.size for m in sample.members]))
+             for sample in scan.samples]
+    if data != idx_bytes(lines):
+        report.problems.append(Problem(name, None, "does not describe the tar's members (DALI would read "
+                                                   "the wrong bytes)"))
 
 
 def _decode(shard: str, member: str, data: bytes, fmt: str, max_pixels: int, report: ShardReport) -> None:
@@ -252,14 +286,13 @@ def _row_problem(row: dict, sample: Sample, shard: str) -> tuple[str | None, str
 
 def _check_listing(fs, root: str, index: dict | None, report: VerifyReport) -> None:
     forget_listings(fs, root)
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
     owned = dataset_files(index) if index is not None else set()
-    for name in names:
+    for name in dataset_listing(fs, root):
         if name in (WORK_DIR, LEGACY_STAGING_DIR):
             report.problems.append(Problem(name, None, "a job's staging or lock is present: a job is writing "
                                                        "this dataset, or died (remove it with dask-imgsink clean)"))
         elif index is not None and name not in owned:
-            kind = "shard" if name.endswith((".tar", ".parquet")) else "file"
+            kind = "shard" if name.endswith((".tar", ".parquet", ".idx")) else "file"
             report.problems.append(Problem(name, None, f"is a stray {kind}: the index does not list it"))
 
 
@@ -282,15 +315,17 @@ def _check_errors_file(fs, root: str, index: dict, report: VerifyReport) -> None
     if not isinstance(skipped, int):
         report.problems.append(Problem(INDEX_FILE, None, "its totals.skipped is not a number"))
         return
+    if index_layout(index) < 2:
+        return  # older datasets kept their error records as Parquet
     data = read_bytes(fs, join(root, ERRORS_FILE))
     if data is None:
         if skipped:
             report.problems.append(Problem(ERRORS_FILE, None, f"is missing, the index counts {skipped} skipped rows"))
         return
     try:
-        rows = parquet_from_bytes(data).num_rows
-    except Exception as exc:
-        report.problems.append(Problem(ERRORS_FILE, None, f"is not a readable Parquet file ({exc})"))
+        rows = len(read_errors(data))
+    except ValueError as exc:
+        report.problems.append(Problem(ERRORS_FILE, None, f"is not readable JSON Lines of error records ({exc})"))
         return
     if rows != skipped:
         report.problems.append(Problem(ERRORS_FILE, None, f"lists {rows} rows, the index counts {skipped} skipped"))
@@ -367,7 +402,8 @@ def _verify_into(report: VerifyReport, fs, root: str, path: str, storage_options
         return
     _check_errors_file(fs, root, index, report)
     limit = max_pixels or _max_pixels(index)
-    checks = [ShardCheck(path, storage_options, entry, job_for_shard(index, i).get("options") or {}, decode, limit)
+    checks = [ShardCheck(path, storage_options, entry, job_for_shard(index, i).get("options") or {}, decode, limit,
+                         index_layout(index))
               for i, entry in enumerate(index["shardlist"])]
     verify = dask.delayed(verify_shard, pure=True)
     token = dask.base.tokenize(path, decode, limit, index_bytes)

@@ -1,0 +1,117 @@
+"""The stage's metadata: one Arrow schema for all its batches, and batch fingerprints for names.
+
+:class:`MetadataSchema` takes the union of the metadata keys of a batch's
+objects (in order of first appearance), fixes their Arrow types from the first
+batch (or from ``metadata_schema``), and refuses a later batch that adds a key
+or changes a type, naming the key, so every shard the stage writes has the same
+Parquet schema. :func:`batch_fingerprint` identifies a batch by everything it
+holds, so two different batches never get the same shard names.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+from PIL import Image
+
+from ..format.schema import check_metadata_names
+from .tasks import ImageBatch, ImageObject
+
+_SCHEMA_FIX = "pass metadata_schema={'name': pa.int64(), ...} to the stage to fix the types, or make the values agree"
+
+
+class MetadataSchema:
+    """The Arrow schema of a stage's metadata columns, fixed by its first batch."""
+
+    def __init__(self, declared: Mapping[str, pa.DataType] | pa.Schema | None) -> None:
+        if isinstance(declared, pa.Schema):
+            declared = {f.name: f.type for f in declared}
+        self.declared = dict(declared or {})
+        check_metadata_names(list(self.declared))
+        self.schema: pa.Schema | None = None
+
+    def table(self, objects: list[ImageObject], batch: str) -> pa.Table:
+        """The metadata of ``objects`` (``image_path`` first) as Arrow in the stage's schema.
+
+        Raises
+        ------
+        ValueError
+            A key the first batch did not have, or a value that does not fit its
+            key's type; names the batch, the key and the fix.
+        """
+        rows = [{"image_path": obj.image_path, **dict(obj.metadata or {})} for obj in objects]
+        names = list(dict.fromkeys(name for row in rows for name in row))
+        check_metadata_names([n for n in names if n != "image_path"])
+        if self.schema is None:
+            self.schema = self._first_schema(rows, names, batch)
+        new = [n for n in names if n not in self.schema.names]
+        if new:
+            raise ValueError(
+                f"batch {batch!r}: metadata key(s) {new} were not in the stage's first batch, which fixed its "
+                f"Parquet schema ({self.schema.names}); every shard must have the same schema. Give every "
+                f"object every key (None where unknown) from the first batch on, or {_SCHEMA_FIX}"
+            )
+        return _to_table(rows, self.schema, batch)
+
+    def _first_schema(self, rows: list[dict], names: list[str], batch: str) -> pa.Schema:
+        fields = [pa.field("image_path", pa.string())]
+        for name in names[1:]:
+            if name in self.declared:
+                fields.append(pa.field(name, self.declared[name]))
+            else:
+                try:
+                    inferred = pa.array([row.get(name) for row in rows]).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    raise ValueError(f"batch {batch!r}: the values of metadata key {name!r} have no single "
+                                     f"Arrow type ({exc}); {_SCHEMA_FIX}") from None
+                fields.append(pa.field(name, inferred))
+        for name, type_ in self.declared.items():
+            if name not in names:
+                fields.append(pa.field(name, type_))
+        return pa.schema(fields)
+
+
+def _to_table(rows: list[dict], schema: pa.Schema, batch: str) -> pa.Table:
+    columns = []
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        try:
+            columns.append(pa.array(values, type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as exc:
+            raise ValueError(
+                f"batch {batch!r}: metadata key {field.name!r} holds a value that does not fit its type "
+                f"{field.type}, fixed by the stage's first batch ({exc}); {_SCHEMA_FIX}"
+            ) from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _image_fingerprint(value: Any, digest) -> None:
+    if isinstance(value, np.ndarray):
+        digest.update(f"{value.dtype.str}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).view(np.uint8).reshape(-1).data)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        digest.update(value)
+    elif isinstance(value, Image.Image):
+        digest.update(f"{value.mode}{value.size}".encode())
+        digest.update(value.tobytes())
+    elif isinstance(value, dict):
+        _image_fingerprint(value.get("bytes"), digest)
+        digest.update(str(value.get("path")).encode())
+    else:
+        digest.update(repr(type(value)).encode())
+
+
+def batch_fingerprint(task: ImageBatch) -> str:
+    """Hex XXH3-128 of everything a batch holds: names, ids, paths, images and metadata."""
+    digest = xxhash.xxh3_128()
+    for part in (task.dataset_name, task.task_id):
+        digest.update(str(part).encode() + b"\0")
+    for obj in task.data:
+        digest.update(f"{obj.image_path}\0{obj.image_id}\0".encode())
+        _image_fingerprint(obj.image_data, digest)
+        digest.update(json.dumps(obj.metadata or {}, sort_keys=True, default=str).encode() + b"\0")
+    return digest.hexdigest()
