@@ -26,11 +26,11 @@ from ..format.layout import (
     staged,
 )
 from ..storage import is_local, join, publish, remove_empty_dir, remove_quietly, resolve
-from .argcheck import check_bool, check_int
+from .argcheck import check_bool, check_choice, check_int
 from .encode import EncodeOptions
 from .stage_metadata import MetadataSchema, batch_fingerprint
 from .tasks import FileGroupTask, ImageBatch
-from .writer import Rows, ShardTarget, write_rows
+from .writer import ON_ERROR_CHOICES, Rows, ShardTarget, write_rows
 
 
 @dataclass
@@ -54,6 +54,10 @@ class ImageWriterStage:
         Set each written object's ``image_data`` to ``None`` after writing.
     name : str, default "image_writer"
 
+    on_error : {"raise", "skip"}, default "raise"
+        A bad row raises :class:`~dask_imgsink.BadRowError` naming it (as the
+        reference does), or is left out and recorded in the result's metadata
+        (``num_skipped``, ``skipped_rows``).
     metadata_schema : dict or pyarrow.Schema, optional
         Arrow types of metadata keys. Keys it does not name take their type
         from the first batch that has them.
@@ -80,9 +84,11 @@ class ImageWriterStage:
     storage_options: dict | None = field(default=None, repr=False)
     metadata_schema: Mapping[str, pa.DataType] | pa.Schema | None = field(default=None, repr=False)
     dali_index: bool = field(default=True, repr=False)
+    on_error: str = field(default="raise", repr=False)
 
     def __post_init__(self) -> None:
         check_int("images_per_tar", self.images_per_tar, low=1)
+        check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
         for name in ("verbose", "deterministic_name", "remove_image_data", "dali_index"):
             check_bool(name, getattr(self, name))
         check_int("encode_threads", self.encode_threads, low=1, optional=True)
@@ -114,6 +120,7 @@ class ImageWriterStage:
             images=[obj.image_data for obj in objects],
             keys=[obj.image_id or f"{base[len('images-'):]}_{i:08d}" for i, obj in enumerate(objects)],
             meta=meta,
+            columns={"image": "image_data", "key": "image_id"},
         )
         folder = job_dir(self._root, f"stage-{uuid.uuid4().hex[:12]}")
         self._fs.makedirs(folder, exist_ok=True)
@@ -124,13 +131,13 @@ class ImageWriterStage:
                                idx_path=staged(folder, f"{stem}.idx") if self.dali_index else None)
 
         try:
-            shards, _ = write_rows(
+            shards, skipped = write_rows(
                 rows,
                 fs=self._fs,
                 target_for=target_for,
                 images_per_tar=int(self.images_per_tar),
                 options=self.encode_options,
-                on_error="raise",
+                on_error=self.on_error,
                 partition=task.task_id or base,
                 encode_threads=self.encode_threads,
                 verbose=self.verbose,
@@ -163,7 +170,10 @@ class ImageWriterStage:
                 **task._metadata,
                 "output_dir": self.output_dir,
                 "images_per_tar": self.images_per_tar,
-                "num_images": len(objects),
+                "num_images": sum(s.num_images for s in shards),
+                "num_skipped": len(skipped),
+                "skipped_rows": [{"row": r.row, "key": r.key, "column": r.column, "reason": r.reason}
+                                 for r in skipped],
                 "num_shards": len(shards),
                 "bytes": sum(s.tar_bytes for s in shards),
             },

@@ -99,7 +99,8 @@ def _image_fingerprint(value: Any, digest) -> None:
         digest.update(f"{value.mode}{value.size}".encode())
         digest.update(value.tobytes())
     elif isinstance(value, dict):
-        _image_fingerprint(value.get("bytes"), digest)
+        data = value.get("bytes")
+        _image_fingerprint(data if isinstance(data, (bytes, bytearray, memoryview)) else None, digest)
         digest.update(str(value.get("path")).encode())
     else:
         digest.update(repr(type(value)).encode())

@@ -55,6 +55,7 @@ class Rows:
     labels: Sequence[Any] | None = None
     meta: pa.Table | None = None
     columns: dict[str, str | None] = field(default_factory=dict)
+    problems: dict[int, RowProblem] = field(default_factory=dict)  # rows already known bad (metadata)
 
     def column(self, role: str) -> str:
         """The source column of ``role`` ("image", "key", "text", "label")."""
@@ -357,6 +358,7 @@ def write_rows(
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
     keys, problems = _check_keys(rows.keys, rows.column("key"))
+    problems = {**rows.problems, **problems}
     meta_rows = rows.meta.to_pylist() if rows.meta is not None and rows.meta.num_columns else None
 
     def prepare(i: int) -> PreparedSample | None:

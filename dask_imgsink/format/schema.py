@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import RowProblem
 from .checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
 
 #: The writer's own columns, first in every shard's Parquet.
@@ -94,24 +95,46 @@ def shard_schema(user_schema: pa.Schema) -> pa.Schema:
     return pa.schema(WRITER_FIELDS + list(user_schema))
 
 
-def user_table(frame: pd.DataFrame, schema: pa.Schema, where: str) -> pa.Table:
+def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[int, RowProblem]]:
     """Convert the user's metadata columns of a partition to Arrow with ``schema``.
 
-    Raises
-    ------
-    TypeError
-        Naming the column whose values do not fit its type, and the fix.
+    A value that does not fit its column's type is a problem of its row (named
+    with the column and the fix); the row's value becomes null here, and the
+    writer refuses or skips the row.
+
+    Returns
+    -------
+    table : pyarrow.Table
+    problems : dict of row -> RowProblem
     """
-    columns = []
+    columns, problems = [], {}
     for field in schema:
+        values = frame[field.name]
         try:
-            columns.append(pa.Array.from_pandas(frame[field.name], type=field.type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            columns.append(pa.Array.from_pandas(values, type=field.type))
+            continue
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError, OverflowError):
+            pass
+        cleaned, failed = [], 0
+        for row, value in enumerate(values.tolist()):
+            try:
+                pa.array([value], type=field.type, from_pandas=True)
+                cleaned.append(value)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError,
+                    OverflowError) as exc:
+                failed += 1
+                problems.setdefault(row, RowProblem(
+                    f"the value {value!r:.60} does not fit Arrow type {field.type} ({exc})",
+                    f"{SCHEMA_FIX}, clean the value, or leave the column out with metadata_columns=[...]",
+                    field.name))
+                cleaned.append(None)
+        if failed == int(values.notna().sum()):  # no value fits: the column's type is wrong, not its rows
             raise TypeError(
-                f"{where}: metadata column {field.name!r} does not fit Arrow type {field.type} "
-                f"({exc}); {SCHEMA_FIX}, or leave it out with metadata_columns=[...]"
-            ) from None
-    return pa.Table.from_arrays(columns, schema=schema)
+                f"metadata column {field.name!r}: no value fits Arrow type {field.type} "
+                f"(first: {values.dropna().iloc[0]!r:.60}); {SCHEMA_FIX}, or leave it out with metadata_columns=[...]"
+            )
+        columns.append(pa.array(cleaned, type=field.type, from_pandas=True))
+    return pa.Table.from_arrays(columns, schema=schema), problems
 
 
 def read_parquet(fs, path: str) -> pa.Table:

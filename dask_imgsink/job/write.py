@@ -121,6 +121,7 @@ class PartitionWriter:
             keys = [generated_key(claim.first_partition + partition, r) for r in range(len(frame))]
         else:
             keys = frame[opts.key_column].tolist()
+        meta, problems = user_table(frame, opts.user_schema) if opts.metadata_columns else (None, {})
         return Rows(
             images=frame[opts.image_column].tolist(),
             keys=keys,
@@ -128,7 +129,8 @@ class PartitionWriter:
             labels=_column_values(frame, opts.label_column),
             columns={"image": opts.image_column, "key": opts.key_column, "text": opts.text_column,
                      "label": opts.label_column},
-            meta=user_table(frame, opts.user_schema, f"partition {partition}") if opts.metadata_columns else None,
+            meta=meta,
+            problems=problems,
         )
 
     def _write(self, fs, root: str, frame: pd.DataFrame, partition: int, claim: Claim) -> PartitionResult:

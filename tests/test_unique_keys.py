@@ -1,0 +1,141 @@
+"""Duplicate keys: a row error that ``skip`` records, and a documented policy across the dataset."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import dask
+import dask.dataframe as dd
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+from helpers import make_frame, read_dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dask_imgsink  # noqa: F401
+from dask_imgsink import BadRowError
+from dask_imgsink.errors import MissingDependencyError
+from dask_imgsink.job.unique import find_duplicates, key_hashes
+
+
+def _ddf(keys: list[str], npartitions: int) -> dd.DataFrame:
+    pdf = make_frame(len(keys))
+    pdf["key"] = pd.Series(keys, dtype=object)
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_pandas(pdf, npartitions=npartitions, sort=False)
+
+
+def _errors(out: Path) -> pd.DataFrame:
+    return pd.read_json(out / "_errors.jsonl", lines=True)
+
+
+def test_a_duplicate_in_one_exact_shard_is_skipped_and_recorded_and_shards_stay_exact(tmp_path, client):
+    keys = [f"k{i}" for i in range(12)]
+    keys[7] = "k2"  # partition 1 repeats a key of partition 0; both would land in shard 0
+    out = tmp_path / "out"
+    client.compute(_ddf(keys, 3).imgsink.to_webdataset(
+        str(out), key_column="key", images_per_tar=5, on_error="skip")).result(timeout=120)
+    data = read_dataset(out)
+    assert [k for k, _ in data["samples"]] == [k for i, k in enumerate(keys) if i != 7]
+    assert [e["nsamples"] for e in data["index"]["shardlist"]] == [5, 5, 1]
+    errors = _errors(out)
+    assert errors[["partition", "row", "key", "column"]].values.tolist() == [[1, 3, "k2", "key"]]
+    assert "first at partition 0, row 2" in errors.reason[0]
+    assert data["index"]["totals"] == {"rows": 12, "images": 11, "skipped": 1, "shards": 3}
+
+
+def test_unique_keys_dataset_leaves_out_copies_in_other_shards_too(tmp_path):
+    keys = [f"k{i}" for i in range(10)]
+    keys[9] = "k0"  # shard 2 repeats a key of shard 0
+    out = tmp_path / "out"
+    _ddf(keys, 2).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4, on_error="skip",
+                                        compute=True)
+    assert [k for k, _ in read_dataset(out)["samples"]] == keys[:9]
+    with pytest.raises(BadRowError, match="used twice"):
+        _ddf(keys, 2).imgsink.to_webdataset(str(tmp_path / "raise"), key_column="key", images_per_tar=4,
+                                            compute=True)
+
+
+def test_unique_keys_shard_only_refuses_copies_that_share_a_shard(tmp_path):
+    keys = [f"k{i}" for i in range(10)]
+    keys[9] = "k0"  # another shard: allowed
+    keys[3] = "k1"  # the same shard: left out
+    out = tmp_path / "out"
+    _ddf(keys, 2).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4, on_error="skip",
+                                        unique_keys="shard", compute=True)
+    written = [k for k, _ in read_dataset(out)["samples"]]
+    assert written == [k for i, k in enumerate(keys) if i != 3] and written.count("k0") == 2
+    assert _errors(out).key.tolist() == ["k1"]
+
+
+def test_per_partition_packing_cannot_leave_out_a_copy_so_it_fails_the_job(tmp_path):
+    keys = [f"k{i}" for i in range(6)]
+    keys[4] = "k0"
+    with pytest.raises(BadRowError, match="per_partition.*cannot be left out") as caught:
+        _ddf(keys, 2).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", packing="per_partition",
+                                            on_error="skip", compute=True)
+    assert (caught.value.partition, caught.value.row) == (1, 1)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    _ddf(keys, 2).imgsink.to_webdataset(str(tmp_path / "shard"), key_column="key", packing="per_partition",
+                                        unique_keys="shard", compute=True)  # each partition its own shard
+
+
+def test_appending_a_key_already_in_the_dataset(tmp_path):
+    out = tmp_path / "out"
+    _ddf([f"k{i}" for i in range(5)], 1).imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    with pytest.raises(BadRowError, match="already in the dataset"):
+        _ddf(["n0", "k3"], 1).imgsink.to_webdataset(str(out), key_column="key", mode="append", compute=True)
+    _ddf(["n0", "k3", "n1"], 1).imgsink.to_webdataset(str(out), key_column="key", mode="append",
+                                                      on_error="skip", compute=True)
+    assert [k for k, _ in read_dataset(out)["samples"]] == ["k0", "k1", "k2", "k3", "k4", "n0", "n1"]
+    assert _errors(out).key.tolist() == ["k3"]
+
+
+def _brute_force_shard_policy(keys: list[str], n: int) -> list[int]:
+    """Walk rows in order, dropping a row whose key is already in the shard it would land in."""
+    dropped, shard_keys, kept = [], set(), 0
+    for position, key in enumerate(keys):
+        if kept % n == 0:
+            shard_keys = set()
+        if key in shard_keys:
+            dropped.append(position)
+            continue
+        shard_keys.add(key)
+        kept += 1
+    return dropped
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from("abcdefg"), max_size=40), st.integers(1, 6))
+def test_the_shard_policy_matches_a_row_by_row_walk(keys, n):
+    found = find_duplicates(key_hashes(keys), "shard", n)
+    assert [d.position for d in found] == _brute_force_shard_policy(keys, n)
+    assert all(keys[d.first] == keys[d.position] and d.first < d.position for d in found)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=3), max_size=40))
+def test_the_dataset_policy_keeps_exactly_the_first_copy(keys):
+    found = find_duplicates(key_hashes(keys), "dataset", 1000)
+    dropped = {d.position for d in found}
+    assert [k for i, k in enumerate(keys) if i not in dropped] == list(dict.fromkeys(keys))
+
+
+PRELOAD = Path(__file__).parent / "preload" / "no_simplejpeg.py"
+
+
+def test_a_worker_without_simplejpeg_fails_the_job_at_the_client(tmp_path):
+    """Once, the workers died importing it and the compute hung; now the job fails, saying what to install."""
+    ddf = _ddf([f"k{i}" for i in range(4)], 2)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.CRITICAL, preload=[str(PRELOAD)]) as cluster, \
+            Client(cluster) as client:
+        assert client.run(lambda: __import__("sys").modules.get("simplejpeg", "absent")) == {
+            w: None for w in client.scheduler_info()["workers"]}
+        with pytest.raises(MissingDependencyError, match="pip install simplejpeg"):
+            client.compute(ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key",
+                                                     on_error="skip")).result(timeout=120)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
