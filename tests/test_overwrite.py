@@ -104,3 +104,39 @@ def test_append_refuses_a_different_schema(tmp_path):
     assert _tree(out) == before
     _write(out, 100, n=4, mode="append")  # the same schema appends
     assert len(read_dataset(out)["samples"]) == 10 and verify_dataset(str(out)).ok
+
+
+def _as_layout_1(out) -> None:
+    """Turn a dataset into what releases before the metadata/ folder wrote: Parquet beside the tars."""
+    import hashlib
+    import json
+
+    index = json.loads((out / "_index.json").read_text())
+    index.pop("layout")
+    for entry in index["shardlist"]:
+        for field in ("parquet", "idx", "idx_filesize", "idx_sha256", "formats"):
+            entry.pop(field, None)
+    for parquet in (out / "metadata").iterdir():
+        parquet.rename(out / parquet.name)
+    (out / "metadata").rmdir()
+    for idx in out.glob("*.idx"):
+        idx.unlink()
+    data = json.dumps(index, indent=1).encode()
+    (out / "_index.json").write_bytes(data)
+    success = json.loads((out / "_SUCCESS").read_text())
+    (out / "_SUCCESS").write_text(json.dumps({**success, "index_sha256": hashlib.sha256(data).hexdigest()}))
+
+
+def test_a_dataset_of_the_older_layout_is_verified_overwritten_but_not_appended_to(tmp_path):
+    from dask_imgsink import verify_dataset
+
+    out = tmp_path / "out"
+    frame_ddf(9, 0).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4, compute=True)
+    _as_layout_1(out)
+    assert (out / "shard-000000.parquet").exists()
+    report = verify_dataset(str(out))
+    assert report.ok and report.images == 9, report.problems
+    with pytest.raises(ValueError, match="older dask-imgsink.*beside the tars"):
+        frame_ddf(3, 100).imgsink.to_webdataset(str(out), key_column="key", mode="append")
+    frame_ddf(3, 100).imgsink.to_webdataset(str(out), key_column="key", mode="overwrite", compute=True)
+    assert dataset_names(out) == ["README.md", "_SUCCESS", "_index.json"] + shard_names("shard-000000")
