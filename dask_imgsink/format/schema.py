@@ -34,12 +34,6 @@ WRITER_FIELDS = [
 ]
 WRITER_COLUMNS = [f.name for f in WRITER_FIELDS]
 
-#: ``_errors.parquet``: the rows a job left out with ``on_error="skip"``, and why.
-ERRORS_SCHEMA = pa.schema(
-    [("job_id", pa.string()), ("partition", pa.int64()), ("row", pa.int64()),
-     ("key", pa.string()), ("reason", pa.string())]
-)
-
 SCHEMA_FIX = "pass metadata_schema={'column': pa.list_(pa.string()), ...} to give its Arrow type"
 
 

@@ -159,7 +159,7 @@ def to_webdataset(
         gets :class:`~dask_imgsink.OutputLockedError`.
     on_error : {"raise", "skip"}, default "raise"
         A bad row raises :class:`~dask_imgsink.BadRowError` naming its
-        partition, row and key, or is left out and recorded in ``_errors.parquet``.
+        partition, row, key and column, or is left out and recorded in ``_errors.jsonl``.
     jpeg_alpha : {"error", "drop", "white"}, default "error"
         4-channel images written as JPEG: raise, drop alpha, or composite over white.
     reencode : bool, default False

@@ -1,4 +1,4 @@
-"""The job commit: publish staged shards, then ``_errors.parquet``, ``_index.json``, card, ``_SUCCESS``.
+"""The job commit: publish staged shards, then ``_index.json``, ``_errors.jsonl``, card, ``_SUCCESS``.
 
 Only the commit changes the dataset, and only while its job holds the lock.
 Dask may run it again after a worker died at any point, so every step is
@@ -231,7 +231,7 @@ def _write_index(fs, root: str, opts, claim: Claim, journal: Journal, entries: l
 
 def _write_after_index(fs, root: str, opts, claim: Claim, journal: Journal, index: dict, index_sha256: str,
                        skipped: list[SkippedRow]) -> None:
-    """``_errors.parquet``, the card, then ``_SUCCESS`` (which names the index's SHA-256)."""
+    """``_errors.jsonl``, the card, then ``_SUCCESS`` (which names the index's SHA-256)."""
     tmp = job_dir(root, opts.job_id)
     if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
         records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")

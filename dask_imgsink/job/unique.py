@@ -27,7 +27,9 @@ import xxhash
 
 from ..core.writer import SkippedRow
 from ..errors import BadRowError
-from ..storage import resolve
+from ..format.index import read_index
+from ..format.layout import index_layout, parquet_name
+from ..storage import join, resolve
 
 UNIQUE_KEYS_CHOICES = ("dataset", "shard")
 
@@ -109,10 +111,6 @@ def existing_key_hashes(fs, root: str, job_id: str) -> np.ndarray | None:
     Shards of job ``job_id`` itself are left out: Dask may rerun the check after
     that job committed.
     """
-    from ..format.index import read_index
-    from ..format.layout import index_layout, parquet_name
-    from ..storage import join
-
     index = read_index(fs, root)
     if not index or not index.get("shardlist"):
         return None
@@ -157,17 +155,13 @@ def drop_duplicate_keys(plan, results: list, opts) -> None:
     found = find_duplicates(np.concatenate(hashes), opts.unique_keys, opts.images_per_tar, existing)
     if not found:
         return
-    where = _Locator(plan, results)
+    where = _Locator(results)
     cache: dict = {}
     for dup in found:
         run, run_row = where.run_row(dup.position)
         partition, row = where.partition_row(dup.position)
         key = _run_key(fs, plan.runs[run][1], run_row, cache)
-        if dup.first < 0:
-            reason = "the key is already in the dataset this job appends to"
-        else:
-            first_partition, first_row = where.partition_row(dup.first)
-            reason = f"the key is used twice (first at partition {first_partition}, row {first_row})"
+        reason = where.reason(dup)
         if opts.unique_keys == "shard":
             reason += "; both would land in one shard, where WebDataset readers would merge the two samples"
         if opts.on_error == "raise":
@@ -184,7 +178,7 @@ DUPLICATE_FIX = ("make keys unique, e.g. ddf = ddf.drop_duplicates(subset='key')
 class _Locator:
     """Job row position -> (run, row in run) and -> (partition, row in partition)."""
 
-    def __init__(self, plan, results: list) -> None:
+    def __init__(self, results: list) -> None:
         self.starts = np.cumsum([0] + [len(r.key_hashes) for r in results])
         self.results = results
 
@@ -198,6 +192,13 @@ class _Locator:
     def partition_row(self, position: int) -> tuple[int, int]:
         i, offset = self._find(position)
         return self.results[i].partition, int(self.results[i].written_rows[offset])
+
+    def reason(self, dup: Duplicate) -> str:
+        """Why ``dup`` is left out, naming the first copy."""
+        if dup.first < 0:
+            return "the key is already in the dataset this job appends to"
+        partition, row = self.partition_row(dup.first)
+        return f"the key is used twice (first at partition {partition}, row {row})"
 
 
 def cross_partition_duplicate(results: list, opts) -> BadRowError | None:
@@ -217,15 +218,10 @@ def cross_partition_duplicate(results: list, opts) -> BadRowError | None:
                             existing)
     if not found:
         return None
-    where = _Locator(None, results)
+    where = _Locator(results)
     dup = found[0]
     partition, row = where.partition_row(dup.position)
-    if dup.first < 0:
-        reason = "the key is already in the dataset this job appends to"
-    else:
-        first_partition, first_row = where.partition_row(dup.first)
-        reason = f"the key is used twice (first at partition {first_partition}, row {first_row})"
     return BadRowError(
-        f"{reason}; with packing='per_partition' the shards are written independently, so the copy "
+        f"{where.reason(dup)}; with packing='per_partition' the shards are written independently, so the copy "
         "cannot be left out", fix=DUPLICATE_FIX + "; or use packing='exact', which can skip it",
         partition=partition, row=row, column=opts.key_column)
