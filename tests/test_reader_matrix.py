@@ -2,7 +2,7 @@
 
 States: fresh; after skipped rows; after an append; after a failed job and its
 rerun. Each dataset mixes JPEG (encoded from pixels) and pass-through PNG
-images, and has null captions, so the Hugging Face and DALI cases that broke
+images, and has null captions and labels, so the Hugging Face and DALI cases that broke
 (field sets that differ between samples, formats first seen in later shards)
 are in every state. Each reader is called the way its README line says and
 must return exactly the images written, once each.
@@ -49,7 +49,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def _frame(start: int, n: int) -> pd.DataFrame:
     """Rows ``start..start+n``: PNG bytes in every third row and in the last rows (a format first seen late),
-    JPEG pixels elsewhere; a null caption in every fourth row."""
+    JPEG pixels elsewhere; a null caption in every fourth row, a null label in every sixth."""
     rng = np.random.default_rng(start)
     rows = []
     for i in range(start, start + n):
@@ -59,7 +59,7 @@ def _frame(start: int, n: int) -> pd.DataFrame:
             "key": f"s{i:05d}",
             "image": _png(pixels) if i % 3 == 0 or late_png else pixels,
             "caption": None if i % 4 == 0 else f"caption {i}",
-            "label": i % 5,
+            "label": None if i % 6 == 5 else i % 5,
             "uid": f"s{i:05d}",
             "score": i / 10,
         })
@@ -188,7 +188,7 @@ def test_huggingface_load_dataset_returns_every_image(datasets_by_state, state, 
     assert {f for _, formats, _, _ in result["rows"] for f in formats} == {"jpg", "png"}
     assert [r[2] for r in result["rows"]] == [None if int(k[1:]) % 4 == 0 else f"caption {int(k[1:])}"
                                               for k in keys]  # a null caption stays None, not ""
-    assert [r[3] for r in result["rows"]] == [int(k[1:]) % 5 for k in keys]
+    assert [r[3] for r in result["rows"]] == [None if int(k[1:]) % 6 == 5 else int(k[1:]) % 5 for k in keys]
     assert result["sizes"] == [[10, 12]]
     assert result["columns"] == ["__key__", "__url__", "cls", "jpg", "json", "png", "txt"]
 
