@@ -43,6 +43,8 @@ class ImageWriterStage:
         Local path or fsspec URL; created if missing.
     images_per_tar : int, default 1000
         At most this many images per tar.
+    max_shard_bytes : int, optional
+        Also close a tar before a sample that would make it larger than this.
     verbose : bool, default False
         Log each shard written at INFO level.
     deterministic_name : bool, default True
@@ -85,10 +87,12 @@ class ImageWriterStage:
     metadata_schema: Mapping[str, pa.DataType] | pa.Schema | None = field(default=None, repr=False)
     dali_index: bool = field(default=True, repr=False)
     on_error: str = field(default="raise", repr=False)
+    max_shard_bytes: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_int("images_per_tar", self.images_per_tar, low=1)
         check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
+        check_int("max_shard_bytes", self.max_shard_bytes, low=1, optional=True)
         for name in ("verbose", "deterministic_name", "remove_image_data", "dali_index"):
             check_bool(name, getattr(self, name))
         check_int("encode_threads", self.encode_threads, low=1, optional=True)
@@ -141,6 +145,7 @@ class ImageWriterStage:
                 partition=task.task_id or base,
                 encode_threads=self.encode_threads,
                 verbose=self.verbose,
+                max_shard_bytes=self.max_shard_bytes,
             )
             tars, parquets = [], []
             if shards and is_local(self._fs):

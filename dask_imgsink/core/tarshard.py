@@ -39,6 +39,17 @@ _TEMPLATE = bytes(_TEMPLATE)
 _MAX_SIZE = 8**11 - 1  # what 11 octal digits hold (8 GiB)
 
 
+def archive_size(content: int) -> int:
+    """The size of an archive whose members take ``content`` bytes: end blocks, padded to a record."""
+    end = content + 2 * BLOCK
+    return end + (-end % RECORD)
+
+
+def content_limit(max_archive_bytes: int) -> int:
+    """The most member bytes an archive of at most ``max_archive_bytes`` can hold (negative: none)."""
+    return (max_archive_bytes // RECORD) * RECORD - 2 * BLOCK
+
+
 def member_header(name: str, size: int) -> bytes:
     """The 512-byte USTAR header of a regular file member.
 
@@ -154,8 +165,7 @@ class TarShardWriter:
 
     def close(self) -> int:
         """Write the end-of-archive marker and pad to a whole record; return the size."""
-        end = self.position + 2 * BLOCK
-        total = end + (-end % RECORD)
+        total = archive_size(self.position)
         self._write(bytes(total - self.position))
         return total
 

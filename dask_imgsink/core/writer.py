@@ -32,7 +32,7 @@ from ..storage import remove_quietly
 from .encode import EncodedImage, EncodeOptions, encode_image
 from .keys import check_key
 from .pool import map_ordered
-from .tarshard import SampleBlock, TarShardWriter
+from .tarshard import SampleBlock, TarShardWriter, content_limit
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -94,6 +94,7 @@ class WrittenShard:
     idx_bytes: int = 0
     idx_sha256: str = ""
     formats: dict[str, int] = field(default_factory=dict)
+    sample_sizes: list[int] | None = None  # a run's samples' tar bytes, in order (exact packing cuts by them)
 
 
 #: A run's Parquet column holding each sample's member layout (see :mod:`~dask_imgsink.format.dali`).
@@ -151,11 +152,13 @@ class ShardRoller:
     """
 
     def __init__(self, fs, target_for: Callable[[int], ShardTarget], images_per_tar: int | None,
-                 meta: pa.Table | None, verbose: bool = False, checksums: bool = True) -> None:
+                 meta: pa.Table | None, verbose: bool = False, checksums: bool = True,
+                 max_shard_bytes: int | None = None) -> None:
         self.fs = fs
         self.checksums = checksums
         self.target_for = target_for
         self.images_per_tar = images_per_tar
+        self.content_limit = None if max_shard_bytes is None else content_limit(max_shard_bytes)
         self.meta = meta if meta is not None and meta.num_columns else None
         self.verbose = verbose
         self.shards: list[WrittenShard] = []
@@ -164,7 +167,7 @@ class ShardRoller:
 
     def add(self, row: int, sample: PreparedSample) -> None:
         """Append one prepared sample; ``row`` is its row in :attr:`meta`."""
-        shard = self._shard_with_room()
+        shard = self._shard_with_room(len(sample.block.data))
         start = shard.tar.add_sample(sample.block)
         block, image = sample.block, sample.image
         rec = shard.records
@@ -180,8 +183,17 @@ class ShardRoller:
         layout = sample_layout(block.names, block.data_offsets, block.sizes)
         shard.layouts.append(layout if shard.target.run else idx_line(start, layout))
 
-    def _shard_with_room(self) -> _OpenShard:
-        full = self.current is not None and self.images_per_tar and self.current.count >= self.images_per_tar
+    def _full(self, size: int) -> bool:
+        """Whether the open shard cannot take a sample of ``size`` tar bytes (an empty one always can)."""
+        shard = self.current
+        if shard is None or shard.count == 0:
+            return False
+        if self.images_per_tar and shard.count >= self.images_per_tar:
+            return True
+        return self.content_limit is not None and shard.tar.position + size > self.content_limit
+
+    def _shard_with_room(self, size: int) -> _OpenShard:
+        full = self._full(size)
         if self.current is None or full:
             if self.current is not None:
                 self._finish(self.current)
@@ -211,7 +223,8 @@ class ShardRoller:
         parquet_size, parquet_sha = write_parquet(table, self.fs, shard.target.parquet_path)
         tar_sha = shard.tar.sha256 if self.checksums else ""
         written = WrittenShard(shard.target, shard.count, size, tar_sha, parquet_size, parquet_sha,
-                               formats=format_counts(shard.records["format"]))
+                               formats=format_counts(shard.records["format"]),
+                               sample_sizes=shard.records["sample_size"] if shard.target.run else None)
         if shard.target.idx_path is not None:
             self.created.append(shard.target.idx_path)
             written.idx_bytes, written.idx_sha256 = write_idx(self.fs, shard.target.idx_path, shard.layouts)
@@ -321,6 +334,7 @@ def write_rows(
     encode_threads: int | None = None,
     verbose: bool = False,
     shard_checksums: bool = True,
+    max_shard_bytes: int | None = None,
 ) -> tuple[list[WrittenShard], list[SkippedRow]]:
     """Encode and write ``rows`` as shards of at most ``images_per_tar`` images.
 
@@ -343,6 +357,9 @@ def write_rows(
     shard_checksums : bool
         Take each tar's SHA-256 while writing it; off for exact packing's staged
         runs, whose bytes are hashed when they are copied into their shards.
+    max_shard_bytes : int, optional
+        A shard also closes before a sample that would make its tar larger than
+        this; a sample larger on its own gets a shard of its own.
 
     Returns
     -------
@@ -367,7 +384,7 @@ def write_rows(
         image = _in_column(rows.column("image"), lambda: encode_image(rows.images[i], options))
         return prepare_sample(keys[i], image, _extra_members(rows, i, keys[i], meta_rows))
 
-    roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, verbose, shard_checksums)
+    roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, verbose, shard_checksums, max_shard_bytes)
     skipped: list[SkippedRow] = []
     try:
         for i, fut in enumerate(map_ordered(prepare, range(len(rows)), encode_threads)):

@@ -73,6 +73,7 @@ def to_webdataset(
     image_column: str = "image",
     key_column: str | None = None,
     images_per_tar: int = 1000,
+    max_shard_bytes: int | None = None,
     image_format: str = "jpeg",
     quality: int = 92,
     text_column: str | None = None,
@@ -122,6 +123,12 @@ def to_webdataset(
         the dataset.
     images_per_tar : int, default 1000
         Images per shard.
+    max_shard_bytes : int, optional
+        Also close a shard before a sample that would make its tar larger than
+        this many bytes (whichever limit comes first). With exact packing every
+        shard but the last is as full as both limits allow. A sample larger than
+        the limit on its own gets a shard of its own; the index marks that shard
+        ``"oversized": true`` and the commit logs a warning.
     image_format : {"jpeg", "png", "webp"}, default "jpeg"
         Format of pixel inputs. Encoded bytes are kept as they are unless ``reencode``.
     quality : int, default 92
@@ -147,8 +154,8 @@ def to_webdataset(
     storage_options : dict, optional
         Passed to fsspec, as in ``dask.dataframe.to_parquet``.
     packing : {"exact", "per_partition"}, default "exact"
-        ``"exact"``: every shard holds ``images_per_tar`` images but the last,
-        in row order, names contiguous. ``"per_partition"``: each partition
+        ``"exact"``: every shard holds ``images_per_tar`` images (or as many as
+        ``max_shard_bytes`` allows) but the last, in row order, names contiguous. ``"per_partition"``: each partition
         writes its own shards, with no cross-partition step.
     mode : {"error", "overwrite", "append"}, default "error"
         What to do when ``output_dir`` is not empty: refuse; replace the
@@ -209,7 +216,7 @@ def to_webdataset(
     """
     fs, opts = _build_options(
         ddf, output_dir, image_column=image_column, key_column=key_column,
-        images_per_tar=images_per_tar, image_format=image_format, quality=quality,
+        images_per_tar=images_per_tar, max_shard_bytes=max_shard_bytes, image_format=image_format, quality=quality,
         text_column=text_column, label_column=label_column, metadata_columns=metadata_columns,
         metadata_schema=metadata_schema, deterministic_name=deterministic_name,
         name_prefix=name_prefix, encode_threads=encode_threads, storage_options=storage_options,
@@ -224,7 +231,8 @@ def to_webdataset(
     return bag.compute(**(compute_kwargs or {}))
 
 
-def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per_tar, image_format,
+def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per_tar, max_shard_bytes,
+                   image_format,
                    quality, text_column, label_column, metadata_columns, metadata_schema,
                    deterministic_name, name_prefix, encode_threads, storage_options, packing, mode,
                    on_error, jpeg_alpha, reencode, max_pixels, validate, unique_keys, dali_index,
@@ -266,6 +274,7 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
         metadata_columns=tuple(metadata_columns),
         user_schema=user_schema,
         images_per_tar=images_per_tar,
+        max_shard_bytes=max_shard_bytes,
         encode=encode,
         deterministic_name=deterministic_name,
         name_prefix=name_prefix,

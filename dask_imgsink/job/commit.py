@@ -190,7 +190,7 @@ def committed_tasks(fs, root: str, opts) -> list[FileGroupTask]:
     return file_group_tasks(fs, root, index["shardlist"][lo:hi], partitions, job, opts)
 
 
-def _index_entries(shards: list[tuple[WrittenShard, list[int]]]) -> list[dict]:
+def _index_entries(shards: list[tuple[WrittenShard, list[int]]], max_shard_bytes: int | None) -> list[dict]:
     entries = []
     for s, _ in shards:
         entry = {"url": s.target.tar_file, "nsamples": s.num_images, "filesize": s.tar_bytes,
@@ -200,6 +200,10 @@ def _index_entries(shards: list[tuple[WrittenShard, list[int]]]) -> list[dict]:
         if s.target.idx_path is not None:
             entry.update({"idx": idx_name(s.target.tar_file), "idx_filesize": s.idx_bytes,
                           "idx_sha256": s.idx_sha256})
+        if max_shard_bytes is not None and s.tar_bytes > max_shard_bytes:
+            entry["oversized"] = True  # one sample larger than the limit: a shard of its own
+            logger.warning("%s holds one sample of %d bytes, more than max_shard_bytes=%d: it has a shard "
+                           "of its own", s.target.tar_file, s.tar_bytes, max_shard_bytes)
         entries.append(entry)
     return entries
 
@@ -332,7 +336,7 @@ def commit_job(
     """
     fs, root = resolve(opts.url, opts.storage_options)
     forget_listings(fs, root)
-    entries = _index_entries(shards)
+    entries = _index_entries(shards, opts.max_shard_bytes)
     num_images = sum(s.num_images for s, _ in shards)
     totals = {"rows": rows_in, "images": num_images, "skipped": len(skipped), "shards": len(shards)}
     partitions = [parts for _, parts in shards]

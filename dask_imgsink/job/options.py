@@ -46,10 +46,12 @@ class WriteOptions:
     dataset_name: str
     unique_keys: str = "dataset"
     dali_index: bool = True
+    max_shard_bytes: int | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         check_int("images_per_tar", self.images_per_tar, low=1)
+        check_int("max_shard_bytes", self.max_shard_bytes, low=1, optional=True)
         check_bool("deterministic_name", self.deterministic_name)
         check_bool("dali_index", self.dali_index)
         check_choice("unique_keys", self.unique_keys, UNIQUE_KEYS_CHOICES)
@@ -82,6 +84,7 @@ class WriteOptions:
         """The settings recorded with the job in ``_index.json``."""
         return {
             "packing": self.packing, "images_per_tar": self.images_per_tar,
+            "max_shard_bytes": self.max_shard_bytes,
             "image_format": self.encode.image_format, "quality": self.encode.quality,
             "max_pixels": self.encode.max_pixels, "image_column": self.image_column,
             "key_column": self.key_column, "text_column": self.text_column,
@@ -92,4 +95,5 @@ class WriteOptions:
 
     def token(self) -> tuple:
         """What identifies these settings, for ``__dask_tokenize__``."""
-        return ("dask_imgsink.WriteOptions", self.job_id, self.url, self.images_per_tar, self.packing)
+        return ("dask_imgsink.WriteOptions", self.job_id, self.url, self.images_per_tar, self.max_shard_bytes,
+                self.packing)

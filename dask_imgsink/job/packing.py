@@ -12,13 +12,14 @@ by the copy buffer and one shard's metadata, whatever the number of partitions.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.tarshard import TarShardWriter
+from ..core.tarshard import TarShardWriter, content_limit
 from ..core.writer import (
     LAYOUT_COLUMN,
     ShardTarget,
@@ -53,7 +54,9 @@ class ShardPlan:
 
     ``dropped`` lists, per run, the rows left out as duplicate keys (see
     :mod:`~dask_imgsink.job.unique`); shards are cut over the rows kept, so each
-    still holds exactly ``images_per_tar`` images.
+    still holds exactly ``images_per_tar`` images. With ``max_shard_bytes``,
+    ``shard_starts`` holds where each shard begins (kept rows, in order): the
+    greedy cut of :func:`cut_shards`; without, shards start every ``images_per_tar``.
     """
 
     runs: list[tuple[int, WrittenShard]]  # (partition, run) for runs holding images
@@ -64,6 +67,7 @@ class ShardPlan:
     run_starts: list[int] = field(default_factory=list)  # global kept row of each run's first kept image
     failed: TaskFailed | None = None  # a write task failed: nothing to assemble
     dropped: dict[int, list[int]] = field(default_factory=dict)  # run index -> its rows left out
+    shard_starts: list[int] | None = None  # cut by bytes: first kept row of each shard
 
     @cached_property
     def run_of(self) -> dict[int, int]:
@@ -82,7 +86,22 @@ class ShardPlan:
 
     @property
     def num_shards(self) -> int:
+        if self.shard_starts is not None:
+            return len(self.shard_starts)
         return -(-self.num_images // self.images_per_tar)
+
+    def _shard_range(self, shard: int) -> tuple[int, int]:
+        """Kept rows ``[start, stop)`` of shard ``shard``."""
+        if self.shard_starts is None:
+            n = self.images_per_tar
+            return shard * n, min((shard + 1) * n, self.num_images)
+        starts = self.shard_starts
+        return starts[shard], starts[shard + 1] if shard + 1 < len(starts) else self.num_images
+
+    def _first_shard_at_or_after(self, row: int) -> int:
+        if self.shard_starts is None:
+            return -(-row // self.images_per_tar)
+        return bisect.bisect_left(self.shard_starts, row)
 
     def shards_starting_in(self, partition: int) -> list[tuple[int, list[Piece]]]:
         """The shards (local index, pieces) whose first image is in ``partition``'s run."""
@@ -91,11 +110,8 @@ class ShardPlan:
             return []
         lo = self.run_starts[run]
         hi = lo + self.kept(run)
-        n = self.images_per_tar
-        out = []
-        for s in range(-(-lo // n), -(-hi // n)):
-            out.append((s, self._pieces(s * n, min((s + 1) * n, self.num_images))))
-        return out
+        return [(s, self._pieces(*self._shard_range(s)))
+                for s in range(self._first_shard_at_or_after(lo), self._first_shard_at_or_after(hi))]
 
     def _pieces(self, start: int, stop: int) -> list[Piece]:
         pieces = []
@@ -155,7 +171,37 @@ def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts:
     for i in range(len(runs)):
         plan.run_starts.append(total)
         total += plan.kept(i)
+    if opts.max_shard_bytes is not None:
+        plan.shard_starts = cut_shards(_kept_sizes(plan), opts.images_per_tar, opts.max_shard_bytes)
+    plan.runs = [(p, replace(run, sample_sizes=None)) for p, run in plan.runs]  # assembly needs no sizes
     return plan
+
+
+def _kept_sizes(plan: ShardPlan) -> np.ndarray:
+    """The tar bytes of every kept sample, in row order."""
+    parts = []
+    for i, (_, run) in enumerate(plan.runs):
+        sizes = np.asarray(run.sample_sizes, dtype=np.int64)
+        dropped = plan.dropped.get(i)
+        parts.append(np.delete(sizes, dropped) if dropped else sizes)
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def cut_shards(sizes: np.ndarray, images_per_tar: int, max_shard_bytes: int) -> list[int]:
+    """Where each shard starts when samples of these tar ``sizes`` fill shards greedily, in order.
+
+    A shard takes samples while it has fewer than ``images_per_tar`` and its tar
+    stays within ``max_shard_bytes``; a sample larger than that alone gets a shard
+    of its own. Deterministic: every shard but the last is as full as the limits allow.
+    """
+    ends = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    limit = content_limit(max_shard_bytes)
+    starts, start, total = [], 0, len(sizes)
+    while start < total:
+        starts.append(start)
+        by_bytes = int(np.searchsorted(ends, ends[start] + limit, side="right")) - 1
+        start = min(start + images_per_tar, total, max(by_bytes, start + 1))
+    return starts
 
 
 class _RunReader:

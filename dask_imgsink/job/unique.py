@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import xxhash
 
+from ..core.tarshard import content_limit
 from ..core.writer import SkippedRow
 from ..errors import BadRowError
 from ..format.index import read_index
@@ -64,11 +65,13 @@ class Duplicate:
 
 
 def find_duplicates(hashes: np.ndarray, policy: str, images_per_tar: int,
-                    existing: np.ndarray | None = None) -> list[Duplicate]:
+                    existing: np.ndarray | None = None, sizes: np.ndarray | None = None,
+                    max_shard_bytes: int | None = None) -> list[Duplicate]:
     """The rows to leave out so that keys are unique per ``policy``, in row order.
 
     ``existing`` holds the hashes of keys already in the dataset (appending);
-    they count only for ``"dataset"``.
+    they count only for ``"dataset"``. With ``max_shard_bytes``, ``sizes`` holds
+    each row's tar bytes, and shards are cut as :func:`~dask_imgsink.job.packing.cut_shards` cuts them.
     """
     offset = 0 if existing is None or policy != "dataset" else len(existing)
     combined = hashes if offset == 0 else np.concatenate([existing, hashes])
@@ -79,7 +82,29 @@ def find_duplicates(hashes: np.ndarray, policy: str, images_per_tar: int,
         found = [Duplicate(int(p) - offset, int(g[0]) - offset) for g in groups for p in g[1:]
                  if p >= offset]
         return sorted(found, key=lambda d: d.position)
+    if max_shard_bytes is not None:
+        return _same_shard_duplicates_by_bytes(groups, sizes, images_per_tar, content_limit(max_shard_bytes))
     return _same_shard_duplicates(groups, images_per_tar)
+
+
+def _same_shard_duplicates_by_bytes(groups: list[np.ndarray], sizes: np.ndarray, images_per_tar: int,
+                                    limit: int) -> list[Duplicate]:
+    """The same walk when shards are also cut by bytes: every row's size moves the cuts, so every row is walked."""
+    group_of = {int(p): gi for gi, g in enumerate(groups) for p in g}
+    in_shard: dict[int, int] = {}  # group -> position of its copy in the open shard
+    found: list[Duplicate] = []
+    count = content = 0
+    for position, size in enumerate(sizes.tolist()):
+        if count and (count >= images_per_tar or content + size > limit):
+            in_shard, count, content = {}, 0, 0  # this row would start the next shard
+        group = group_of.get(position)
+        if group is not None and group in in_shard:
+            found.append(Duplicate(position, in_shard[group]))
+            continue
+        count, content = count + 1, content + size
+        if group is not None:
+            in_shard[group] = position
+    return found
 
 
 def _same_shard_duplicates(groups: list[np.ndarray], images_per_tar: int) -> list[Duplicate]:
@@ -152,7 +177,11 @@ def drop_duplicate_keys(plan, results: list, opts) -> None:
     fs, root = resolve(opts.url, opts.storage_options)
     appending = opts.mode == "append" and opts.unique_keys == "dataset"
     existing = existing_key_hashes(fs, root, opts.job_id) if appending else None
-    found = find_duplicates(np.concatenate(hashes), opts.unique_keys, opts.images_per_tar, existing)
+    sizes = None
+    if opts.max_shard_bytes is not None and opts.unique_keys == "shard":
+        sizes = np.concatenate([np.asarray(run.sample_sizes, np.int64) for _, run in plan.runs])
+    found = find_duplicates(np.concatenate(hashes), opts.unique_keys, opts.images_per_tar, existing, sizes,
+                            opts.max_shard_bytes)
     if not found:
         return
     where = _Locator(results)

@@ -157,6 +157,7 @@ class PartitionWriter:
                 images_per_tar=None if exact else opts.images_per_tar,
                 options=opts.encode, on_error=opts.on_error, partition=partition,
                 encode_threads=opts.encode_threads, shard_checksums=not exact,
+                max_shard_bytes=None if exact else opts.max_shard_bytes,
             )
         except BaseException:
             if attempt:
