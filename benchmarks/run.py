@@ -1,0 +1,207 @@
+"""The writer against the encoder's limit, side by side in one run: one table of figures and ratios.
+
+Images: real photographs (scikit-image's bundled ones, cropped and resized to
+512x512, varied by flips and shifts; see ``bench_encode.py``). Nothing is
+downloaded. Install with ``pip install -e ".[bench]"``.
+
+Rows (medians of ``--repeats``; ratios are against the first row of their group,
+measured in this run on the same images):
+
+- encode only: simplejpeg q92 4:2:0 on N threads, no Dask, no tar: the limit;
+- the accessor, exact and per-partition packing, under the threaded scheduler
+  and on LocalClusters of 2 processes x 1 thread and 1 process x 2 threads, with
+  the DataFrame persisted in worker memory first (so only the writer is timed);
+- pass-through of the same images already encoded, exact packing, against a
+  raw sequential write + fsync of the same bytes to the same disk.
+
+Peak RSS is the largest resident set of any worker process during the run (psutil,
+sampled every 10 ms), minus the size of its persisted partitions.
+
+Usage: ``python benchmarks/run.py [--quick] [--images 4000] [--partitions 24] [--repeats 3]``.
+``--quick`` (800 images, 1 repeat) runs in under two minutes; CI runs it as a smoke
+test that never fails on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from datetime import date
+
+import dask
+import dask.dataframe as dd
+import pandas as pd
+import psutil
+from bench_encode import photographs
+from distributed import Client, LocalCluster, wait
+
+import dask_imgsink  # noqa: F401
+from dask_imgsink.core.encode import EncodeOptions, encode_image
+from dask_imgsink.core.pool import map_ordered
+
+
+class PeakRSS:
+    """The largest RSS of any of some processes, sampled in a background thread."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(p) for p in pids]
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max([self.peak] + [p.memory_info().rss for p in self.procs])
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextmanager
+def scratch():
+    folder = tempfile.mkdtemp(prefix="imgsink-run-", dir=os.environ.get("IMGSINK_BENCH_DIR"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def encode_limit(images, threads: int, repeats: int) -> float:
+    options = EncodeOptions()
+
+    def run():
+        for future in map_ordered(lambda img: encode_image(img, options), images, threads):
+            future.result()
+    run()  # warm up the pool
+    return median_seconds(run, repeats)
+
+
+@functools.lru_cache(maxsize=1)
+def _photographs(count: int) -> list:
+    return photographs(count)
+
+
+def _photo_partition(bounds: tuple[int, int], count: int, encoded: bool) -> pd.DataFrame:
+    """Rows ``bounds`` of the benchmark's images, made where the partition is computed (a worker)."""
+    images = _photographs(count)[bounds[0]:bounds[1]]
+    if encoded:
+        options = EncodeOptions()
+        images = [encode_image(img, options).data for img in images]
+    return pd.DataFrame({"key": [f"img{i:07d}" for i in range(*bounds)], "image": pd.Series(images, dtype=object)})
+
+
+def frame(count: int, partitions: int, encoded: bool = False) -> dd.DataFrame:
+    """The images as a DataFrame built inside the workers (no data in the graph)."""
+    edges = [round(i * count / partitions) for i in range(partitions + 1)]
+    meta = pd.DataFrame({"key": pd.Series([], dtype=object), "image": pd.Series([], dtype=object)})
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_map(_photo_partition, list(zip(edges[:-1], edges[1:])), count=count, encoded=encoded,
+                           meta=meta, enforce_metadata=False)
+
+
+def write_seconds(ddf, packing: str, repeats: int, **options) -> float:
+    def run():
+        with scratch() as folder:
+            ddf.imgsink.to_webdataset(f"{folder}/out", key_column="key", packing=packing, images_per_tar=500,
+                                      compute=True, **options)
+    run()  # warm up: imports and pools in every process
+    return median_seconds(run, repeats)
+
+
+def raw_write_seconds(blobs: list[bytes], repeats: int) -> float:
+    def run():
+        with scratch() as folder, open(f"{folder}/raw", "wb") as f:
+            for blob in blobs:
+                f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+    return median_seconds(run, repeats)
+
+
+def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: int) -> list[tuple]:
+    label = f"LocalCluster {workers} proc x {threads} thread{'s' if threads > 1 else ''}"
+    rows = []
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        ddf = frame(len(images), partitions).persist()
+        wait(ddf)
+        pids = list(client.run(os.getpid).values())
+        held = max(client.run(lambda dask_worker: sum(dask_worker.data.fast.weights.values())
+                              if hasattr(dask_worker.data, "fast") else 0).values())
+        for packing in ("exact", "per_partition"):
+            with PeakRSS(pids) as peak:
+                seconds = write_seconds(ddf, packing, repeats)
+            rows.append((f"{label}, {packing}", seconds, (peak.peak - held) / 2**20))
+    return rows
+
+
+def print_table(title: str, rows: list[tuple], count: int, unit: str = "img/s") -> None:
+    base = rows[0][1]
+    print(f"\n{title}")
+    print(f"{'':<52}{'seconds':>9}{unit:>10}{'ratio':>8}{'peak RSS MB':>13}")
+    for label, seconds, *peak in rows:
+        shown = f"{peak[0]:>13.0f}" if peak and peak[0] is not None else f"{'':>13}"
+        print(f"{label:<52}{seconds:>9.2f}{count / seconds:>10.0f}{base / seconds:>8.2f}{shown}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="800 images, 1 repeat (a smoke test)")
+    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--partitions", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.partitions, args.repeats = 800, 16, 1
+    cores = os.cpu_count() or 1
+    print(f"dask-imgsink benchmarks, {date.today()}: {cores} cores, {args.images} photographs 512x512, "
+          f"{args.partitions} partitions, medians of {args.repeats}")
+    images = _photographs(args.images)
+
+    rows = [("encode only (simplejpeg, no Dask, no tar): the limit", encode_limit(images, cores, args.repeats),
+             None)]
+    threaded = frame(args.images, args.partitions).persist(scheduler="threads")
+    for packing in ("exact", "per_partition"):
+        with dask.config.set(scheduler="threads"):
+            rows.append((f"threaded scheduler, {packing}", write_seconds(threaded, packing, args.repeats), None))
+    rows += cluster_rows(images, args.partitions, args.repeats, workers=2, threads=1)
+    rows += cluster_rows(images, args.partitions, args.repeats, workers=1, threads=2)
+    print_table("Encoding pixels (JPEG q92 4:2:0)", rows, len(images))
+
+    options = EncodeOptions()
+    encoded = [encode_image(img, options).data for img in images]
+    megabytes = sum(len(b) for b in encoded) / 1e6
+    passthrough = frame(args.images, args.partitions, encoded=True).persist(scheduler="threads")
+    with dask.config.set(scheduler="threads"):
+        through = write_seconds(passthrough, "exact", args.repeats)
+    raw = raw_write_seconds(encoded, args.repeats)
+    print_table(f"Pass-through of the same images encoded ({megabytes:.0f} MB)",
+                [("raw sequential write + fsync of the same bytes", raw, None),
+                 ("accessor, exact, threaded scheduler", through, None)], int(megabytes), unit="MB/s")
+
+
+if __name__ == "__main__":
+    main()
