@@ -327,3 +327,52 @@ def race_for_the_lock(monkeypatch, jobs: dict) -> dict:
         t.join(120)
     monkeypatch.setattr(claim_module, "try_claim", real)
     return outcome
+
+
+def staged_job(ddf, out, **overrides):
+    """Run a job's claim, write, plan and assemble steps in this process; return its commit to call."""
+    import dask_imgsink.job.accessor as acc
+
+    opts, claim = claimed_job(ddf, out, **overrides)
+    frames = ddf.to_delayed()
+    results = [acc.PartitionWriter(opts)(f.compute(), i, claim) for i, f in enumerate(frames)]
+    plan = acc.plan_shards(results, claim, opts)
+    assembled = [acc.assemble_shards(plan, range(len(frames)), opts)]
+    return lambda: acc._commit_exact(claim, plan, assembled, len(frames), opts)
+
+
+class S3Requests:
+    """Counts the HTTP requests this process's s3fs instance for ``options`` sends (each try, as the server
+    sees it), by operation; ``latency`` seconds are added before each, to emulate a remote store."""
+
+    def __init__(self, options: dict, latency: float = 0.0) -> None:
+        import asyncio
+
+        import s3fs
+
+        self.counts: dict[str, int] = {}
+        self.fs = s3fs.S3FileSystem(**options)  # the cached instance the job's own calls use
+        self.fs.ls("")  # creates its client
+        self.latency = latency
+
+        async def before_send(request, **kwargs):
+            if self.counting:
+                operation = kwargs.get("event_name", "").rsplit(".", 1)[-1]
+                self.counts[operation] = self.counts.get(operation, 0) + 1
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+
+        self.counting = False
+        self.fs.s3.meta.events.register("before-send.s3", before_send)
+
+    def __enter__(self):
+        self.counts.clear()
+        self.counting = True
+        return self
+
+    def __exit__(self, *exc):
+        self.counting = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import frame_ddf, race_for_the_lock, shard_names
+from helpers import S3Requests, frame_ddf, race_for_the_lock, shard_names, staged_job
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink import OutputLockedError, verify_dataset
@@ -85,3 +85,19 @@ def test_verify_finds_a_flipped_byte_in_an_object(s3, capsys):
     printed = capsys.readouterr().out
     assert "shard-000001.tar: does not match the SHA-256 the index records" in printed
     assert "shard-000001.tar: img00003.jpg: differs from what was written" in printed
+
+
+def test_the_commit_publishes_each_shard_with_three_requests_at_once(s3):
+    """400 shards (tar, Parquet and DALI index each): one CopyObject per file, concurrently, and a few
+    requests for the whole commit (journal, index, card, _SUCCESS, lock, staging removal)."""
+    prefix, options, fs = s3
+    url = f"{prefix}/many"
+    commit = staged_job(frame_ddf(400, 0, npartitions=4), url, key_column="key", images_per_tar=1,
+                        storage_options=options)
+    with S3Requests(options) as requests:
+        tasks = commit()
+    assert len(tasks) == 400
+    assert requests.counts.get("CopyObject") == 3 * 400, requests.counts
+    assert requests.total - 3 * 400 <= 40, requests.counts  # nothing else scales with the shards
+    assert "HeadObject" not in requests.counts or requests.counts["HeadObject"] <= 10, requests.counts
+    assert verify_dataset(url, storage_options=options).ok

@@ -46,13 +46,16 @@ from ..format.layout import (
 )
 from ..format.skipped import errors_jsonl, read_errors
 from ..storage import (
+    files_below,
     forget_listings,
     is_local,
     join,
     publish,
+    publish_many,
     read_bytes,
     remove_empty_dir,
     remove_file,
+    remove_many,
     remove_quietly,
     resolve,
     write_small,
@@ -132,18 +135,32 @@ def _save_journal(fs, root: str, job_id: str, journal: Journal) -> None:
 # --------------------------------------------------------------------------- steps
 
 
-def _publish(fs, root: str, files: list[PlannedFile]) -> None:
+def _publish(fs, root: str, job_id: str, files: list[PlannedFile]) -> None:
+    """Give every staged file its final name, from one listing of the staging folder.
+
+    Locally each file is renamed in turn (a staged file is moved at most once, so
+    a final file whose staged copy is gone came from it: a rerun skips it). On
+    object stores all files are copied at once, one request each
+    (:func:`~dask_imgsink.storage.publish_many`); a rerun copies again.
+    """
     if is_local(fs) and any(f.name.startswith(METADATA_DIR + "/") for f in files):
         fs.makedirs(join(root, METADATA_DIR), exist_ok=True)
-    for f in files:
-        final = join(root, f.name)
-        if fs.exists(f.staged):
-            publish(fs, f.staged, final)
-        elif not fs.exists(final) or fs.size(final) != f.size:
-            raise FileNotFoundError(
-                f"the staged file {f.staged!r} is gone and {f.name!r} was not published from it; "
-                "something removed the job's staging folder. Run the job again"
-            )
+    staged = files_below(fs, job_dir(root, job_id))
+    gone = {f.name for f in files if f.staged not in staged}
+    if gone:
+        published = files_below(fs, root)
+        for f in files:
+            if f.name in gone and published.get(join(root, f.name)) != f.size:
+                raise FileNotFoundError(
+                    f"the staged file {f.staged!r} is gone and {f.name!r} was not published from it; "
+                    "something removed the job's staging folder. Run the job again"
+                )
+    moves = [(f.staged, join(root, f.name), f.size) for f in files if f.name not in gone]
+    if is_local(fs):
+        for source, final, _ in moves:
+            publish(fs, source, final)
+    else:
+        publish_many(fs, moves)
 
 
 def _errors_records(fs, root: str, skipped: list[SkippedRow], job_id: str, append: bool) -> list[dict]:
@@ -282,8 +299,8 @@ def _rollback(fs, root: str, journal: Journal, opts) -> None:
     file is left that no index accounts for. An appended dataset gets its
     ``_SUCCESS`` back (its index, errors and shards were not touched).
     """
-    for name in [*journal.planned, *(journal.remove if opts.mode == "overwrite" else [])]:
-        remove_file(fs, join(root, name))
+    remove_many(fs, [join(root, name) for name in [*journal.planned,
+                                                    *(journal.remove if opts.mode == "overwrite" else [])]])
     remove_empty_dir(fs, join(root, METADATA_DIR))
     if opts.mode == "append" and journal.old_success is not None:
         write_small(fs, join(root, SUCCESS_FILE), journal.old_success.encode(), job_dir(root, opts.job_id))
@@ -294,12 +311,10 @@ def _replace_files(fs, root: str, opts, journal: Journal, files: list[PlannedFil
     remove_file(fs, join(root, SUCCESS_FILE))  # the directory must not look complete while it changes
     if opts.mode == "overwrite":
         remove_file(fs, join(root, INDEX_FILE))
-        for name in journal.remove:
-            if name not in journal.planned:
-                remove_file(fs, join(root, name))
-    for name in dropped:  # an earlier attempt planned them from other input; they are ours
-        remove_file(fs, join(root, name))
-    _publish(fs, root, files)
+        remove_many(fs, [join(root, name) for name in journal.remove if name not in journal.planned])
+    # names an earlier attempt planned from other input: they are ours
+    remove_many(fs, [join(root, name) for name in dropped])
+    _publish(fs, root, opts.job_id, files)
 
 
 def commit_job(
