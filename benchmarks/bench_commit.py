@@ -83,7 +83,7 @@ def staged_commit(url: str, options: dict, shards: int):
     results = [acc.PartitionWriter(opts)(p.compute(), i, claim) for i, p in enumerate(parts)]
     plan = acc.plan_shards(results, claim, opts)
     assembled = [acc.assemble_shards(plan, range(len(parts)), opts)]
-    return lambda: acc._commit_exact(claim, plan, assembled, len(parts), opts)
+    return lambda: acc._commit_exact(claim, results, assembled, len(parts), opts)
 
 
 def main() -> None:

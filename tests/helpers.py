@@ -338,7 +338,7 @@ def staged_job(ddf, out, **overrides):
     results = [acc.PartitionWriter(opts)(f.compute(), i, claim) for i, f in enumerate(frames)]
     plan = acc.plan_shards(results, claim, opts)
     assembled = [acc.assemble_shards(plan, range(len(frames)), opts)]
-    return lambda: acc._commit_exact(claim, plan, assembled, len(frames), opts)
+    return lambda: acc._commit_exact(claim, results, assembled, len(frames), opts)
 
 
 class S3Requests:

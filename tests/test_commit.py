@@ -206,7 +206,7 @@ def _staged_job(tmp_path, out, sizes, mode):
     results = [acc.PartitionWriter(opts)(f.compute(), i, claim) for i, f in enumerate(frames)]
     plan = acc.plan_shards(results, claim, opts)
     assembled = [acc.assemble_shards(plan, range(len(frames)), opts)]
-    return lambda: acc._commit_exact(claim, plan, assembled, len(frames), opts)
+    return lambda: acc._commit_exact(claim, results, assembled, len(frames), opts)
 
 
 @pytest.mark.parametrize("mode", ["error", "overwrite", "append"])
@@ -303,10 +303,10 @@ def test_a_commit_rerun_after_its_runs_are_gone_returns_what_it_committed(tmp_pa
     frames = [f.compute() for f in ddf.to_delayed()]
     results = [acc.PartitionWriter(opts)(frame, i, claim) for i, frame in enumerate(frames)]
     plan = acc.plan_shards(results, claim, opts)
-    first = acc._commit_exact(claim, plan, [acc.assemble_shards(plan, range(2), opts)], 2, opts)
+    first = acc._commit_exact(claim, results, [acc.assemble_shards(plan, range(2), opts)], 2, opts)
     rerun_assembly = acc.assemble_shards(plan, range(2), opts)  # its runs were removed with the staging
     assert rerun_assembly == []
-    again = acc._commit_exact(claim, plan, [rerun_assembly], 2, opts)
+    again = acc._commit_exact(claim, results, [rerun_assembly], 2, opts)
     assert [(t.task_id, t.data, t.metadata) for t in again] == [(t.task_id, t.data, t.metadata) for t in first]
     from dask_imgsink import verify_dataset
 

@@ -3,7 +3,9 @@ is encoded once; the merge's memory does not grow with the number of partitions.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import tracemalloc
 
 import dask
@@ -12,11 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
-from helpers import claimed_job, make_ddf, read_dataset
+from distributed import Client, LocalCluster
+from helpers import claimed_job, gated_ddf, make_ddf, read_dataset
 
 import dask_imgsink.core.encode as encode_module
 from dask_imgsink.job.packing import assemble_shards, plan_shards
 from dask_imgsink.job.write import PartitionWriter
+from dask_imgsink.read.verify import verify_dataset
 
 UNEVEN = [0, 23, 0, 0, 3, 1, 0, 41, 7, 0, 0, 2]  # 77 rows; one partition spans 4+ shards
 
@@ -133,3 +137,46 @@ def test_assembly_groups_cover_every_partition_once_in_order(n):
     groups = _assembly_groups(n)
     assert [p for g in groups for p in g] == list(range(n))
     assert all(len(g) for g in groups) and len(groups) <= max(1, n)
+
+
+def test_shards_of_early_partitions_are_assembled_while_later_ones_still_encode(tmp_path):
+    """No barrier: the first group's assembly needs only its own partitions' write tasks.
+
+    Partitions after the first two wait for a gate (a file); the first shards must
+    be assembled while they wait. Its own cluster, with a thread for each waiting partition and two more.
+    """
+    gate = tmp_path / "gate"
+    out = tmp_path / "out"
+    ddf = gated_ddf([4] * 8, gate, open_partitions=2)
+    with LocalCluster(n_workers=1, threads_per_worker=8, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        future = client.compute(ddf.imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4))
+        try:
+            deadline = time.monotonic() + 60
+            while not list((out / ".imgsink").glob("jobs/*/assemble-*/shard-000000.tar.part")):
+                assert time.monotonic() < deadline, "the first shard was not assembled before the gate opened"
+                time.sleep(0.05)
+            assert not future.done()  # the later partitions still wait for the gate
+        finally:
+            gate.write_text("open")
+        tasks = future.result(timeout=120)
+    assert [t.metadata["num_images"] for t in tasks] == [4] * 8
+    assert [k for k, _ in read_dataset(out)["samples"]] == [f"img{i:05d}" for i in range(32)]
+
+
+@pytest.mark.parametrize("sizes, cap", [([3, 0, 6, 0, 0, 0, 0, 0], None), ([3, 0, 6, 0, 0, 0, 0, 0], 30_000),
+                                        ([0, 0, 0, 0, 0, 0, 0, 5], None), ([1, 1, 1, 1, 1, 1, 1, 1], None)])
+def test_every_shard_is_assembled_once_whichever_group_holds_its_end(tmp_path, client, sizes, cap):
+    """The job's last shard may end in a group whose later partitions are empty: the last group builds it."""
+    out = tmp_path / "out"
+    client.compute(make_ddf("from_map", sizes, tmp_path).imgsink.to_webdataset(
+        str(out), key_column="key", images_per_tar=4, max_shard_bytes=cap)).result(timeout=120)
+    data = read_dataset(out)
+    assert [k for k, _ in data["samples"]] == [f"img{i:05d}" for i in range(sum(sizes))]
+    counts = [e["nsamples"] for e in data["index"]["shardlist"]]
+    assert sum(counts) == sum(sizes)
+    if cap is None:
+        assert all(c == 4 for c in counts[:-1])
+    else:  # every shard but the last is as full as both limits allow
+        assert all(e["filesize"] <= cap for e in data["index"]["shardlist"])
+    assert verify_dataset(str(out)).ok

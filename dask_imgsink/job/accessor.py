@@ -34,7 +34,7 @@ from .commit import commit_job
 from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
-from .packing import ShardPlan, assemble_shards, plan_shards
+from .packing import assemble_group, assemble_shards, plan_shards  # noqa: F401 (steps the tests drive)
 from .results import TaskFailed, failure, first_failure
 from .unique import cross_partition_duplicate
 from .write import PartitionWriter, check_image_dtype, check_label_dtype
@@ -47,7 +47,8 @@ def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions
         failed.reraise()
 
 
-def _commit_exact(claim: Claim, plan: ShardPlan, assembled: list, num_partitions: int, opts: WriteOptions):
+def _commit_exact(claim: Claim, results: list, assembled: list, num_partitions: int, opts: WriteOptions):
+    plan = plan_shards(results, claim, opts)
     _raise_if_failed(plan.failed or first_failure(assembled), claim, opts)
     shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
     return commit_job(claim, [(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped,
@@ -333,14 +334,12 @@ def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     written = [writer(part, i, claim, dask_key_name=(f"imgsink-encode-write-{token}", i))
                for i, part in enumerate(parts)]
     if opts.packing == "exact":
-        plan = dask.delayed(partial(plan_shards, opts=opts), pure=True)(
-            written, claim, dask_key_name=f"imgsink-plan-{token}"
-        )
-        assemble = dask.delayed(partial(assemble_shards, opts=opts), pure=True)
+        assemble = dask.delayed(partial(assemble_group, opts=opts), pure=True)
         groups = _assembly_groups(n)
-        assembled = [assemble(plan, g, dask_key_name=(f"imgsink-assemble-{token}", i)) for i, g in enumerate(groups)]
+        assembled = [assemble(written[:g.stop], claim, g, last=(i == len(groups) - 1),
+                              dask_key_name=(f"imgsink-assemble-{token}", i)) for i, g in enumerate(groups)]
         final = dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
-            claim, plan, assembled, n, dask_key_name=f"imgsink-commit-{token}"
+            claim, written, assembled, n, dask_key_name=f"imgsink-commit-{token}"
         )
     else:
         final = dask.delayed(partial(_commit_per_partition, opts=opts), pure=True)(

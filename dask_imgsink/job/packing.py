@@ -1,12 +1,15 @@
 """Exact packing: staged per-partition runs -> contiguous shards of exactly N images.
 
 Each write task encodes its partition once into a staged *run* (one tar holding
-every sample, plus a Parquet index recording each sample's byte range). A plan
-task learns every run's image count (small numbers only) and cuts the global
-row order into shards of ``images_per_tar``. Then each assembly task (one per
-group of partitions) builds the shards that *start* in its runs by copying whole samples
-byte-range by byte-range from one or more runs: no re-encoding, memory bounded
-by the copy buffer and one shard's metadata, whatever the number of partitions.
+every sample, plus a Parquet index recording each sample's byte range). Each
+assembly task (one per group of contiguous partitions) waits only for the write
+tasks up to its group: from their counts (small numbers only) it cuts the row
+order into shards of ``images_per_tar`` (:func:`plan_shards`), and builds the
+shards whose *last* image is in its group by copying whole samples byte-range
+by byte-range from one or more runs: no re-encoding, memory bounded by the copy
+buffer and one shard's metadata, whatever the number of partitions. So the
+shards of early partitions are assembled while later partitions still encode,
+and no task waits for the whole job but the commit.
 """
 
 from __future__ import annotations
@@ -98,20 +101,29 @@ class ShardPlan:
         starts = self.shard_starts
         return starts[shard], starts[shard + 1] if shard + 1 < len(starts) else self.num_images
 
-    def _first_shard_at_or_after(self, row: int) -> int:
-        if self.shard_starts is None:
-            return -(-row // self.images_per_tar)
-        return bisect.bisect_left(self.shard_starts, row)
-
-    def shards_starting_in(self, partition: int) -> list[tuple[int, list[Piece]]]:
-        """The shards (local index, pieces) whose first image is in ``partition``'s run."""
+    def shards_ending_in(self, partition: int) -> list[int]:
+        """The shards (local indexes) whose last image is in ``partition``'s run."""
         run = self.run_of.get(partition)
-        if run is None:
+        if run is None or not self.kept(run):
             return []
         lo = self.run_starts[run]
         hi = lo + self.kept(run)
-        return [(s, self._pieces(*self._shard_range(s)))
-                for s in range(self._first_shard_at_or_after(lo), self._first_shard_at_or_after(hi))]
+        # shard s ends in [lo, hi) when its last row s_end - 1 is: s_end in (lo, hi]
+        return [s for s in range(self._shard_holding(lo), self._shard_holding(hi - 1) + 1)
+                if lo < self._shard_range(s)[1] <= hi]
+
+    def _shard_holding(self, row: int) -> int:
+        if self.shard_starts is None:
+            return row // self.images_per_tar
+        return bisect.bisect_right(self.shard_starts, row) - 1
+
+    def shard_is_complete(self, shard: int) -> bool:
+        """Whether more rows after this plan's could not join ``shard`` (it is not the last, or it is full)."""
+        start, stop = self._shard_range(shard)
+        return shard < self.num_shards - 1 or stop - start == self.images_per_tar
+
+    def pieces(self, shard: int) -> list[Piece]:
+        return self._pieces(*self._shard_range(shard))
 
     def _pieces(self, start: int, stop: int) -> list[Piece]:
         pieces = []
@@ -228,19 +240,26 @@ class _RunReader:
         self.tar, self.index, self.current = None, None, None
 
 
-def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions
-                    ) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
-    """Build the shards that start in the runs of ``partitions``.
+def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, *, prefix: bool = False,
+                    last: bool = False) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
+    """Build the shards whose last image is in the runs of ``partitions``.
+
+    ``prefix``: ``plan`` covers only the partitions up to these (the job is still
+    encoding later ones), so its last shard is left for a later group unless it is
+    full. ``last``: this is the job's last group, which also builds the job's last
+    shard wherever it ends (the partitions after it may hold no image).
 
     Returns ``(index, shard, source partitions)`` for each, or the
-    :class:`TaskFailed` of this task (two samples of one shard sharing a key,
-    which came from different partitions, or an I/O error). Files go to a fresh
+    :class:`TaskFailed` of this task (an I/O error, say). Files go to a fresh
     staging folder of this attempt; the commit publishes them. Rerun by Dask
     after the job committed (its runs are gone), it returns nothing.
     """
     if plan.failed is not None:
         return []
-    todo = [shard for p in partitions for shard in plan.shards_starting_in(p)]
+    todo = [s for p in partitions for s in plan.shards_ending_in(p)
+            if not prefix or plan.shard_is_complete(s)]
+    if last and plan.num_shards and plan.num_shards - 1 not in todo:
+        todo.append(plan.num_shards - 1)
     if not todo:
         return []
     fs, root = resolve(opts.url, opts.storage_options)
@@ -248,15 +267,26 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions
     reader = _RunReader(fs, plan)
     try:
         fs.makedirs(attempt, exist_ok=True)
-        return [_assemble_one(fs, attempt, reader, plan, local_index, pieces, opts) for local_index, pieces in todo]
+        return [_assemble_one(fs, attempt, reader, plan, s, plan.pieces(s), opts) for s in todo]
     except Exception as exc:
         remove_quietly(fs, attempt, recursive=True)
         if isinstance(exc, FileNotFoundError) and committed_job(fs, root, opts.job_id) is not None:
             return []  # Dask reran it after the commit had finished and removed the runs: nothing to do
         where = f"partitions {partitions.start}-{partitions.stop - 1}"
-        return failure(exc, f"the assembly of the shards starting in {where}")
+        return failure(exc, f"the assembly of the shards ending in {where}")
     finally:
         reader.close()
+
+
+def assemble_group(results: list, claim: Claim, partitions: range, opts: WriteOptions,
+                   last: bool) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
+    """One assembly task: plan from the write results up to ``partitions`` (all of them: a prefix of the job)
+    and build the shards ending there. It waits only for those partitions, so it runs while later ones encode.
+
+    The plan of a prefix agrees with the job's plan on every complete shard: shards
+    are cut greedily in row order, and a duplicate key is always the later copy.
+    """
+    return assemble_shards(plan_shards(results, claim, opts), partitions, opts, prefix=not last, last=last)
 
 
 def _assemble_one(fs, attempt: str, reader: "_RunReader", plan: ShardPlan, local_index: int,
