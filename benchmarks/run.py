@@ -14,8 +14,8 @@ measured in this run on the same images):
 - pass-through of the same images already encoded, exact packing, against a
   raw sequential write + fsync of the same bytes to the same disk.
 
-Peak RSS is the largest resident set of any worker process during the run (psutil,
-sampled every 10 ms), minus the size of its persisted partitions.
+Peak RSS is how far the largest resident set of any worker process (psutil, sampled
+every 10 ms) rose during the writes above what it was with the partitions persisted.
 
 Usage: ``python benchmarks/run.py [--quick] [--images 4000] [--partitions 24] [--repeats 3]``.
 ``--quick`` (800 images, 1 repeat) runs in under two minutes; CI runs it as a smoke
@@ -44,6 +44,7 @@ from bench_encode import photographs
 from distributed import Client, LocalCluster, wait
 
 import dask_imgsink  # noqa: F401
+from dask_imgsink.cluster import local_cluster
 from dask_imgsink.core.encode import EncodeOptions, encode_image
 from dask_imgsink.core.pool import map_ordered
 
@@ -141,17 +142,22 @@ def raw_write_seconds(blobs: list[bytes], repeats: int) -> float:
     return median_seconds(run, repeats)
 
 
-def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: int) -> list[tuple]:
+def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: int,
+                 packings=("exact", "per_partition"), nanny_default: bool = False) -> list[tuple]:
+    """Rows for a LocalCluster: ours (dask_imgsink.cluster.local_cluster), or with the nanny's default
+    MALLOC_TRIM_THRESHOLD_ (64 KiB) to show what that setting costs."""
     label = f"LocalCluster {workers} proc x {threads} thread{'s' if threads > 1 else ''}"
+    if nanny_default:
+        label += " (nanny's malloc default)"
+    start = LocalCluster if nanny_default else local_cluster
     rows = []
-    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with start(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
+               silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         ddf = frame(len(images), partitions).persist()
         wait(ddf)
         pids = list(client.run(os.getpid).values())
-        held = max(client.run(lambda dask_worker: sum(dask_worker.data.fast.weights.values())
-                              if hasattr(dask_worker.data, "fast") else 0).values())
-        for packing in ("exact", "per_partition"):
+        held = max(psutil.Process(p).memory_info().rss for p in pids)  # with the partitions persisted
+        for packing in packings:
             with PeakRSS(pids) as peak:
                 seconds = write_seconds(ddf, packing, repeats)
             rows.append((f"{label}, {packing}", seconds, (peak.peak - held) / 2**20))
@@ -161,10 +167,10 @@ def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: i
 def print_table(title: str, rows: list[tuple], count: int, unit: str = "img/s") -> None:
     base = rows[0][1]
     print(f"\n{title}")
-    print(f"{'':<52}{'seconds':>9}{unit:>10}{'ratio':>8}{'peak RSS MB':>13}")
+    print(f"{'':<64}{'seconds':>9}{unit:>10}{'ratio':>8}{'RSS rise MB':>13}")
     for label, seconds, *peak in rows:
         shown = f"{peak[0]:>13.0f}" if peak and peak[0] is not None else f"{'':>13}"
-        print(f"{label:<52}{seconds:>9.2f}{count / seconds:>10.0f}{base / seconds:>8.2f}{shown}")
+        print(f"{label:<64}{seconds:>9.2f}{count / seconds:>10.0f}{base / seconds:>8.2f}{shown}")
 
 
 def main() -> None:
@@ -189,6 +195,8 @@ def main() -> None:
             rows.append((f"threaded scheduler, {packing}", write_seconds(threaded, packing, args.repeats), None))
     rows += cluster_rows(images, args.partitions, args.repeats, workers=2, threads=1)
     rows += cluster_rows(images, args.partitions, args.repeats, workers=1, threads=2)
+    rows += cluster_rows(images, args.partitions, args.repeats, workers=2, threads=1, packings=("exact",),
+                         nanny_default=True)
     print_table("Encoding pixels (JPEG q92 4:2:0)", rows, len(images))
 
     options = EncodeOptions()

@@ -108,13 +108,13 @@ def dask_client(scheduler: str, workers: int | None = None):
     if scheduler == "threads":
         yield None
         return
-    import logging
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from .cluster import local_cluster
 
     if scheduler == "local":
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        with local_cluster(n_workers=workers, threads_per_worker=1) as cluster, Client(cluster) as client:
             yield client
     else:
         with Client(scheduler, timeout=30) as client:
@@ -122,8 +122,9 @@ def dask_client(scheduler: str, workers: int | None = None):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from .cluster import local_cluster
     from .format.index import read_index
     from .job.accessor import to_webdataset
     from .job.output import existing_entries
@@ -139,8 +140,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"dask-imgsink demo: {args.output_dir} is not empty and holds no earlier demo dataset; "
               "choose an empty directory or pass --mode overwrite", file=sys.stderr)
         return 2
-    with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker,
-                      processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with local_cluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker) as cluster, \
+            Client(cluster) as client:
         print(f"local Dask cluster: {len(client.scheduler_info()['workers'])} worker processes")
         ddf = demo_dataframe(args.images, args.partitions, args.size)
         ddf = ddf[ddf.aesthetic > args.min_aesthetic]
