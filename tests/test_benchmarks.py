@@ -1,0 +1,22 @@
+"""The benchmark runs end to end (``--quick``): a smoke test that never looks at the timings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def test_the_benchmark_runs_quick(tmp_path):
+    pytest.importorskip("skimage")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--quick"], capture_output=True, text=True,
+                          timeout=600, cwd=BENCHMARKS, env={**os.environ, "IMGSINK_BENCH_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout
+    assert "cores" in table and "encode only" in table and "per_partition" in table and "raw sequential" in table
+    assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
