@@ -29,6 +29,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import polars as pl
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -264,3 +265,28 @@ def test_our_index_files_are_what_dalis_wds2idx_writes(datasets_by_state, tmp_pa
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert theirs.read_bytes() == (out / f"{tar.stem}.idx").read_bytes()
+
+
+def test_huggingface_loads_nested_and_temporal_metadata_through_the_declared_features(tmp_path):
+    frame = pd.DataFrame({
+        "key": ["a", "b", "c"],
+        "image": pd.Series([np.zeros((4, 4, 3), np.uint8)] * 3, dtype=object),
+        "tags": pd.Series([["x", "y"], [], None], dtype=object),
+        "info": pd.Series([{"w": 1, "ok": True}, {"w": 2, "ok": False}, None], dtype=object),
+        "when": pd.to_datetime(["2026-01-01", "2026-06-30", None]),
+        "nested": pd.Series([[[1, 2]], [], [[3]]], dtype=object),
+    })
+    out = tmp_path / "out"
+    schema = {"tags": pa.list_(pa.string()), "info": pa.struct([("w", pa.int64()), ("ok", pa.bool_())]),
+              "nested": pa.list_(pa.list_(pa.int64()))}
+    _ddf(frame, 1).imgsink.to_webdataset(str(out), key_column="key", metadata_schema=schema, compute=True)
+    result = _run(f"""
+        import datasets, json, os
+        d = datasets.load_dataset({str(out)!r}, split="train", cache_dir="hf")
+        print(json.dumps([r["json"] for r in d]), flush=True)
+        os._exit(0)
+    """, tmp_path)
+    assert [r["tags"] for r in result] == [["x", "y"], [], None]
+    assert [r["info"] for r in result] == [{"w": 1, "ok": True}, {"w": 2, "ok": False}, None]
+    assert [r["when"] for r in result] == ["2026-01-01T00:00:00", "2026-06-30T00:00:00", None]
+    assert [r["nested"] for r in result] == [[[1, 2]], [], [[3]]]
