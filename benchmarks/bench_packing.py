@@ -17,45 +17,13 @@ import logging
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 
-import psutil
 from distributed import Client, LocalCluster
+from measure import PeakRSS
 
 from dask_imgsink import to_webdataset
 from dask_imgsink.cli import demo_dataframe
-
-
-class PeakRSS:
-    """Samples the summed RSS of some processes in a background thread."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.procs = [psutil.Process(p) for p in pids]
-        self.base = self._rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        return sum(p.memory_info().rss for p in self.procs)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
 
 
 def main() -> None:

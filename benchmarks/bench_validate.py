@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import statistics
 import tempfile
-import time
 
 import dask
 import dask.dataframe as dd
 import pandas as pd
 from bench_encode import photographs
+from measure import median_seconds
 from PIL import Image
 
 import dask_imgsink  # noqa: F401
@@ -40,15 +39,6 @@ def _png(pixels) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def per_image(encoded: list[bytes], repeats: int) -> None:

@@ -29,10 +29,7 @@ import functools
 import logging
 import os
 import shutil
-import statistics
 import tempfile
-import threading
-import time
 from contextlib import contextmanager
 from datetime import date
 
@@ -42,43 +39,12 @@ import pandas as pd
 import psutil
 from bench_encode import photographs
 from distributed import Client, LocalCluster, wait
+from measure import PeakRSS, median_seconds
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink.cluster import local_cluster
 from dask_imgsink.core.encode import EncodeOptions, encode_image
 from dask_imgsink.core.pool import map_ordered
-
-
-class PeakRSS:
-    """The largest RSS of any of some processes, sampled in a background thread."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.procs = [psutil.Process(p) for p in pids]
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max([self.peak] + [p.memory_info().rss for p in self.procs])
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @contextmanager
@@ -160,7 +126,7 @@ def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: i
         for packing in packings:
             with PeakRSS(pids) as peak:
                 seconds = write_seconds(ddf, packing, repeats)
-            rows.append((f"{label}, {packing}", seconds, (peak.peak - held) / 2**20))
+            rows.append((f"{label}, {packing}", seconds, (peak.largest - held) / 2**20))
     return rows
 
 

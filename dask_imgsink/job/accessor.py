@@ -36,7 +36,7 @@ from .options import WriteOptions
 from .output import check_output
 from .packing import assemble_group, assemble_shards, plan_shards  # noqa: F401 (steps the tests drive)
 from .results import TaskFailed, failure, first_failure
-from .unique import cross_partition_duplicate
+from .unique import cross_partition_duplicate, dataset_key_hashes, needs_dataset_keys
 from .write import PartitionWriter, check_image_dtype, check_label_dtype
 
 
@@ -47,8 +47,9 @@ def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions
         failed.reraise()
 
 
-def _commit_exact(claim: Claim, results: list, assembled: list, num_partitions: int, opts: WriteOptions):
-    plan = plan_shards(results, claim, opts)
+def _commit_exact(claim: Claim, results: list, assembled: list, num_partitions: int, opts: WriteOptions,
+                  existing_keys=None):
+    plan = plan_shards(results, claim, opts, existing_keys)
     _raise_if_failed(plan.failed or first_failure(assembled), claim, opts)
     shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
     return commit_job(claim, [(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped,
@@ -334,12 +335,16 @@ def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     written = [writer(part, i, claim, dask_key_name=(f"imgsink-encode-write-{token}", i))
                for i, part in enumerate(parts)]
     if opts.packing == "exact":
+        existing = None  # the dataset's keys, read once for every plan when appending with unique_keys="dataset"
+        if needs_dataset_keys(opts):
+            existing = dask.delayed(partial(dataset_key_hashes, opts=opts), pure=True)(
+                claim, dask_key_name=f"imgsink-dataset-keys-{token}")
         assemble = dask.delayed(partial(assemble_group, opts=opts), pure=True)
         groups = _assembly_groups(n)
-        assembled = [assemble(written[:g.stop], claim, g, last=(i == len(groups) - 1),
+        assembled = [assemble(written[:g.stop], claim, g, last=(i == len(groups) - 1), existing_keys=existing,
                               dask_key_name=(f"imgsink-assemble-{token}", i)) for i, g in enumerate(groups)]
         final = dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
-            claim, written, assembled, n, dask_key_name=f"imgsink-commit-{token}"
+            claim, written, assembled, n, existing_keys=existing, dask_key_name=f"imgsink-commit-{token}"
         )
     else:
         final = dask.delayed(partial(_commit_per_partition, opts=opts), pure=True)(

@@ -39,7 +39,7 @@ from ..storage import remove_quietly, resolve
 from .claim import Claim, committed_job
 from .options import WriteOptions
 from .results import PartitionResult, TaskFailed, failure, first_failure
-from .unique import drop_duplicate_keys
+from .unique import dataset_key_hashes, drop_duplicate_keys
 
 
 @dataclass
@@ -160,8 +160,13 @@ class ShardPlan:
         return pieces
 
 
-def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts: WriteOptions) -> ShardPlan:
-    """Cut the runs of all partitions, in partition order, into shards (duplicate keys left out first)."""
+def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts: WriteOptions,
+                existing_keys: np.ndarray | None = None) -> ShardPlan:
+    """Cut the runs of all partitions, in partition order, into shards (duplicate keys left out first).
+
+    ``existing_keys``: the dataset's key hashes when appending (the job reads them
+    once, in its own task); read here when not given.
+    """
     failed = first_failure(results)
     if failed is not None:
         return ShardPlan([], opts.images_per_tar, claim.first_shard, 0, failed=failed)
@@ -172,7 +177,9 @@ def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts:
     plan = ShardPlan(runs=runs, images_per_tar=opts.images_per_tar, first_shard=claim.first_shard,
                      rows_in=sum(r.rows_in for r in results), skipped=[s for r in results for s in r.skipped])
     try:
-        drop_duplicate_keys(plan, [r for r in results if r.shards and r.num_images], opts)
+        if existing_keys is None:
+            existing_keys = dataset_key_hashes(claim, opts)
+        drop_duplicate_keys(plan, [r for r in results if r.shards and r.num_images], opts, existing_keys)
     except Exception as exc:
         fs, root = resolve(opts.url, opts.storage_options)
         if isinstance(exc, BadRowError) or committed_job(fs, root, opts.job_id) is None:
@@ -278,15 +285,16 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, *, p
         reader.close()
 
 
-def assemble_group(results: list, claim: Claim, partitions: range, opts: WriteOptions,
-                   last: bool) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
+def assemble_group(results: list, claim: Claim, partitions: range, opts: WriteOptions, last: bool,
+                   existing_keys: np.ndarray | None = None) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
     """One assembly task: plan from the write results up to ``partitions`` (all of them: a prefix of the job)
     and build the shards ending there. It waits only for those partitions, so it runs while later ones encode.
 
     The plan of a prefix agrees with the job's plan on every complete shard: shards
     are cut greedily in row order, and a duplicate key is always the later copy.
     """
-    return assemble_shards(plan_shards(results, claim, opts), partitions, opts, prefix=not last, last=last)
+    plan = plan_shards(results, claim, opts, existing_keys)
+    return assemble_shards(plan, partitions, opts, prefix=not last, last=last)
 
 
 def _assemble_one(fs, attempt: str, reader: "_RunReader", plan: ShardPlan, local_index: int,

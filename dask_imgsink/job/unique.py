@@ -150,6 +150,19 @@ def existing_key_hashes(fs, root: str, job_id: str) -> np.ndarray | None:
     return key_hashes(keys)
 
 
+def needs_dataset_keys(opts) -> bool:
+    """Whether the job checks its keys against the keys already in the dataset."""
+    return opts.key_column is not None and opts.unique_keys == "dataset" and opts.mode == "append"
+
+
+def dataset_key_hashes(claim, opts) -> np.ndarray | None:
+    """The job's one read of the dataset's keys (its own task, shared by the plans), or ``None`` when not needed."""
+    if claim.done or not needs_dataset_keys(opts):
+        return None
+    fs, root = resolve(opts.url, opts.storage_options)
+    return existing_key_hashes(fs, root, opts.job_id)
+
+
 def _run_key(fs, run, row: int, cache: dict) -> str:
     """The key of row ``row`` of a staged run (read from its Parquet, once per run)."""
     path = run.target.parquet_path
@@ -159,10 +172,11 @@ def _run_key(fs, run, row: int, cache: dict) -> str:
     return cache[path][row]
 
 
-def drop_duplicate_keys(plan, results: list, opts) -> None:
+def drop_duplicate_keys(plan, results: list, opts, existing: np.ndarray | None) -> None:
     """Leave duplicate keys out of ``plan`` (recorded as skipped), or raise for the first one.
 
-    ``results`` are the write results whose runs are ``plan.runs``, in order.
+    ``results`` are the write results whose runs are ``plan.runs``, in order;
+    ``existing`` the hashes of the keys already in the dataset (:func:`dataset_key_hashes`).
 
     Raises
     ------
@@ -175,8 +189,6 @@ def drop_duplicate_keys(plan, results: list, opts) -> None:
     if not hashes:
         return
     fs, root = resolve(opts.url, opts.storage_options)
-    appending = opts.mode == "append" and opts.unique_keys == "dataset"
-    existing = existing_key_hashes(fs, root, opts.job_id) if appending else None
     sizes = None
     if opts.max_shard_bytes is not None and opts.unique_keys == "shard":
         sizes = np.concatenate([np.asarray(run.sample_sizes, np.int64) for _, run in plan.runs])
