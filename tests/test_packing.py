@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import webdataset as wds
 from distributed import Client, LocalCluster
-from helpers import claimed_job, gated_ddf, make_ddf, read_dataset
+from helpers import claimed_job, frame_ddf, gated_ddf, make_ddf, read_dataset
 
 import dask_imgsink.core.encode as encode_module
 from dask_imgsink.job.packing import assemble_shards, plan_shards
@@ -180,3 +180,19 @@ def test_every_shard_is_assembled_once_whichever_group_holds_its_end(tmp_path, c
     else:  # every shard but the last is as full as both limits allow
         assert all(e["filesize"] <= cap for e in data["index"]["shardlist"])
     assert verify_dataset(str(out)).ok
+
+
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_task_names_say_what_the_tasks_do_in_the_dashboard(tmp_path, packing):
+    # The dashboard and progress bars group tasks by dask.utils.key_split, which drops
+    # 8-letter words made of a-f ("assemble") as if they were hex tokens.
+    from dask.utils import key_split
+
+    bag = frame_ddf(20, 0, npartitions=4).imgsink.to_webdataset(str(tmp_path / "out"), images_per_tar=8, key_column="key",
+                                                               packing=packing)
+    groups = {key_split(k) for k in bag.__dask_graph__()}
+    expected = {"imgsink-claim", "imgsink-encode-write", "imgsink-commit", "imgsink-tasks"}
+    if packing == "exact":
+        expected.add("imgsink-pack-shards")
+    assert expected <= groups
+    assert "imgsink" not in groups

@@ -342,7 +342,7 @@ def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
         assemble = dask.delayed(partial(assemble_group, opts=opts), pure=True)
         groups = _assembly_groups(n)
         assembled = [assemble(written[:g.stop], claim, g, last=(i == len(groups) - 1), existing_keys=existing,
-                              dask_key_name=(f"imgsink-assemble-{token}", i)) for i, g in enumerate(groups)]
+                              dask_key_name=(f"imgsink-pack-shards-{token}", i)) for i, g in enumerate(groups)]
         final = dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
             claim, written, assembled, n, existing_keys=existing, dask_key_name=f"imgsink-commit-{token}"
         )
