@@ -3,11 +3,12 @@
 from .core.encode import EncodedImage, EncodeOptions, encode_image
 from .core.stage import ImageWriterStage
 from .core.tasks import FileGroupTask, ImageBatch, ImageObject
-from .errors import BadRowError
+from .errors import BadRowError, CorruptSampleError
 from .job.accessor import to_webdataset
 from .job.bag import WriteBag
 from .job.cleanup import CleanReport, clean
 from .job.lock import LostLockError, OutputLockedError
+from .read.dataset import read_webdataset
 from .read.verify import verify_dataset
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BadRowError",
     "CleanReport",
+    "CorruptSampleError",
     "EncodeOptions",
     "EncodedImage",
     "FileGroupTask",
@@ -25,6 +27,7 @@ __all__ = [
     "OutputLockedError",
     "WriteBag",
     "clean",
+    "read_webdataset",
     "encode_image",
     "to_webdataset",
     "verify_dataset",

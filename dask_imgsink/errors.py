@@ -71,3 +71,17 @@ class BadRowError(ValueError):
 
 def _rebuild_bad_row(reason, fix, partition, row, key, column=None) -> BadRowError:
     return BadRowError(reason, fix=fix, partition=partition, row=row, key=key, column=column)
+
+
+class CorruptSampleError(ValueError):
+    """A sample read back does not match its recorded checksum or byte range; names the shard and key."""
+
+    def __init__(self, shard: str, key: str, reason: str) -> None:
+        self.shard, self.key, self.reason = shard, key, reason
+        super().__init__(
+            f"{shard}: sample {key!r}: {reason}; run `dask-imgsink verify` on the dataset to list all damage, "
+            "then rewrite it from its source (or pass verify=False to read it as it is)"
+        )
+
+    def __reduce__(self):
+        return CorruptSampleError, (self.shard, self.key, self.reason)

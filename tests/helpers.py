@@ -351,6 +351,7 @@ class S3Requests:
         import s3fs
 
         self.counts: dict[str, int] = {}
+        self.gets: list[tuple[str, str | None]] = []  # (URL, Range header) of each GetObject
         self.fs = s3fs.S3FileSystem(**options)  # the cached instance the job's own calls use
         self.fs.ls("")  # creates its client
         self.latency = latency
@@ -359,6 +360,9 @@ class S3Requests:
             if self.counting:
                 operation = kwargs.get("event_name", "").rsplit(".", 1)[-1]
                 self.counts[operation] = self.counts.get(operation, 0) + 1
+                if operation == "GetObject":
+                    byte_range = request.headers.get("Range")
+                    self.gets.append((request.url, byte_range.decode() if isinstance(byte_range, bytes) else byte_range))
                 if self.latency:
                     await asyncio.sleep(self.latency)
 
@@ -367,6 +371,7 @@ class S3Requests:
 
     def __enter__(self):
         self.counts.clear()
+        self.gets.clear()
         self.counting = True
         return self
 

@@ -34,6 +34,9 @@ WRITER_FIELDS = [
 ]
 WRITER_COLUMNS = [f.name for f in WRITER_FIELDS]
 
+#: Where a sample lives in a dataset; a DataFrame holding all of these was read from one (``read_webdataset``).
+LOCATION_COLUMNS = ("tar_file", "member", "offset", "size", "sample_offset", "sample_size", SAMPLE_CHECKSUM_COLUMN)
+
 SCHEMA_FIX = "pass metadata_schema={'column': pa.list_(pa.string()), ...} to give its Arrow type"
 
 
@@ -47,6 +50,23 @@ def check_metadata_names(columns: list[str]) -> None:
             "metadata_columns=[...] without them"
             + (" (to use the 'key' column as the sample keys, pass key_column='key')" if "key" in clash else "")
         )
+
+
+def read_from_dataset(columns: list[str]) -> bool:
+    """Whether a DataFrame with ``columns`` was read from a written dataset (it holds every location column)."""
+    return set(LOCATION_COLUMNS) <= set(columns)
+
+
+def default_metadata_columns(columns: list[str], image_column: str, key_column: str | None) -> list[str]:
+    """Every column but the image and the key; of a frame read from a dataset, none of the writer's columns.
+
+    The writer's columns of a re-written dataset are recomputed from the images,
+    not copied: their old offsets and checksums would be wrong in the new shards.
+    """
+    chosen = [c for c in columns if c not in (image_column, key_column)]
+    if read_from_dataset(columns):
+        chosen = [c for c in chosen if c not in WRITER_COLUMNS]
+    return chosen
 
 
 def user_schema_from_meta(

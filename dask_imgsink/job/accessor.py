@@ -25,7 +25,7 @@ from ..core.argcheck import check_bool, check_optional_str
 from ..core.encode import DEFAULT_MAX_PIXELS, EncodeOptions
 from ..core.pool import default_encode_threads
 from ..core.tasks import FileGroupTask
-from ..format.schema import shard_schema, user_schema_from_meta
+from ..format.schema import default_metadata_columns, read_from_dataset, shard_schema, user_schema_from_meta
 from ..storage import resolve
 from .bag import WriteBag, claim_key, register_job
 from .claim import Claim, claim_output
@@ -140,7 +140,10 @@ def to_webdataset(
         and ``key.cls`` (integer class ids). A null value writes no member.
     metadata_columns : list of str, optional
         Columns for ``key.json`` and the Parquet; default every column but the
-        image and key columns.
+        image and key columns. A DataFrame read with :func:`read_webdataset`
+        (it holds the writer's location columns ``tar_file``, ``offset``, ...)
+        is written again without the writer's columns, which are recomputed,
+        and keeps its keys (``key_column`` defaults to ``"key"``).
     metadata_schema : dict or pyarrow.Schema, optional
         Arrow types for metadata columns whose dtype does not say (object
         columns default to ``string``).
@@ -241,6 +244,8 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
                    dataset_name) -> tuple[object, WriteOptions]:
     """Validate the arguments against the DataFrame and the output directory."""
     columns = list(ddf.columns)
+    if key_column is None and read_from_dataset(columns):
+        key_column = "key"  # a frame read back with read_webdataset keeps its keys
     for name, col in (("image_column", image_column), ("key_column", key_column),
                       ("text_column", text_column), ("label_column", label_column)):
         if col is not None and col not in columns:
@@ -252,7 +257,7 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
     if storage_options is not None and not isinstance(storage_options, dict):
         raise TypeError(f"storage_options must be a dict, not {type(storage_options).__name__}")
     if metadata_columns is None:
-        metadata_columns = [c for c in columns if c not in (image_column, key_column)]
+        metadata_columns = default_metadata_columns(columns, image_column, key_column)
     else:
         metadata_columns = list(metadata_columns)
         missing = [c for c in metadata_columns if c not in columns]
