@@ -9,6 +9,7 @@ from .job.bag import WriteBag
 from .job.cleanup import CleanReport, clean
 from .job.lock import LostLockError, OutputLockedError
 from .read.dataset import read_webdataset
+from .read.show import show
 from .read.verify import verify_dataset
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "WriteBag",
     "clean",
     "read_webdataset",
+    "show",
     "encode_image",
     "to_webdataset",
     "verify_dataset",

@@ -10,8 +10,11 @@ process. For your own clusters, set the same before they start::
 
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 16 * 2**20})
 
-or ``export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=16777216``
-where ``dask worker`` runs.
+or start ``dask worker`` with ``MALLOC_TRIM_THRESHOLD_=16777216`` in its environment
+(the nanny keeps a variable already set). Not
+``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_``: Dask lower-cases
+the names of ``DASK_*`` variables, so that sets ``malloc_trim_threshold_``, which glibc
+ignores (``tests/test_deployed_cluster.py`` checks what the workers get).
 """
 
 from __future__ import annotations
