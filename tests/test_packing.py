@@ -13,6 +13,8 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import webdataset as wds
 from distributed import Client, LocalCluster
 from helpers import claimed_job, frame_ddf, gated_ddf, make_ddf, read_dataset
@@ -165,9 +167,14 @@ def test_shards_of_early_partitions_are_assembled_while_later_ones_still_encode(
 
 
 @pytest.mark.parametrize("sizes, cap", [([3, 0, 6, 0, 0, 0, 0, 0], None), ([3, 0, 6, 0, 0, 0, 0, 0], 30_000),
-                                        ([0, 0, 0, 0, 0, 0, 0, 5], None), ([1, 1, 1, 1, 1, 1, 1, 1], None)])
+                                        ([0, 0, 0, 0, 0, 0, 0, 5], None), ([1, 1, 1, 1, 1, 1, 1, 1], None),
+                                        ([3, 0, 6, 0, 0, 0, 0, 0], 1_000), ([2, 3, 2, 0, 3, 2, 1, 3], 1_000),
+                                        ([2, 3, 2, 0, 3, 2, 1, 3], 30_000), ([2, 3, 2, 0, 3, 2, 1, 3], 12_000),
+                                        ([4, 0, 0, 0, 0, 0, 0, 0], None), ([0, 4, 4, 0, 0, 0, 0, 0], None)])
 def test_every_shard_is_assembled_once_whichever_group_holds_its_end(tmp_path, client, sizes, cap):
-    """The job's last shard may end in a group whose later partitions are empty: the last group builds it."""
+    """The job's last shard may end in a group whose later partitions are empty: the last group builds it.
+    A shard closed by bytes before it is full by count may end a group: a later group builds it (1,000 bytes:
+    every sample is larger than the cap and has a shard of its own)."""
     out = tmp_path / "out"
     client.compute(make_ddf("from_map", sizes, tmp_path).imgsink.to_webdataset(
         str(out), key_column="key", images_per_tar=4, max_shard_bytes=cap)).result(timeout=120)
@@ -178,7 +185,7 @@ def test_every_shard_is_assembled_once_whichever_group_holds_its_end(tmp_path, c
     if cap is None:
         assert all(c == 4 for c in counts[:-1])
     else:  # every shard but the last is as full as both limits allow
-        assert all(e["filesize"] <= cap for e in data["index"]["shardlist"])
+        assert all(e["filesize"] <= cap or e["nsamples"] == 1 for e in data["index"]["shardlist"])
     assert verify_dataset(str(out)).ok
 
 
@@ -196,3 +203,33 @@ def test_task_names_say_what_the_tasks_do_in_the_dashboard(tmp_path, packing):
         expected.add("imgsink-pack-shards")
     assert expected <= groups
     assert "imgsink" not in groups
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_every_shard_is_built_by_exactly_one_group_for_any_sizes_and_limits(data):
+    """The groups' prefix plans together build each shard of the job's plan once (no I/O: plans only)."""
+    from types import SimpleNamespace
+
+    from dask_imgsink.job.packing import ShardPlan, cut_shards, shards_to_build
+
+    counts = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=10), label="images per partition")
+    sizes = data.draw(st.lists(st.integers(1, 9), min_size=sum(counts), max_size=sum(counts)), label="sample sizes")
+    per_tar = data.draw(st.integers(1, 6), label="images_per_tar")
+    cap = data.draw(st.none() | st.integers(0, 4), label="max bytes, in tar records")
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(counts) - 1) if len(counts) > 1 else st.nothing())))
+    groups = [range(a, b) for a, b in zip([0] + cuts, cuts + [len(counts)])]
+
+    def plan(partitions: int) -> ShardPlan:
+        runs = [(p, SimpleNamespace(num_images=n)) for p, n in enumerate(counts[:partitions]) if n]
+        starts = list(np.cumsum([0] + [r.num_images for _, r in runs])[:-1])
+        rows = sum(counts[:partitions])
+        shard_starts = None if cap is None else cut_shards(np.array(sizes[:rows]) * 1024, per_tar,
+                                                               cap * 10240 + 5120)
+        return ShardPlan(runs, per_tar, 0, rows, run_starts=starts, shard_starts=shard_starts)
+
+    built = []
+    for i, group in enumerate(groups):
+        last = i == len(groups) - 1
+        built += shards_to_build(plan(group.stop), group, prefix=not last, last=last)
+    assert sorted(built) == list(range(plan(len(counts)).num_shards))

@@ -28,7 +28,7 @@ from ..core.tasks import FileGroupTask
 from ..format.schema import default_metadata_columns, read_from_dataset, shard_schema, user_schema_from_meta
 from ..storage import resolve
 from .bag import WriteBag, claim_key, register_job
-from .claim import Claim, claim_output
+from .claim import Claim, claim_output, committed_job
 from .cleanup import abort_job
 from .commit import commit_job
 from .lock import liveness, locked_error, read_lock
@@ -52,8 +52,30 @@ def _commit_exact(claim: Claim, results: list, assembled: list, num_partitions: 
     plan = plan_shards(results, claim, opts, existing_keys)
     _raise_if_failed(plan.failed or first_failure(assembled), claim, opts)
     shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
+    if not claim.done:
+        _check_every_shard_built([i for i, _, _ in shards], plan, opts)
     return commit_job(claim, [(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped,
                       num_partitions, opts)
+
+
+def _check_every_shard_built(built: list[int], plan, opts: WriteOptions) -> None:
+    """Refuse to commit unless the assembly tasks built each planned shard exactly once.
+
+    Reruns after the job committed build nothing (their runs are gone); the commit then returns what it
+    committed, so they pass.
+    """
+    expected = list(range(plan.first_shard, plan.first_shard + plan.num_shards))
+    if built != expected and not _already_committed(opts):
+        missing = sorted(set(expected) - set(built))
+        twice = sorted({i for i in built if built.count(i) > 1})
+        raise RuntimeError(f"internal error: the assembly built shards {built[:20]}, not {len(expected)} shards "
+                           f"from {plan.first_shard} (missing {missing[:20]}, built twice {twice[:20]}); "
+                           "nothing was committed; please report this with the job's options")
+
+
+def _already_committed(opts: WriteOptions) -> bool:
+    fs, root = resolve(opts.url, opts.storage_options)
+    return committed_job(fs, root, opts.job_id) is not None
 
 
 def _commit_per_partition(claim: Claim, results: list, num_partitions: int, opts: WriteOptions):

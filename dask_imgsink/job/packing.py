@@ -117,6 +117,37 @@ class ShardPlan:
             return row // self.images_per_tar
         return bisect.bisect_right(self.shard_starts, row) - 1
 
+    def rows_before(self, partition: int) -> int:
+        """Kept rows in the runs of the partitions before ``partition``."""
+        total = 0
+        for run, (part, _) in enumerate(self.runs):
+            if part >= partition:
+                break
+            total = self.run_starts[run] + self.kept(run)
+        return total
+
+    def shard_left_before(self, partition: int) -> int | None:
+        """The shard that ends right before ``partition``'s rows but that an earlier group may have left.
+
+        A group whose plan covers a prefix of the job leaves its last shard unless
+        it is full by count: later rows may join it. When they do not (the next
+        sample would break ``max_shard_bytes``), that shard still ends in the
+        earlier group's partitions; the first group whose plan shows it closed
+        builds it.
+        """
+        before = self.rows_before(partition)
+        if before == 0:
+            return None
+        shard = self._shard_holding(before - 1)
+        start, stop = self._shard_range(shard)
+        if stop != before or stop - start == self.images_per_tar:
+            return None  # it continues past ``partition`` (built where it ends), or it was full and built
+        return shard
+
+    def shard_is_full(self, shard: int) -> bool:
+        start, stop = self._shard_range(shard)
+        return stop - start == self.images_per_tar
+
     def shard_is_complete(self, shard: int) -> bool:
         """Whether more rows after this plan's could not join ``shard`` (it is not the last, or it is full)."""
         start, stop = self._shard_range(shard)
@@ -247,6 +278,23 @@ class _RunReader:
         self.tar, self.index, self.current = None, None, None
 
 
+def shards_to_build(plan: ShardPlan, partitions: range, *, prefix: bool, last: bool) -> list[int]:
+    """The shards (local indexes) the assembly task of ``partitions`` builds; see :func:`assemble_shards`.
+
+    Over all groups of a job, every shard is built exactly once (``test_packing.py`` checks it
+    for any partition sizes, sample sizes and limits).
+    """
+    todo = [s for p in partitions for s in plan.shards_ending_in(p)
+            if not prefix or plan.shard_is_complete(s)]
+    left = plan.shard_left_before(partitions.start)
+    if left is not None and (not prefix or plan.shard_is_complete(left)):
+        todo.insert(0, left)
+    final = plan.num_shards - 1
+    if last and final >= 0 and final not in todo and not plan.shard_is_full(final):
+        todo.append(final)  # it ends in an earlier group, which left it open (a full one it built)
+    return todo
+
+
 def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, *, prefix: bool = False,
                     last: bool = False) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
     """Build the shards whose last image is in the runs of ``partitions``.
@@ -263,10 +311,7 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, *, p
     """
     if plan.failed is not None:
         return []
-    todo = [s for p in partitions for s in plan.shards_ending_in(p)
-            if not prefix or plan.shard_is_complete(s)]
-    if last and plan.num_shards and plan.num_shards - 1 not in todo:
-        todo.append(plan.num_shards - 1)
+    todo = shards_to_build(plan, partitions, prefix=prefix, last=last)
     if not todo:
         return []
     fs, root = resolve(opts.url, opts.storage_options)
