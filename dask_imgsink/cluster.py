@@ -30,11 +30,17 @@ WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 
 
 
 def local_cluster(**kwargs):
-    """A ``distributed.LocalCluster`` of worker processes with :data:`WORKER_ENVIRON`, no dashboard."""
+    """A ``distributed.LocalCluster`` of worker processes with :data:`WORKER_ENVIRON`, no dashboard, no fixed port."""
     from distributed import LocalCluster
 
     kwargs.setdefault("processes", True)
     kwargs.setdefault("dashboard_address", None)
+    if kwargs["dashboard_address"] is None:
+        # With no dashboard the scheduler still serves its HTTP routes (health, metrics), on
+        # port 8787 by default: "Port 8787 is already in use" whenever another cluster runs.
+        scheduler_kwargs = dict(kwargs.get("scheduler_kwargs") or {})
+        scheduler_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
+        kwargs["scheduler_kwargs"] = scheduler_kwargs
     kwargs.setdefault("silence_logs", logging.ERROR)
     with dask.config.set(WORKER_ENVIRON):
         return LocalCluster(**kwargs)

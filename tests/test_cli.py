@@ -1,9 +1,12 @@
-"""The dask-imgsink command: demo on a real local cluster, verify, info."""
+"""The dask-imgsink command, run as a user runs it: demo on a real local cluster, write from every
+kind of input, verify, info, clean; usage errors exit 2 without a traceback."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+
+import pytest
 import sys
 
 from dask_imgsink.cli import main
@@ -22,10 +25,20 @@ def test_help_explains_the_demo_options():
 
 
 def test_demo_writes_reads_back_and_summarises(tmp_path):
+    import socket
+
     out = tmp_path / "demo"
-    proc = _run("demo", str(out), "--images", "240", "--partitions", "6", "--size", "64",
-                "--images-per-tar", "50")
+    with socket.socket() as busy:  # another cluster's dashboard holds the default port
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 8787))
+            busy.listen()
+        except OSError:
+            pass  # something else holds it already: the same situation
+        proc = _run("demo", str(out), "--images", "240", "--partitions", "6", "--size", "64",
+                    "--images-per-tar", "50")
     assert proc.returncode == 0, proc.stderr
+    assert "8787" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
     assert "read back:" in proc.stdout and "all consistent" in proc.stdout
     index = json.loads((out / "_index.json").read_text())
     kept = index["totals"]["images"]
@@ -53,9 +66,181 @@ def test_verify_and_info(tmp_path, capsys):
                                                                 images_per_tar=3, compute=True)
     assert main(["verify", str(out), "--decode"]) == 0
     assert "3 shards, 7 images" in capsys.readouterr().out
-    assert main(["info", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out)["num_samples"] == 7
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 7
     (out / "shard-000001.tar").write_bytes((out / "shard-000001.tar").read_bytes()[:-2048] + bytes(2048))
     (out / "_SUCCESS").unlink()
     assert main(["verify", str(out)]) == 1
     assert "INCOMPLETE" in capsys.readouterr().out
+
+
+def test_version_and_every_help_is_plain_text():
+    from dask_imgsink import __version__
+
+    proc = _run("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"dask-imgsink {__version__}"
+    for command in ([], ["write"], ["demo"], ["verify"], ["info"], ["clean"]):
+        proc = _run(*command, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: dask-imgsink")
+        assert "`" not in proc.stdout, proc.stdout  # no reST markup
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "OUT", "--partitions", "0"],
+    ["demo", "OUT", "--size", "0"],
+    ["demo", "OUT", "--images", "-5"],
+    ["demo", "OUT", "--images-per-tar", "many"],
+    ["demo", "OUT", "--min-aesthetic", "11"],
+    ["write", "NOWHERE", "OUT"],
+    ["write", "IMAGES", "OUT", "--images-per-tar", "0"],
+    ["write", "IMAGES", "OUT", "--max-shard-bytes", "lots"],
+    ["write", "IMAGES", "OUT", "--quality", "101"],
+    ["write", "IMAGES", "OUT", "--filter", "nosuchcolumn > 3"],
+    ["write", "IMAGES", "OUT", "--filter", "key >"],
+    ["write", "IMAGES", "OUT", "--storage-option", "novalue"],
+    ["write", "IMAGES", "OUT", "--scheduler", "tcp://127.0.0.1:9"],
+    ["info", "IMAGES"],
+    ["verify", "NOWHERE"],
+    ["frobnicate"],
+])
+def test_usage_errors_exit_2_with_a_message_and_no_traceback(tmp_path, args):
+    images = image_folder(tmp_path / "images", 3)
+    args = [{"OUT": str(tmp_path / "out"), "NOWHERE": str(tmp_path / "nowhere"), "IMAGES": str(images)}.get(a, a)
+            for a in args]
+    proc = _run(*args)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def image_folder(folder, n: int, names=None):
+    """``n`` small JPEG/PNG files (every third in a subfolder, names with spaces)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(n)
+    for i, name in enumerate(names or [f"{'sub/' if i % 3 == 0 else ''}pic {i}.{'png' if i % 2 else 'jpg'}"
+                                       for i in range(n)]):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buf, "PNG" if name.endswith("png")
+                                                                               else "JPEG")
+        path.write_bytes(buf.getvalue())
+    return folder
+
+
+def test_write_a_folder_of_images_passes_bytes_through_with_keys_from_paths(tmp_path):
+    from dask_imgsink import read_webdataset
+    from dask_imgsink.cli.inputs import key_for_path
+
+    images = image_folder(tmp_path / "images", 7)
+    out = tmp_path / "out"
+    proc = _run("write", str(images), str(out), "--images-per-tar", "3", "--scheduler", "threads")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 3 shards, 7 images" in proc.stdout and "100%" in proc.stderr  # the progress bar
+    frame = read_webdataset(str(out)).compute(scheduler="sync")
+    files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.*"))
+    assert list(frame["path"]) == files
+    assert list(frame["key"]) == [key_for_path(f) for f in files]
+    assert frame["key"].iloc[0] == "pic~201"
+    assert [bytes(b) for b in frame["image"]] == [(images / f).read_bytes() for f in files]
+    assert list(frame["format"]) == ["jpeg" if f.endswith("jpg") else "png" for f in files]
+
+
+@pytest.mark.parametrize("paths", [["a/b.jpg", "a~2Fb.jpg", "a_b.jpg", "a b.jpg", "a~20b.jpg", "é.jpg"]])
+def test_keys_from_paths_never_collide_and_are_valid_keys(paths):
+    from dask_imgsink.cli.inputs import key_for_path
+    from dask_imgsink.core.keys import check_key
+
+    keys = [key_for_path(p) for p in paths]
+    assert len(set(keys)) == len(keys)
+    assert [check_key(k) for k in keys] == keys
+
+
+def test_write_refuses_files_that_differ_only_in_extension(tmp_path):
+    images = image_folder(tmp_path / "images", 2, names=["cat.jpg", "cat.png"])
+    proc = _run("write", str(images), str(tmp_path / "out"), "--scheduler", "threads")
+    assert proc.returncode == 2 and "'cat.jpg' and 'cat.png'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_write_parquet_with_image_structs_filter_and_byte_cap_on_a_cluster(cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import png_bytes, make_image
+
+    from dask_imgsink import read_webdataset
+
+    source = tmp_path / "scored"
+    source.mkdir()
+    images = [png_bytes(make_image(i)) for i in range(24)]
+    table = pa.table({
+        "id": [f"s{i:03d}" for i in range(24)],
+        "picture": pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)],
+                            type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "aesthetic": [i / 4 for i in range(24)],
+        "caption": [f"photo {i}" for i in range(24)],
+    })
+    pq.write_table(table.slice(0, 12), source / "part-0.parquet")
+    pq.write_table(table.slice(12), source / "part-1.parquet")
+    out = tmp_path / "out"
+    cap = 20 * 1024  # two tar records: a few samples per shard
+    proc = _run("write", str(source), str(out), "--key-column", "id", "--text-column", "caption",
+                "--filter", "aesthetic >= 2", "--max-shard-bytes", str(cap), "--images-per-tar", "100",
+                "--scheduler", cluster.scheduler_address)
+    assert proc.returncode == 0, proc.stderr
+    frame = read_webdataset(str(out)).compute(scheduler="sync")
+    assert list(frame["key"]) == [f"s{i:03d}" for i in range(8, 24)]
+    assert [bytes(b) for b in frame["image"]] == images[8:]
+    index = json.loads((out / "_index.json").read_text())
+    assert all(e["filesize"] <= cap for e in index["shardlist"]) and len(index["shardlist"]) > 1
+    assert frame["aesthetic"].dtype.kind == "f" and list(frame["caption"])[:1] == ["photo 8"]
+
+
+def test_write_reshards_a_dataset_keeping_keys_bytes_and_text_members(tmp_path):
+    from helpers import frame_ddf
+
+    from dask_imgsink import read_webdataset
+
+    first = tmp_path / "first"
+    frame_ddf(30, 0, npartitions=3).imgsink.to_webdataset(str(first), key_column="key", text_column="caption",
+                                                          images_per_tar=8, compute=True)
+    out = tmp_path / "second"
+    proc = _run("write", str(first), str(out), "--images-per-tar", "5", "--filter", "score >= 5",
+                "--scheduler", "threads", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    before = read_webdataset(str(first)).compute(scheduler="sync")
+    before = before[before.score >= 5]
+    after = read_webdataset(str(out)).compute(scheduler="sync")
+    assert list(after["key"]) == list(before["key"])
+    assert list(after["sample_xxh3_64"]) == list(before["sample_xxh3_64"])  # .txt members included
+    assert main(["verify", str(out), "--scheduler", "threads"]) == 0
+
+
+def test_write_into_a_non_empty_directory_fails_with_exit_1_and_keeps_it(tmp_path):
+    images = image_folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    proc = _run("write", str(images), str(out), "--scheduler", "threads")
+    assert proc.returncode == 1 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_skipped_rows_are_counted_by_write_and_info(tmp_path):
+    images = image_folder(tmp_path / "images", 4)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    proc = _run("write", str(images), str(out), "--on-error", "skip", "--scheduler", "threads")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 1 shards, 4 images" in proc.stdout and "skipped 1 rows" in proc.stdout
+    info = _run("info", str(out))
+    assert info.returncode == 0 and "4 samples" in info.stdout and "1 rows skipped" in info.stdout
+    assert "jpeg 2 (50 %), png 2 (50 %)" in info.stdout and "<= 32 px" not in info.stdout
+    assert "<= 64 px  " + "#" * 40 + " 4" in info.stdout
+    data = json.loads(_run("info", str(out), "--json").stdout)
+    assert data["sides"][0] == {"longer_side": "<= 64", "images": 4} and data["skipped"] == 1
+    assert data["jobs"][0]["images"] == 4
