@@ -244,3 +244,21 @@ def test_skipped_rows_are_counted_by_write_and_info(tmp_path):
     data = json.loads(_run("info", str(out), "--json").stdout)
     assert data["sides"][0] == {"longer_side": "<= 64", "images": 4} and data["skipped"] == 1
     assert data["jobs"][0]["images"] == 4
+
+
+def test_write_a_folder_of_images_on_s3_with_storage_options(s3, tmp_path):
+    prefix, options, fs = s3
+    images = image_folder(tmp_path / "images", 5)
+    for path in sorted(images.rglob("*.*")):
+        fs.pipe_file(f"{prefix}/photos/{path.relative_to(images).as_posix()}", path.read_bytes())
+    endpoint = options["client_kwargs"]["endpoint_url"]
+    flags = ["--storage-option", "key=testing", "--storage-option", "secret=testing",
+             "--storage-option", f"client_kwargs.endpoint_url={endpoint}",
+             "--storage-option", "client_kwargs.region_name=us-east-1"]
+    proc = _run("write", f"{prefix}/photos", f"{prefix}/out", "--images-per-tar", "2", "--scheduler", "threads",
+                *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 3 shards, 5 images" in proc.stdout
+    assert _run("verify", f"{prefix}/out", "--scheduler", "threads", *flags).returncode == 0
+    info = json.loads(_run("info", f"{prefix}/out", "--json", *flags).stdout)
+    assert info["samples"] == 5 and info["formats"] == {"jpeg": 3, "png": 2}
