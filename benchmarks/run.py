@@ -12,7 +12,9 @@ measured in this run on the same images):
   and on LocalClusters of 2 processes x 1 thread and 1 process x 2 threads, with
   the DataFrame persisted in worker memory first (so only the writer is timed);
 - pass-through of the same images already encoded, exact packing, against a
-  raw sequential write + fsync of the same bytes to the same disk.
+  raw sequential write + fsync of the same bytes to the same disk;
+- scaling: 10 images after import; N/4 against N images; N images in 10
+  partitions against N/10 partitions of 10 (threaded scheduler, exact packing).
 
 Peak RSS is how far the largest resident set of any worker process (psutil, sampled
 every 10 ms) rose during the writes above what it was with the partitions persisted.
@@ -130,6 +132,35 @@ def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: i
     return rows
 
 
+def scaling_rows(count: int, repeats: int) -> list[tuple[str, float, float | None, str]]:
+    """Time against job size and partition count (threaded scheduler, exact packing): (label, seconds,
+    ratio, target) rows."""
+    def persisted(images: int, partitions: int):
+        return frame(images, partitions).persist(scheduler="threads")
+
+    with dask.config.set(scheduler="threads"):
+        ten = write_seconds(persisted(10, 1), "exact", max(repeats, 5))
+        quarter = write_seconds(persisted(count // 4, 6), "exact", repeats)
+        whole = write_seconds(persisted(count, 24), "exact", repeats)
+        few = write_seconds(persisted(count, 10), "exact", repeats)
+        many = write_seconds(persisted(count, count // 10), "exact", repeats)
+    return [
+        ("10 images, after import", ten, None, "well under 1 s"),
+        (f"{count // 4} images", quarter, None, ""),
+        (f"{count} images (4x)", whole, whole / quarter, "<= 4.2"),
+        (f"{count} images in 10 partitions", few, None, ""),
+        (f"{count} images in {count // 10} partitions of 10", many, many / few, "<= 1.5"),
+    ]
+
+
+def print_scaling(rows: list[tuple[str, float, float | None, str]]) -> None:
+    print("\nScaling (threaded scheduler, exact packing; ratio = time against the row above)")
+    print(f"{'':<64}{'seconds':>9}{'ratio':>8}  target")
+    for label, seconds, ratio, target in rows:
+        shown = f"{ratio:>8.2f}" if ratio is not None else f"{'':>8}"
+        print(f"{label:<64}{seconds:>9.2f}{shown}  {target}")
+
+
 def print_table(title: str, rows: list[tuple], count: int, unit: str = "img/s") -> None:
     base = rows[0][1]
     print(f"\n{title}")
@@ -175,6 +206,7 @@ def main() -> None:
     print_table(f"Pass-through of the same images encoded ({megabytes:.0f} MB)",
                 [("raw sequential write + fsync of the same bytes", raw, None),
                  ("accessor, exact, threaded scheduler", through, None)], int(megabytes), unit="MB/s")
+    print_scaling(scaling_rows(args.images, args.repeats))
 
 
 if __name__ == "__main__":
