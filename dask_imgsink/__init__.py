@@ -28,9 +28,9 @@ __all__ = [
     "OutputLockedError",
     "WriteBag",
     "clean",
+    "encode_image",
     "read_webdataset",
     "show",
-    "encode_image",
     "to_webdataset",
     "verify_dataset",
 ]

@@ -291,7 +291,7 @@ def encode_image(value: Any, options: EncodeOptions) -> EncodedImage:
         check_pixels(value.size[0], value.size[1], options.max_pixels)
         return encode_pixels(pil_to_array(value), options)
     if isinstance(value, dict):
-        return encode_bytes(_read_hf_dict(value), options)
+        return encode_bytes(read_hf_dict(value), options)
     if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         raise RowProblem("the image is missing (None/NaN)", "drop rows without an image before writing")
     if isinstance(value, str):
@@ -306,7 +306,7 @@ def encode_image(value: Any, options: EncodeOptions) -> EncodedImage:
     )
 
 
-def _read_hf_dict(value: dict) -> bytes:
+def read_hf_dict(value: dict) -> bytes:
     """The encoded bytes of a ``{"bytes": ..., "path": ...}`` dict (read from ``path`` if needed)."""
     data = value.get("bytes")
     if data is not None:

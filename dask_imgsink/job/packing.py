@@ -139,19 +139,18 @@ class ShardPlan:
         if before == 0:
             return None
         shard = self._shard_holding(before - 1)
-        start, stop = self._shard_range(shard)
-        if stop != before or stop - start == self.images_per_tar:
+        if self._shard_range(shard)[1] != before or self.shard_is_full(shard):
             return None  # it continues past ``partition`` (built where it ends), or it was full and built
         return shard
 
     def shard_is_full(self, shard: int) -> bool:
+        """Whether ``shard`` holds ``images_per_tar`` images."""
         start, stop = self._shard_range(shard)
         return stop - start == self.images_per_tar
 
     def shard_is_complete(self, shard: int) -> bool:
         """Whether more rows after this plan's could not join ``shard`` (it is not the last, or it is full)."""
-        start, stop = self._shard_range(shard)
-        return shard < self.num_shards - 1 or stop - start == self.images_per_tar
+        return shard < self.num_shards - 1 or self.shard_is_full(shard)
 
     def pieces(self, shard: int) -> list[Piece]:
         return self._pieces(*self._shard_range(shard))

@@ -68,7 +68,7 @@ def column_dtype(field: pa.Field) -> Any:
         return pd.StringDtype("pyarrow")
     if pa.types.is_floating(kind):
         return np.dtype(kind.to_pandas_dtype())
-    if field.name in _WRITER_NAMES and (pa.types.is_integer(kind)) and not field.nullable:
+    if field.name in _WRITER_NAMES and pa.types.is_integer(kind) and not field.nullable:
         return np.dtype(kind.to_pandas_dtype())
     return pd.ArrowDtype(kind)
 
@@ -99,8 +99,9 @@ class ShardReader:
         self.filters = filters
         self.max_pixels = max_pixels
         self.dtypes = {f.name: column_dtype(f) for f in schema}
+        self.meta = self._empty_frame()
 
-    def meta(self) -> pd.DataFrame:
+    def _empty_frame(self) -> pd.DataFrame:
         """The empty frame every partition matches."""
         frame = to_frame(self.schema.empty_table(), self.dtypes)
         if self.images:
@@ -109,7 +110,7 @@ class ShardReader:
         return frame
 
     def __call__(self, shard: ShardRef, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        wanted = list(columns) if columns is not None else list(self.meta().columns)
+        wanted = list(columns) if columns is not None else list(self.meta.columns)
         with_images = IMAGE_COLUMN in wanted
         table, positions = self._rows(shard, [c for c in wanted if c != IMAGE_COLUMN], with_images)
         frame = to_frame(table.select([c for c in wanted if c != IMAGE_COLUMN]), self.dtypes)
@@ -244,7 +245,7 @@ def read_webdataset(
     wants_images = images and (columns is None or IMAGE_COLUMN in columns)
     reader = ShardReader(fs, schema, images=wants_images, decode=decode, verify=verify, filters=filters,
                          max_pixels=_max_pixels(index))
-    meta = reader.meta()
+    meta = reader.meta
     if not shards:
         frame = dd.from_pandas(meta, npartitions=1, sort=False)
     else:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from ..core.encode import read_hf_dict
 from ..core.pixels import pil_to_array, to_hwc, to_uint8
 
 BACKGROUND = (255, 255, 255)
@@ -109,7 +110,7 @@ def _tile(value: Any, size: int) -> Image.Image:
 
 def _as_pil(value: Any) -> Image.Image:
     if isinstance(value, dict):
-        value = value.get("bytes") or open_path(value.get("path"))
+        value = read_hf_dict(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = Image.open(io.BytesIO(bytes(value)))
         value.draft("RGB", (512, 512))  # JPEGs decode at a reduced scale
@@ -119,13 +120,6 @@ def _as_pil(value: Any) -> Image.Image:
         pixels = to_hwc(to_uint8(value))
         return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
     raise TypeError(f"not an image: {type(value).__name__}")
-
-
-def open_path(path: Any) -> bytes:
-    import fsspec
-
-    with fsspec.open(path, "rb") as f:
-        return f.read()
 
 
 def _caption(rows: pd.DataFrame, i: int, columns: list[str]) -> list[str]:
