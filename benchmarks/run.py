@@ -14,7 +14,12 @@ measured in this run on the same images):
 - pass-through of the same images already encoded, exact packing, against a
   raw sequential write + fsync of the same bytes to the same disk;
 - scaling: 10 images after import; N/4 against N images; N images in 10
-  partitions against N/10 partitions of 10 (threaded scheduler, exact packing).
+  partitions against N/10 partitions of 10 (threaded scheduler, exact packing);
+- object store and disk (``bench_s3.py``): bytes uploaded and downloaded by
+  exact packing against the dataset's bytes, counted at a loopback S3 server
+  (moto behind a counting proxy, both started here); the commit's requests per
+  shard, concurrency and wall time with 20 ms added per request; the most
+  bytes the output directory held during a local job against the dataset's size.
 
 Peak RSS is how far the largest resident set of any worker process (psutil, sampled
 every 10 ms) rose during the writes above what it was with the partitions persisted.
@@ -40,6 +45,7 @@ import dask.dataframe as dd
 import pandas as pd
 import psutil
 from bench_encode import photographs
+from bench_s3 import commit_figures, disk_ratio, s3_transfer
 from distributed import Client, LocalCluster, wait
 from measure import PeakRSS, median_seconds
 
@@ -161,6 +167,34 @@ def print_scaling(rows: list[tuple[str, float, float | None, str]]) -> None:
         print(f"{label:<64}{seconds:>9.2f}{shown}  {target}")
 
 
+def storage_rows(count: int, shards: int, repeats: int) -> list[tuple[str, float, str]]:
+    """Object store and disk figures: (label, value, target) rows."""
+    ddf = frame(count, 8).persist(scheduler="threads")
+    with dask.config.set(scheduler="threads"), scratch() as folder:
+        moved = s3_transfer(ddf, folder, repeats)
+        disk = disk_ratio(ddf, folder)
+    slow = commit_figures(shards, 0.02)
+    fast = commit_figures(shards, 0.0)
+    return [
+        (f"exact packing of {count} images: bytes uploaded / dataset bytes", moved["put_ratio"], "<= 1.05"),
+        ("exact packing: bytes downloaded / dataset bytes", moved["get_ratio"], "<= 0.05"),
+        ("exact packing: time to loopback S3 / time to local disk", moved["s3_seconds"] / moved["local_seconds"],
+         ""),
+        (f"commit of {shards} shards: requests per shard", slow["per_shard"], "<= 3 (+ a fixed few)"),
+        ("commit: most requests in flight at once", slow["most_in_flight"], "concurrent"),
+        (f"commit of {shards} shards, 20 ms added per request: seconds", slow["seconds"], "< 1"),
+        ("same, no latency added (the server's own time): seconds", fast["seconds"], ""),
+        ("exact packing on local disk: peak bytes below the output / dataset bytes", disk, "<= 1.1"),
+    ]
+
+
+def print_storage(rows: list[tuple[str, float, str]]) -> None:
+    print("\nObject store (moto on loopback behind a counting proxy: counted at the server) and disk space")
+    print(f"{'':<76}{'value':>9}  target")
+    for label, value, target in rows:
+        print(f"{label:<76}{value:>9.2f}  {target}")
+
+
 def print_table(title: str, rows: list[tuple], count: int, unit: str = "img/s") -> None:
     base = rows[0][1]
     print(f"\n{title}")
@@ -176,9 +210,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--partitions", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--s3-images", type=int, default=800, help="images written to the loopback S3 server")
+    parser.add_argument("--commit-shards", type=int, default=400, help="shards of the timed commit")
     args = parser.parse_args()
     if args.quick:
         args.images, args.partitions, args.repeats = 800, 16, 1
+        args.s3_images, args.commit_shards = 200, 100
     cores = os.cpu_count() or 1
     print(f"dask-imgsink benchmarks, {date.today()}: {cores} cores, {args.images} photographs 512x512, "
           f"{args.partitions} partitions, medians of {args.repeats}")
@@ -207,6 +244,7 @@ def main() -> None:
                 [("raw sequential write + fsync of the same bytes", raw, None),
                  ("accessor, exact, threaded scheduler", through, None)], int(megabytes), unit="MB/s")
     print_scaling(scaling_rows(args.images, args.repeats))
+    print_storage(storage_rows(args.s3_images, args.commit_shards, args.repeats))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,17 @@ def _batched_s3(fs) -> bool:
     return getattr(fs, "async_impl", False) and hasattr(fs, "_copy_basic") and hasattr(fs, "_bulk_delete")
 
 
+def _wide_s3(fs):
+    """The same S3 filesystem with a connection pool of ``CONCURRENCY`` (botocore's default of 10
+    would hold our concurrent requests to 10 at a time); a setting the user made that is larger stays."""
+    options = dict(fs.storage_options)
+    config = dict(options.get("config_kwargs") or {})
+    if config.get("max_pool_connections", 10) >= CONCURRENCY:
+        return fs
+    config["max_pool_connections"] = CONCURRENCY
+    return type(fs)(**{**options, "config_kwargs": config})
+
+
 def publish_many(fs, moves: list[tuple[str, str, int]]) -> None:
     """Give complete staged files their final names: ``(staged, final, size)`` each.
 
@@ -84,6 +95,7 @@ def publish_many(fs, moves: list[tuple[str, str, int]]) -> None:
         for staged, final, _ in moves:
             publish(fs, staged, final)
         return
+    fs = _wide_s3(fs)
 
     async def copy_all():
         limit = asyncio.Semaphore(CONCURRENCY)
@@ -106,6 +118,7 @@ def remove_many(fs, paths: list[str]) -> None:
             remove_file(fs, path)
         return
     chunks = [paths[i:i + 1000] for i in range(0, len(paths), 1000)]
+    fs = _wide_s3(fs) if len(chunks) > 10 else fs
 
     async def delete_all():
         await asyncio.gather(*(fs._bulk_delete(chunk) for chunk in chunks))

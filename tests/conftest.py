@@ -57,6 +57,32 @@ def s3_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="session")
+def s3_proxy_server():
+    """Another loopback S3 server, behind the benchmarks' counting proxy (``benchmarks/s3proxy.py``):
+    what a test reads from it is counted at the server, whichever process or filesystem instance sent it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from s3proxy import S3Proxy
+
+    with S3Proxy() as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def counted_s3(s3_proxy_server):
+    """A fresh bucket on the counting server: ``(url prefix, storage_options, proxy)``, counts reset."""
+    import uuid
+
+    bucket = f"imgsink-{uuid.uuid4().hex[:12]}"
+    s3_proxy_server.make_bucket(bucket)
+    s3_proxy_server.set_latency(0)
+    s3_proxy_server.reset()
+    yield f"s3://{bucket}", s3_proxy_server.storage_options(), s3_proxy_server
+
+
 @pytest.fixture
 def s3(s3_server):
     """A fresh bucket on the loopback S3 server: ``(url prefix, storage_options, s3fs filesystem)``."""

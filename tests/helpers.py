@@ -337,8 +337,9 @@ def staged_job(ddf, out, **overrides):
     frames = ddf.to_delayed()
     results = [acc.PartitionWriter(opts)(f.compute(), i, claim) for i, f in enumerate(frames)]
     plan = acc.plan_shards(results, claim, opts)
-    assembled = [acc.assemble_shards(plan, range(len(frames)), opts)]
-    return lambda: acc._commit_exact(claim, results, assembled, len(frames), opts)
+    assembled = [acc.assemble_shards(plan, range(len(frames)), opts, acc.runs_by_partition(results))]
+    summaries = [acc.summarize(r) for r in results]
+    return lambda: acc._commit_exact(claim, summaries, assembled, len(frames), opts)
 
 
 class S3Requests:

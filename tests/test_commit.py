@@ -19,6 +19,7 @@ from helpers import (
     make_frame,
     read_dataset,
     shard_names,
+    staged_job,
 )
 
 from dask_imgsink import BadRowError
@@ -196,17 +197,10 @@ def test_empty_partitions_write_no_files(tmp_path):
 
 def _staged_job(tmp_path, out, sizes, mode):
     """Run a job's claim, write, plan and assemble steps in this process; return the commit to call."""
-    import dask_imgsink.job.accessor as acc
-
     ddf = make_ddf("from_map", sizes, tmp_path)
     # appends the same keys as the dataset there: only unique per shard
-    opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode,
-                              unique_keys="shard")
-    frames = ddf.to_delayed()
-    results = [acc.PartitionWriter(opts)(f.compute(), i, claim) for i, f in enumerate(frames)]
-    plan = acc.plan_shards(results, claim, opts)
-    assembled = [acc.assemble_shards(plan, range(len(frames)), opts)]
-    return lambda: acc._commit_exact(claim, results, assembled, len(frames), opts)
+    return staged_job(ddf, out, key_column="key", images_per_tar=4, text_column="caption", mode=mode,
+                      unique_keys="shard")
 
 
 @pytest.mark.parametrize("mode", ["error", "overwrite", "append"])
@@ -293,8 +287,8 @@ def test_a_commit_that_fails_midway_undoes_what_it_published(tmp_path, monkeypat
 
 
 def test_a_commit_rerun_after_its_runs_are_gone_returns_what_it_committed(tmp_path):
-    """A worker died after the commit finished: Dask recomputes the lost assembly (whose runs
-    the commit has removed) and the commit; both must come back with what was committed."""
+    """A worker died after the commit finished: Dask recomputes the lost assembly and the commit;
+    both must come back with what was committed."""
     import dask_imgsink.job.accessor as acc
 
     out = tmp_path / "out"
@@ -303,10 +297,11 @@ def test_a_commit_rerun_after_its_runs_are_gone_returns_what_it_committed(tmp_pa
     frames = [f.compute() for f in ddf.to_delayed()]
     results = [acc.PartitionWriter(opts)(frame, i, claim) for i, frame in enumerate(frames)]
     plan = acc.plan_shards(results, claim, opts)
-    first = acc._commit_exact(claim, results, [acc.assemble_shards(plan, range(2), opts)], 2, opts)
-    rerun_assembly = acc.assemble_shards(plan, range(2), opts)  # its runs were removed with the staging
+    runs, summaries = acc.runs_by_partition(results), [acc.summarize(r) for r in results]
+    first = acc._commit_exact(claim, summaries, [acc.assemble_shards(plan, range(2), opts, runs)], 2, opts)
+    rerun_assembly = acc.assemble_shards(plan, range(2), opts, runs)  # the job has committed: nothing to build
     assert rerun_assembly == []
-    again = acc._commit_exact(claim, results, [rerun_assembly], 2, opts)
+    again = acc._commit_exact(claim, summaries, [rerun_assembly], 2, opts)
     assert [(t.task_id, t.data, t.metadata) for t in again] == [(t.task_id, t.data, t.metadata) for t in first]
     from dask_imgsink import verify_dataset
 

@@ -20,7 +20,7 @@ from distributed import Client, LocalCluster
 from helpers import claimed_job, frame_ddf, gated_ddf, make_ddf, read_dataset
 
 import dask_imgsink.core.encode as encode_module
-from dask_imgsink.job.packing import assemble_shards, plan_shards
+from dask_imgsink.job.packing import assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize
 from dask_imgsink.job.write import PartitionWriter
 from dask_imgsink.read.verify import verify_dataset
 
@@ -113,10 +113,11 @@ def _merge_peak(tmp_path, partitions: int, total: int) -> tuple[int, int]:
     results = [writer(frame, p, claim) for p, frame in enumerate(frames)]
     run_bytes = sum(r.shards[0].tar_bytes for r in results)
     plan = plan_shards(results, claim, opts)
+    runs = runs_by_partition(results)
     tracemalloc.start()
     try:
         for p in range(partitions):
-            assemble_shards(plan, range(p, p + 1), opts)
+            assemble_shards(plan, range(p, p + 1), opts, runs)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -127,9 +128,32 @@ def test_merge_peak_memory_does_not_grow_with_partitions(tmp_path):
     few, data_bytes = _merge_peak(tmp_path, 4, 2400)
     many, _ = _merge_peak(tmp_path, 240, 2400)
     assert data_bytes > 20e6  # the merge moves far more than it may hold
-    # bounded by the copy buffer (8 MiB) plus one shard's metadata, whatever the partitions
-    assert few < 12e6 and many < 12e6
+    # the runs are in memory already: assembly writes slices of them, holding one shard's metadata at most
+    assert few < 4e6 and many < 4e6
     assert many <= few * 1.5
+
+
+def test_each_group_hands_on_only_the_runs_of_its_open_shard(tmp_path):
+    """A run's bytes reach its own assembly group and, while its rows are in a shard still open, the
+    next: never more than one shard's rows plus one partition, however many partitions came before."""
+    frames = [_noise_partition(p, 3) for p in range(40)]  # 120 images; shards of 10 span 4 partitions
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frames[0], npartitions=1)
+    opts, claim = claimed_job(ddf, tmp_path / "out", key_column="key", images_per_tar=10)
+    results = [PartitionWriter(opts)(frame, p, claim) for p, frame in enumerate(frames)]
+    summaries = [summarize(r) for r in results]
+    assert all(run.run_bytes is None and run.run_index is None for r in summaries for run in r.shards)
+    carried, built = {}, []
+    for p in range(40):  # one group per partition: the longest chain
+        shards, carried = assemble_group(summaries[:p + 1], claim, range(p, p + 1), [results[p]], carried, opts,
+                                         last=p == 39)
+        built += shards
+        assert sum(run.num_images for run in carried.values()) < 10 + 3
+        assert all(p - 4 < q <= p for q in carried)
+    assert carried == {}
+    assert [index for index, _, _ in built] == list(range(12))
+    assert [shard.num_images for _, shard, _ in built] == [10] * 12
+    assert built[1][2] == [3, 4, 5, 6]  # shard 1 holds rows 10-19: partitions 3 to 6
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 200])

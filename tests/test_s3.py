@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import fsspec
+
 import pytest
-from helpers import S3Requests, frame_ddf, race_for_the_lock, shard_names, staged_job
+from helpers import frame_ddf, race_for_the_lock, shard_names, staged_job
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink import OutputLockedError, verify_dataset
@@ -87,17 +89,36 @@ def test_verify_finds_a_flipped_byte_in_an_object(s3, capsys):
     assert "shard-000001.tar: img00003.jpg: differs from what was written" in printed
 
 
-def test_the_commit_publishes_each_shard_with_three_requests_at_once(s3):
-    """400 shards (tar, Parquet and DALI index each): one CopyObject per file, concurrently, and a few
-    requests for the whole commit (journal, index, card, _SUCCESS, lock, staging removal)."""
-    prefix, options, fs = s3
+def test_exact_packing_uploads_each_byte_once_and_reads_none_back(counted_s3):
+    """Runs stay in memory as task results: the dataset's bytes are uploaded once (to staging, then
+    copied by the server), and nothing of them is downloaded (counted at the server)."""
+    prefix, options, server = counted_s3
+    url = f"{prefix}/once"
+    ddf = frame_ddf(120, 0, npartitions=7)
+    ddf.imgsink.to_webdataset(url, key_column="key", images_per_tar=16, text_column="caption",
+                              storage_options=options, compute=True, compute_kwargs={"scheduler": "threads"})
+    counts = server.counts()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    dataset_bytes = sum(info["size"] for info in fs.find(url, detail=True).values())
+    assert counts["bytes_up"] <= 1.05 * dataset_bytes, (counts, dataset_bytes)
+    assert counts["bytes_down"] <= 0.05 * dataset_bytes, (counts, dataset_bytes)
+    assert verify_dataset(url, storage_options=options).ok
+
+
+def test_the_commit_publishes_each_shard_with_three_requests_at_once(counted_s3):
+    """150 shards (tar, Parquet and DALI index each): one CopyObject per file, many in flight at once
+    (counted at the server), and a few requests for the whole commit (journal, index, card, _SUCCESS,
+    lock, staging removal)."""
+    prefix, options, server = counted_s3
     url = f"{prefix}/many"
-    commit = staged_job(frame_ddf(400, 0, npartitions=4), url, key_column="key", images_per_tar=1,
+    commit = staged_job(frame_ddf(150, 0, npartitions=4), url, key_column="key", images_per_tar=1,
                         storage_options=options)
-    with S3Requests(options) as requests:
-        tasks = commit()
-    assert len(tasks) == 400
-    assert requests.counts.get("CopyObject") == 3 * 400, requests.counts
-    assert requests.total - 3 * 400 <= 40, requests.counts  # nothing else scales with the shards
-    assert "HeadObject" not in requests.counts or requests.counts["HeadObject"] <= 10, requests.counts
+    server.reset()
+    tasks = commit()
+    counts = server.counts()
+    assert len(tasks) == 150
+    assert counts["requests"].get("CopyObject") == 3 * 150, counts
+    assert counts["total"] - 3 * 150 <= 40, counts  # nothing else scales with the shards
+    assert counts["requests"].get("HeadObject", 0) <= 10, counts
+    assert counts["most_in_flight"] > 10, counts  # more than botocore's default pool of 10 connections
     assert verify_dataset(url, storage_options=options).ok

@@ -16,6 +16,7 @@ from pathlib import Path
 import dask
 import dask.dataframe as dd
 import duckdb
+import fsspec
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -40,13 +41,13 @@ TESTS = Path(__file__).parent
 
 def _stage_without_commit(ddf, out, **options):
     """Run a job's claim, writes and assembly in this process, as if it were stopped before its commit."""
-    from dask_imgsink.job.packing import assemble_shards, plan_shards
+    from dask_imgsink.job.packing import assemble_shards, plan_shards, runs_by_partition
     from dask_imgsink.job.write import PartitionWriter
 
     opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=4, **options)
     frames = [part.compute() for part in ddf.to_delayed()]
     results = [PartitionWriter(opts)(frame, i, claim) for i, frame in enumerate(frames)]
-    assemble_shards(plan_shards(results, claim, opts), range(len(frames)), opts)
+    assemble_shards(plan_shards(results, claim, opts), range(len(frames)), opts, runs_by_partition(results))
     staged = list((Path(out) / ".imgsink").rglob("*.part"))
     assert any(p.name.endswith(".parquet.part") for p in staged) and any(p.name.endswith(".tar.part") for p in staged)
 
@@ -163,9 +164,9 @@ def _deleted_files_held_open(under: str) -> list[str]:
 def test_a_full_disk_fails_cleanly_and_frees_its_space(small_disk):
     root, kind = small_disk
     out = f"{root}/out"
-    # 400 PNGs of noise, ~4.8 kB each: the staged runs (1.9 MB) and the assembled shards do not fit in 3 MiB
+    # 800 PNGs of noise, ~4.8 kB each: the shards (3.9 MB; runs stay in memory) do not fit in 3 MiB
     with pytest.raises(OSError) as info:
-        _noise_ddf(400).imgsink.to_webdataset(out, key_column="key", image_format="png", images_per_tar=50,
+        _noise_ddf(800).imgsink.to_webdataset(out, key_column="key", image_format="png", images_per_tar=50,
                                              compute=True, compute_kwargs={"scheduler": "threads"})
     assert info.value.errno == errno.ENOSPC, repr(info.value)
     if kind == "tmpfs":
@@ -179,6 +180,19 @@ def test_a_full_disk_fails_cleanly_and_frees_its_space(small_disk):
                                         compute=True, compute_kwargs={"scheduler": "threads"})
     report = verify_dataset(out)
     assert report.ok and report.images == 40, report.problems
+
+
+def test_exact_packing_needs_no_more_disk_than_its_dataset(small_disk):
+    """Each byte is written once, to its shard: a dataset of over 80% of the disk fits (runs stay in memory)."""
+    root, _ = small_disk
+    out = f"{root}/out"
+    _noise_ddf(480).imgsink.to_webdataset(out, key_column="key", image_format="png", images_per_tar=50,
+                                         compute=True, compute_kwargs={"scheduler": "threads"})
+    report = verify_dataset(out)
+    assert report.ok and report.images == 480, report.problems
+    fs, path = fsspec.core.url_to_fs(out)
+    size = sum(info["size"] for info in fs.find(path, detail=True).values())
+    assert size > 0.8 * (3 << 20)  # staging every byte twice would need 1.6x the disk
 
 
 # ----------------------------------------------------------------------------- killed clients

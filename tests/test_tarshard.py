@@ -45,18 +45,20 @@ def test_offsets_point_at_member_data():
         assert [(m.offset_data, m.size) for m in tf.getmembers()] == spans
 
 
-def test_copy_members_concatenates_whole_members():
+def test_add_members_concatenates_whole_members():
     src, spans, _ = _write(MEMBERS)
     out = io.BytesIO()
     writer = TarShardWriter(out)
     writer.add("z.txt", b"first")
     end_of_a = spans[1][0] + spans[1][1] + (-spans[1][1] % BLOCK)
-    begin = writer.copy_members(io.BytesIO(src), 0, end_of_a, chunk=700)
+    begin = writer.add_members(memoryview(src)[:end_of_a])
     writer.close()
     with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
         assert [m.name for m in tf.getmembers()] == ["z.txt", "a.jpg", "a.txt"]
         assert tf.extractfile("a.jpg").read() == b"x" * 1000
     assert begin == 2 * BLOCK
+    with pytest.raises(ValueError, match="512-byte blocks"):
+        writer.add_members(src[:700])
 
 
 def test_long_or_non_ascii_names_are_refused():

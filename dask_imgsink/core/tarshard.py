@@ -143,24 +143,15 @@ class TarShardWriter:
         self._write(block.data)
         return start
 
-    def copy_members(self, src: BinaryIO, start: int, length: int, chunk: int = 8 << 20) -> int:
-        """Copy whole members (headers, data, padding) from another archive.
+    def add_members(self, data: bytes | memoryview) -> int:
+        """Append whole members (headers, data, padding) taken from another archive, e.g. whole samples.
 
-        ``start`` and ``length`` must be block-aligned and cover complete members,
-        such as one or more whole samples. Returns the position in this archive
-        where the copied bytes begin. Memory is bounded by ``chunk``.
+        ``data`` must be block-aligned. Returns where the copied bytes begin in this archive.
         """
-        if start % BLOCK or length % BLOCK:
+        if len(data) % BLOCK:
             raise ValueError("member ranges must be aligned to 512-byte blocks")
         begin = self.position
-        src.seek(start)
-        remaining = length
-        while remaining:
-            buf = src.read(min(chunk, remaining))
-            if not buf:
-                raise OSError(f"source archive ended {remaining} bytes early")
-            self._write(buf)
-            remaining -= len(buf)
+        self._write(data)
         return begin
 
     def close(self) -> int:

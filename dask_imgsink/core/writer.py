@@ -11,7 +11,8 @@ calling thread writes the blocks in row order into rolling shards
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import io
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
@@ -70,8 +71,10 @@ class ShardTarget:
     """Where one shard goes: the files to write and the tar name recorded in Parquet.
 
     ``idx_path`` is where its DALI index goes (``None``: none). An exact-packing
-    run has no index; it records each sample's layout in a :data:`LAYOUT_COLUMN`
-    of its Parquet instead (``run=True``), from which assembly writes the shards' indexes.
+    *run* (``run=True``) is written to memory, not to files: its tar bytes and
+    its index table (with each sample's member layout in a :data:`LAYOUT_COLUMN`,
+    from which assembly writes the shards' DALI indexes) travel as the write
+    task's result (:attr:`WrittenShard.run_bytes`, :attr:`WrittenShard.run_index`).
     """
 
     tar_path: str
@@ -95,6 +98,14 @@ class WrittenShard:
     idx_sha256: str = ""
     formats: dict[str, int] = field(default_factory=dict)
     sample_sizes: list[int] | None = None  # a run's samples' tar bytes, in order (exact packing cuts by them)
+    run_bytes: bytes | None = None  # a run's tar bytes: its samples, adjacent, no end blocks
+    run_index: pa.Table | None = None  # a run's one row per sample (the shard schema + LAYOUT_COLUMN)
+    run_keys: pa.Array | None = None  # a run's keys, kept when its bytes are dropped (to name duplicates)
+
+    def without_run_data(self) -> "WrittenShard":
+        """This run with its bytes and index dropped: what planning needs (counts, sizes, keys)."""
+        keys = self.run_index.column("key") if self.run_index is not None else self.run_keys
+        return replace(self, run_bytes=None, run_index=None, run_keys=keys)
 
 
 #: A run's Parquet column holding each sample's member layout (see :mod:`~dask_imgsink.format.dali`).
@@ -198,17 +209,41 @@ class ShardRoller:
             if self.current is not None:
                 self._finish(self.current)
             target = self.target_for(len(self.shards))
-            self.created.append(target.tar_path)
-            handle = self.fs.open(target.tar_path, "wb")
+            if target.run:
+                handle = io.BytesIO()  # a run stays in memory (see ShardTarget)
+            else:
+                self.created.append(target.tar_path)
+                handle = self.fs.open(target.tar_path, "wb")
             self.current = _OpenShard(target, handle, TarShardWriter(handle, checksum=self.checksums))
         return self.current
 
     def _finish(self, shard: _OpenShard) -> None:
         self.current = None
+        table = self._table(shard)
+        if shard.target.run:
+            self.shards.append(WrittenShard(shard.target, shard.count, shard.tar.position,
+                                            formats=format_counts(shard.records["format"]),
+                                            sample_sizes=shard.records["sample_size"],
+                                            run_bytes=shard.handle.getvalue(), run_index=table))
+            return
         try:
             size = shard.tar.close()
         finally:
             shard.handle.close()  # closes the descriptor even when the flush fails (full disk)
+        self.created.append(shard.target.parquet_path)
+        parquet_size, parquet_sha = write_parquet(table, self.fs, shard.target.parquet_path)
+        tar_sha = shard.tar.sha256 if self.checksums else ""
+        written = WrittenShard(shard.target, shard.count, size, tar_sha, parquet_size, parquet_sha,
+                               formats=format_counts(shard.records["format"]))
+        if shard.target.idx_path is not None:
+            self.created.append(shard.target.idx_path)
+            written.idx_bytes, written.idx_sha256 = write_idx(self.fs, shard.target.idx_path, shard.layouts)
+        self.shards.append(written)
+        logger.log(logging.INFO if self.verbose else logging.DEBUG,
+                   "wrote %s (%d images, %d bytes)", shard.target.tar_path, shard.count, size)
+
+    def _table(self, shard: _OpenShard) -> pa.Table:
+        """The shard's Parquet table: the writer's columns, the user's metadata, a run's layouts."""
         columns = [pa.array(shard.records[f.name], f.type) for f in WRITER_FIELDS]
         fields = list(WRITER_FIELDS)
         if self.meta is not None:
@@ -218,19 +253,7 @@ class ShardRoller:
         if shard.target.run:
             columns.append(pa.array(shard.layouts, pa.string()))
             fields.append(pa.field(LAYOUT_COLUMN, pa.string()))
-        self.created.append(shard.target.parquet_path)
-        table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
-        parquet_size, parquet_sha = write_parquet(table, self.fs, shard.target.parquet_path)
-        tar_sha = shard.tar.sha256 if self.checksums else ""
-        written = WrittenShard(shard.target, shard.count, size, tar_sha, parquet_size, parquet_sha,
-                               formats=format_counts(shard.records["format"]),
-                               sample_sizes=shard.records["sample_size"] if shard.target.run else None)
-        if shard.target.idx_path is not None:
-            self.created.append(shard.target.idx_path)
-            written.idx_bytes, written.idx_sha256 = write_idx(self.fs, shard.target.idx_path, shard.layouts)
-        self.shards.append(written)
-        logger.log(logging.INFO if self.verbose else logging.DEBUG,
-                   "wrote %s (%d images, %d bytes)", shard.target.tar_path, shard.count, size)
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
     def close(self) -> list[WrittenShard]:
         """Finish the open shard; return every shard written."""

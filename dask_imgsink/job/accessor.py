@@ -3,14 +3,16 @@
 The graph reads like ``to_parquet``'s: a claim task that takes the output
 directory (:mod:`~dask_imgsink.job.claim`), one picklable per-partition writer
 (:class:`~dask_imgsink.job.write.PartitionWriter`) holding the settings, then,
-for exact packing, a plan task and a few assembly tasks (one per group of
-partitions), then one barrier task that commits, or, when a task failed,
-cleans up and raises its error. Task names start with ``imgsink-`` so progress
+for exact packing, a small summary task per partition and a few assembly tasks
+(one per group of partitions, each handing the next the runs of its open
+shard), then one barrier task that commits, or, when a task failed, cleans up
+and raises its error. Task names start with ``imgsink-`` so progress
 bars and the dashboard show what runs. Nothing here knows image formats.
 """
 
 from __future__ import annotations
 
+import operator
 import posixpath
 from functools import partial
 from typing import Mapping, Sequence
@@ -34,7 +36,7 @@ from .commit import commit_job
 from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
-from .packing import assemble_group, assemble_shards, plan_shards  # noqa: F401 (steps the tests drive)
+from .packing import assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize  # noqa: F401
 from .results import TaskFailed, failure, first_failure
 from .unique import cross_partition_duplicate, dataset_key_hashes, needs_dataset_keys
 from .write import PartitionWriter, check_image_dtype, check_label_dtype
@@ -47,9 +49,9 @@ def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions
         failed.reraise()
 
 
-def _commit_exact(claim: Claim, results: list, assembled: list, num_partitions: int, opts: WriteOptions,
+def _commit_exact(claim: Claim, summaries: list, assembled: list, num_partitions: int, opts: WriteOptions,
                   existing_keys=None):
-    plan = plan_shards(results, claim, opts, existing_keys)
+    plan = plan_shards(summaries, claim, opts, existing_keys)
     _raise_if_failed(plan.failed or first_failure(assembled), claim, opts)
     shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
     if not claim.done:
@@ -352,6 +354,36 @@ def _assembly_groups(num_partitions: int) -> list[range]:
     return [range(start, min(start + size, num_partitions)) for start in range(0, num_partitions, size)]
 
 
+def _exact_packing_graph(written: list, claim, n: int, opts: WriteOptions, token: str):
+    """Summaries -> assembly groups chained by the runs they carry -> the commit; returns the commit.
+
+    A write task's result holds its run's bytes; the small summary of each (counts,
+    sizes, keys) is what every plan and the commit read, so only the assembly
+    group of a partition (and, for the rows of a shard still open at its end, the
+    next group) ever receives its bytes, and Dask frees them once used.
+    """
+    summarize_task = dask.delayed(summarize, pure=True)
+    summaries = [summarize_task(w, dask_key_name=(f"imgsink-run-summary-{token}", i)) for i, w in enumerate(written)]
+    existing = None  # the dataset's keys, read once for every plan when appending with unique_keys="dataset"
+    if needs_dataset_keys(opts):
+        existing = dask.delayed(partial(dataset_key_hashes, opts=opts), pure=True)(
+            claim, dask_key_name=f"imgsink-dataset-keys-{token}")
+    assemble = dask.delayed(partial(assemble_group, opts=opts), pure=True)
+    take = dask.delayed(operator.getitem, pure=True)
+    groups = _assembly_groups(n)
+    carried: dict | object = {}
+    built = []
+    for i, g in enumerate(groups):
+        out = assemble(summaries[:g.stop], claim, g, written[g.start:g.stop], carried,
+                       last=(i == len(groups) - 1), existing_keys=existing,
+                       dask_key_name=(f"imgsink-pack-shards-{token}", i))
+        built.append(take(out, 0, dask_key_name=(f"imgsink-shards-built-{token}", i)))
+        carried = take(out, 1, dask_key_name=(f"imgsink-runs-carried-{token}", i))
+    return dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
+        claim, summaries, built, n, existing_keys=existing, dask_key_name=f"imgsink-commit-{token}"
+    )
+
+
 def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     token = tokenize(*opts.token())
     register_job(token, opts)
@@ -362,17 +394,7 @@ def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     written = [writer(part, i, claim, dask_key_name=(f"imgsink-encode-write-{token}", i))
                for i, part in enumerate(parts)]
     if opts.packing == "exact":
-        existing = None  # the dataset's keys, read once for every plan when appending with unique_keys="dataset"
-        if needs_dataset_keys(opts):
-            existing = dask.delayed(partial(dataset_key_hashes, opts=opts), pure=True)(
-                claim, dask_key_name=f"imgsink-dataset-keys-{token}")
-        assemble = dask.delayed(partial(assemble_group, opts=opts), pure=True)
-        groups = _assembly_groups(n)
-        assembled = [assemble(written[:g.stop], claim, g, last=(i == len(groups) - 1), existing_keys=existing,
-                              dask_key_name=(f"imgsink-pack-shards-{token}", i)) for i, g in enumerate(groups)]
-        final = dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
-            claim, written, assembled, n, existing_keys=existing, dask_key_name=f"imgsink-commit-{token}"
-        )
+        final = _exact_packing_graph(written, claim, n, opts, token)
     else:
         final = dask.delayed(partial(_commit_per_partition, opts=opts), pure=True)(
             claim, written, n, dask_key_name=f"imgsink-commit-{token}"

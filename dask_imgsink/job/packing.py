@@ -34,7 +34,7 @@ from ..core.writer import (
 from ..errors import BadRowError
 from ..format.dali import idx_line
 from ..format.layout import new_attempt_dir, staged
-from ..format.schema import read_parquet, shard_schema, write_parquet
+from ..format.schema import shard_schema, write_parquet
 from ..storage import remove_quietly, resolve
 from .claim import Claim, committed_job
 from .options import WriteOptions
@@ -253,30 +253,6 @@ def cut_shards(sizes: np.ndarray, images_per_tar: int, max_shard_bytes: int) -> 
     return starts
 
 
-class _RunReader:
-    """Opens one run at a time (pieces come in run order), so memory stays flat."""
-
-    def __init__(self, fs, plan: ShardPlan) -> None:
-        self.fs, self.plan = fs, plan
-        self.current: int | None = None
-        self.index: pa.Table | None = None
-        self.tar = None
-
-    def open(self, run: int) -> tuple[pa.Table, object]:
-        if run != self.current:
-            self.close()
-            target = self.plan.runs[run][1].target
-            self.index = read_parquet(self.fs, target.parquet_path)
-            self.tar = self.fs.open(target.tar_path, "rb")
-            self.current = run
-        return self.index, self.tar
-
-    def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-        self.tar, self.index, self.current = None, None, None
-
-
 def shards_to_build(plan: ShardPlan, partitions: range, *, prefix: bool, last: bool) -> list[int]:
     """The shards (local indexes) the assembly task of ``partitions`` builds; see :func:`assemble_shards`.
 
@@ -294,19 +270,21 @@ def shards_to_build(plan: ShardPlan, partitions: range, *, prefix: bool, last: b
     return todo
 
 
-def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, *, prefix: bool = False,
-                    last: bool = False) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
+def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, runs: dict[int, WrittenShard], *,
+                    prefix: bool = False, last: bool = False) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
     """Build the shards whose last image is in the runs of ``partitions``.
 
-    ``prefix``: ``plan`` covers only the partitions up to these (the job is still
-    encoding later ones), so its last shard is left for a later group unless it is
-    full. ``last``: this is the job's last group, which also builds the job's last
-    shard wherever it ends (the partitions after it may hold no image).
+    ``runs`` maps each partition whose samples these shards hold to its run
+    (bytes in memory). ``prefix``: ``plan`` covers only the partitions up to
+    these (the job is still encoding later ones), so its last shard is left for
+    a later group unless it is full. ``last``: this is the job's last group,
+    which also builds the job's last shard wherever it ends (the partitions
+    after it may hold no image).
 
     Returns ``(index, shard, source partitions)`` for each, or the
     :class:`TaskFailed` of this task (an I/O error, say). Files go to a fresh
     staging folder of this attempt; the commit publishes them. Rerun by Dask
-    after the job committed (its runs are gone), it returns nothing.
+    after the job committed, it returns nothing.
     """
     if plan.failed is not None:
         return []
@@ -314,50 +292,89 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, *, p
     if not todo:
         return []
     fs, root = resolve(opts.url, opts.storage_options)
+    if committed_job(fs, root, opts.job_id) is not None:
+        return []  # Dask reran it after the commit had finished: nothing to do
     attempt = new_attempt_dir(root, opts.job_id, f"assemble-{partitions[0]:06d}")
-    reader = _RunReader(fs, plan)
     try:
         fs.makedirs(attempt, exist_ok=True)
-        return [_assemble_one(fs, attempt, reader, plan, s, plan.pieces(s), opts) for s in todo]
+        return [_assemble_one(fs, attempt, runs, plan, s, opts) for s in todo]
     except Exception as exc:
         remove_quietly(fs, attempt, recursive=True)
-        if isinstance(exc, FileNotFoundError) and committed_job(fs, root, opts.job_id) is not None:
-            return []  # Dask reran it after the commit had finished and removed the runs: nothing to do
         where = f"partitions {partitions.start}-{partitions.stop - 1}"
         return failure(exc, f"the assembly of the shards ending in {where}")
-    finally:
-        reader.close()
 
 
-def assemble_group(results: list, claim: Claim, partitions: range, opts: WriteOptions, last: bool,
-                   existing_keys: np.ndarray | None = None) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
-    """One assembly task: plan from the write results up to ``partitions`` (all of them: a prefix of the job)
-    and build the shards ending there. It waits only for those partitions, so it runs while later ones encode.
+def summarize(result: PartitionResult | TaskFailed) -> PartitionResult | TaskFailed:
+    """A write result without its run's bytes: what plans and the commit need (counts, sizes, keys, skips)."""
+    if isinstance(result, TaskFailed):
+        return result
+    return replace(result, shards=[run.without_run_data() for run in result.shards])
 
-    The plan of a prefix agrees with the job's plan on every complete shard: shards
-    are cut greedily in row order, and a duplicate key is always the later copy.
+
+def runs_by_partition(results: list) -> dict[int, WrittenShard]:
+    """Partition -> its run (bytes in memory), for the write results that made one."""
+    return {r.partition: run for r in results if isinstance(r, PartitionResult) for run in r.shards
+            if run.run_bytes is not None and run.num_images}
+
+
+def carried_runs(plan: ShardPlan, runs: dict[int, WrittenShard], last: bool) -> dict[int, WrittenShard]:
+    """The runs later groups still need: those holding rows of the plan's last shard, unless it is built.
+
+    Every shard but a prefix plan's last is complete and built by the group it
+    ends in (or the next one, :meth:`ShardPlan.shard_left_before`); a full last
+    shard is built too. So what later groups need of the runs seen so far is the
+    open last shard's rows: at most one shard's worth.
     """
-    plan = plan_shards(results, claim, opts, existing_keys)
-    return assemble_shards(plan, partitions, opts, prefix=not last, last=last)
+    if last or plan.failed is not None:
+        return {}
+    final = plan.num_shards - 1
+    if final < 0 or plan.shard_is_full(final):
+        return {}
+    open_from = plan._shard_range(final)[0]
+    needed = {part for run, (part, _) in enumerate(plan.runs)
+              if plan.run_starts[run] + plan.kept(run) > open_from}
+    return {part: run for part, run in runs.items() if part in needed}
 
 
-def _assemble_one(fs, attempt: str, reader: "_RunReader", plan: ShardPlan, local_index: int,
-                  pieces: list[Piece], opts: WriteOptions) -> tuple[int, WrittenShard, list[int]]:
-    """Copy one shard's samples from its runs; write its Parquet."""
+def assemble_group(summaries: list, claim: Claim, partitions: range, own: list, carried: dict | TaskFailed,
+                   opts: WriteOptions, last: bool, existing_keys: np.ndarray | None = None
+                   ) -> tuple[list[tuple[int, WrittenShard, list[int]]] | TaskFailed, dict | TaskFailed]:
+    """One assembly task: plan from the write summaries up to ``partitions`` (a prefix of the job) and
+    build the shards ending there, from this group's runs (``own``) and the runs ``carried`` from the
+    group before (the rows of its open last shard). It waits only for those partitions, so it runs while
+    later ones encode.
+
+    Returns the shards built and the runs to carry to the next group (or a :class:`TaskFailed` for
+    either, which the commit raises). The plan of a prefix agrees with the job's plan on every
+    complete shard: shards are cut greedily in row order, and a duplicate key is always the later copy.
+    """
+    if isinstance(carried, TaskFailed):
+        return [], carried  # an earlier group failed; the commit raises its error
+    plan = plan_shards(summaries, claim, opts, existing_keys)
+    runs = {**carried, **runs_by_partition(own)}
+    built = assemble_shards(plan, partitions, opts, runs, prefix=not last, last=last)
+    if isinstance(built, TaskFailed):
+        return built, built
+    return built, carried_runs(plan, runs, last)
+
+
+def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPlan, local_index: int,
+                  opts: WriteOptions) -> tuple[int, WrittenShard, list[int]]:
+    """Write one shard from its samples' bytes in the runs; write its Parquet and DALI index."""
     index = plan.first_shard + local_index
     stem = opts.exact_stem(index)
     target = ShardTarget(staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"), f"{stem}.tar",
                          idx_path=staged(attempt, f"{stem}.idx") if opts.dali_index else None)
+    pieces = plan.pieces(local_index)
     tables = []
     with fs.open(target.tar_path, "wb") as out:
         writer = TarShardWriter(out)
         for piece in pieces:
-            run_index, src = reader.open(piece.run)
-            rows = run_index.slice(piece.start, piece.stop - piece.start)
+            run = runs[plan.runs[piece.run][0]]
+            rows = run.run_index.slice(piece.start, piece.stop - piece.start)
             first = rows.column("sample_offset")[0].as_py()
-            last_row = rows.num_rows - 1
-            end = rows.column("sample_offset")[last_row].as_py() + rows.column("sample_size")[last_row].as_py()
-            shift = writer.copy_members(src, first, end - first) - first
+            end = rows.column("sample_offset")[-1].as_py() + rows.column("sample_size")[-1].as_py()
+            shift = writer.add_members(memoryview(run.run_bytes)[first:end]) - first
             tables.append(_moved_rows(rows, shift, target.tar_file))
         size = writer.close()
     moved = pa.concat_tables(tables)
@@ -371,8 +388,6 @@ def _assemble_one(fs, attempt: str, reader: "_RunReader", plan: ShardPlan, local
         shard.idx_bytes, shard.idx_sha256 = write_idx(fs, target.idx_path, map(idx_line, starts, layouts))
     sources = sorted({plan.runs[p.run][0] for p in pieces})
     return index, shard, sources
-
-
 def _moved_rows(rows: pa.Table, shift: int, tar_file: str) -> pa.Table:
     """Run index rows as they read in the assembled shard: byte ranges moved by ``shift``."""
     for name in ("offset", "sample_offset"):

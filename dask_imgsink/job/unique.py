@@ -163,13 +163,10 @@ def dataset_key_hashes(claim, opts) -> np.ndarray | None:
     return existing_key_hashes(fs, root, opts.job_id)
 
 
-def _run_key(fs, run, row: int, cache: dict) -> str:
-    """The key of row ``row`` of a staged run (read from its Parquet, once per run)."""
-    path = run.target.parquet_path
-    if path not in cache:
-        with fs.open(path, "rb") as f:
-            cache[path] = pq.read_table(f, columns=["key"]).column("key").to_pylist()
-    return cache[path][row]
+def _run_key(run, row: int) -> str:
+    """The key of row ``row`` of a run (its keys travel with its summary)."""
+    keys = run.run_keys if run.run_keys is not None else run.run_index.column("key")
+    return keys[row].as_py()
 
 
 def drop_duplicate_keys(plan, results: list, opts, existing: np.ndarray | None) -> None:
@@ -188,7 +185,6 @@ def drop_duplicate_keys(plan, results: list, opts, existing: np.ndarray | None) 
     hashes = [r.key_hashes for r in results]
     if not hashes:
         return
-    fs, root = resolve(opts.url, opts.storage_options)
     sizes = None
     if opts.max_shard_bytes is not None and opts.unique_keys == "shard":
         sizes = np.concatenate([np.asarray(run.sample_sizes, np.int64) for _, run in plan.runs])
@@ -197,11 +193,10 @@ def drop_duplicate_keys(plan, results: list, opts, existing: np.ndarray | None) 
     if not found:
         return
     where = _Locator(results)
-    cache: dict = {}
     for dup in found:
         run, run_row = where.run_row(dup.position)
         partition, row = where.partition_row(dup.position)
-        key = _run_key(fs, plan.runs[run][1], run_row, cache)
+        key = _run_key(plan.runs[run][1], run_row)
         reason = where.reason(dup)
         if opts.unique_keys == "shard":
             reason += "; both would land in one shard, where WebDataset readers would merge the two samples"

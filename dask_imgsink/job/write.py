@@ -79,7 +79,13 @@ def _column_values(frame: pd.DataFrame, column: str | None) -> list | None:
 
 
 class PartitionWriter:
-    """Write one partition: encode its rows and stage its shards (or its run).
+    """Write one partition: encode its rows and stage its shards (or, for exact packing, make its run).
+
+    An exact-packing run is the partition's samples as tar bytes in memory
+    (:class:`~dask_imgsink.core.writer.ShardTarget`): Dask keeps it as this task's
+    result, moves it to the assembling worker, and spills it to the worker's
+    local disk only under memory pressure, so each shard's bytes are written
+    once, to the shard.
 
     Called by Dask as ``writer(partition_frame, partition_index, claim)``; returns a
     :class:`~dask_imgsink.job.results.PartitionResult`, or a
@@ -140,13 +146,11 @@ class PartitionWriter:
         attempt: list[str] = []
 
         def target_for(chunk: int) -> ShardTarget:
+            if exact:
+                return ShardTarget("", "", "", run=True)  # the partition's run, in memory: no file
             if not attempt:
                 attempt.append(new_attempt_dir(root, opts.job_id, f"write-{partition:06d}"))
                 fs.makedirs(attempt[0], exist_ok=True)
-            if exact:
-                stem = f"run-{partition:06d}"
-                return ShardTarget(staged(attempt[0], f"{stem}.tar"), staged(attempt[0], f"{stem}.parquet"), "",
-                                   run=True)
             stem = opts.partition_stem(claim.first_partition + partition, chunk)
             return ShardTarget(staged(attempt[0], f"{stem}.tar"), staged(attempt[0], f"{stem}.parquet"),
                                f"{stem}.tar", idx_path=staged(attempt[0], f"{stem}.idx") if opts.dali_index else None)

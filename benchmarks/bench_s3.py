@@ -1,0 +1,166 @@
+"""Object-store figures, counted at a loopback S3 API server (moto behind :class:`s3proxy.S3Proxy`).
+
+- Exact packing to S3: bytes uploaded and downloaded against the dataset's own
+  bytes (its tars, Parquet, indexes and small files, as listed after the job),
+  and the wall time against writing the same DataFrame to local disk.
+- The commit: a job of ``shards`` one-image shards (tar, Parquet and DALI
+  index each) staged in this process, then committed with ``latency`` seconds
+  added to every request at the server; requests per shard and wall time.
+- Disk space: the most bytes the output directory held while an exact-packed
+  job ran, against the dataset's size at the end.
+
+Usage: ``python benchmarks/bench_s3.py [--images 800] [--shards 400] [--latency 0.02]``
+(``run.py`` prints the same rows in its table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+import uuid
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+from dask.base import tokenize
+from measure import median_seconds
+from s3proxy import S3Proxy
+
+import dask_imgsink.job.accessor as acc
+from dask_imgsink.job.claim import claim_output
+
+
+def _dataset_bytes(fs, root: str) -> int:
+    return sum(info["size"] for info in fs.find(root, detail=True).values())
+
+
+def s3_transfer(ddf, local_dir: str, repeats: int) -> dict:
+    """Exact packing of ``ddf`` to loopback S3 and to ``local_dir``: bytes moved and times."""
+    with S3Proxy() as proxy:
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        proxy.make_bucket(bucket)
+        options = proxy.storage_options()
+        runs = []
+
+        def to_s3():
+            url = f"s3://{bucket}/out-{len(runs)}"
+            proxy.reset()
+            ddf.imgsink.to_webdataset(url, key_column="key", images_per_tar=500, storage_options=options,
+                                      compute=True)
+            counts = proxy.counts()
+            runs.append((url, counts["bytes_up"], counts["bytes_down"]))
+
+        to_s3()  # warm up
+        s3_seconds = median_seconds(to_s3, repeats)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**options)
+        url, up, down = runs[-1]
+        size = _dataset_bytes(fs, url)
+    count = [0]
+
+    def to_disk():
+        count[0] += 1
+        ddf.imgsink.to_webdataset(f"{local_dir}/local-{count[0]}", key_column="key", images_per_tar=500,
+                                  compute=True)
+    to_disk()
+    local_seconds = median_seconds(to_disk, repeats)
+    return {"dataset_bytes": size, "put_ratio": up / size, "get_ratio": down / size, "s3_seconds": s3_seconds,
+            "local_seconds": local_seconds}
+
+
+def _staged_commit(url: str, options: dict, shards: int):
+    """Stage a job of ``shards`` one-image shards in this process; return its commit, ready to call."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"key": [f"k{i:06d}" for i in range(shards)],
+                          "image": pd.Series([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                                              for _ in range(shards)], dtype=object)})
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frame, npartitions=4, sort=False)
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(acc.to_webdataset).parameters.items()
+                if p.kind is p.KEYWORD_ONLY and n not in ("compute", "compute_kwargs")}
+    _, opts = acc._build_options(ddf, url, **{**defaults, "key_column": "key", "images_per_tar": 1,
+                                              "storage_options": options})
+    claim = claim_output(opts, tokenize(*opts.token()))
+    parts = ddf.to_delayed()
+    results = [acc.PartitionWriter(opts)(p.compute(), i, claim) for i, p in enumerate(parts)]
+    plan = acc.plan_shards(results, claim, opts)
+    assembled = [acc.assemble_shards(plan, range(len(parts)), opts, acc.runs_by_partition(results))]
+    summaries = [acc.summarize(r) for r in results]
+    return lambda: acc._commit_exact(claim, summaries, assembled, len(parts), opts)
+
+
+def commit_figures(shards: int, latency: float) -> dict:
+    """Wall time and requests of the commit of ``shards`` shards with ``latency`` s added per request."""
+    with S3Proxy() as proxy:
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        proxy.make_bucket(bucket)
+        commit = _staged_commit(f"s3://{bucket}/out", proxy.storage_options(), shards)
+        proxy.reset()
+        proxy.set_latency(latency)
+        start = time.perf_counter()
+        commit()
+        seconds = time.perf_counter() - start
+        counts = proxy.counts()
+        return {"seconds": seconds, "requests": counts["total"], "per_shard": counts["total"] / shards,
+                "by_operation": counts["requests"], "most_in_flight": counts["most_in_flight"]}
+
+
+class DiskPeak:
+    """Samples the bytes below a folder every 20 ms in a background thread; ``peak`` is the most seen."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.peak = folder, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def size(self) -> int:
+        total = 0
+        for base, _, files in os.walk(self.folder):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(base, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.size())
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def disk_ratio(ddf, folder: str) -> float:
+    """Peak bytes below the output directory during an exact-packed job, over the dataset's final size."""
+    out = f"{folder}/disk"
+    with DiskPeak(folder) as disk:
+        ddf.imgsink.to_webdataset(out, key_column="key", images_per_tar=500, compute=True)
+    return max(disk.peak, disk.size()) / disk.size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shards", type=int, default=400)
+    parser.add_argument("--latency", type=float, default=0.02)
+    args = parser.parse_args()
+    figures = commit_figures(args.shards, args.latency)
+    print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request: {figures['seconds']:.2f} s, "
+          f"{figures['per_shard']:.2f} requests per shard, up to {figures['most_in_flight']} at once "
+          f"{figures['by_operation']}")
+
+
+if __name__ == "__main__":
+    main()
