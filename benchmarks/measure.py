@@ -31,6 +31,7 @@ class PeakRSS:
         self.base = self._total()
         self.peak = self.base
         self.largest = 0
+        self.largest_each: dict[int, int] = {p.pid: 0 for p in self.procs}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -42,6 +43,8 @@ class PeakRSS:
             each = [p.memory_info().rss for p in self.procs]
             self.peak = max(self.peak, sum(each))
             self.largest = max([self.largest, *each])
+            for proc, rss in zip(self.procs, each):
+                self.largest_each[proc.pid] = max(self.largest_each[proc.pid], rss)
             time.sleep(0.01)
 
     def __enter__(self):

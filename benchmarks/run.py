@@ -10,7 +10,7 @@ measured in this run on the same images):
 - encode only: simplejpeg q92 4:2:0 on N threads, no Dask, no tar: the limit;
 - the accessor, exact and per-partition packing, under the threaded scheduler
   and on LocalClusters of 2 processes x 1 thread and 1 process x 2 threads, with
-  the DataFrame persisted in worker memory first (so only the writer is timed);
+  the DataFrame persisted in worker memory first, spread evenly over the workers (so only the writer is timed);
 - pass-through of the same images already encoded, exact packing, against a
   raw sequential write + fsync of the same bytes to the same disk;
 - scaling: 10 images after import; N/4 against N images; N images in 10
@@ -97,11 +97,29 @@ def frame(count: int, partitions: int, encoded: bool = False) -> dd.DataFrame:
                            meta=meta, enforce_metadata=False)
 
 
-def write_seconds(ddf, packing: str, repeats: int, **options) -> float:
+def spread_frame(client: Client, count: int, partitions: int) -> dd.DataFrame:
+    """The images as a DataFrame held in the workers' memory, partition ``i`` on worker ``i % workers``.
+
+    ``persist`` alone can leave most partitions on one worker (here 14 of 16 when the
+    other was still starting), and the write tasks then queue where their data is:
+    that measures the placement, not the writer. Balanced placement is what a
+    real input (``read_parquet`` over many files) gets from the scheduler.
+    """
+    workers = sorted(client.nthreads())
+    edges = [round(i * count / partitions) for i in range(partitions + 1)]
+    futures = [client.submit(_photo_partition, (edges[i], edges[i + 1]), count, False,
+                             workers=[workers[i % len(workers)]], pure=False) for i in range(partitions)]
+    wait(futures)
+    meta = pd.DataFrame({"key": pd.Series([], dtype=object), "image": pd.Series([], dtype=object)})
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_delayed(futures, meta=meta, verify_meta=False)
+
+
+def write_seconds(ddf, packing: str, repeats: int, images_per_tar: int = 500, **options) -> float:
     def run():
         with scratch() as folder:
-            ddf.imgsink.to_webdataset(f"{folder}/out", key_column="key", packing=packing, images_per_tar=500,
-                                      compute=True, **options)
+            ddf.imgsink.to_webdataset(f"{folder}/out", key_column="key", packing=packing,
+                                      images_per_tar=images_per_tar, compute=True, **options)
     run()  # warm up: imports and pools in every process
     return median_seconds(run, repeats)
 
@@ -127,8 +145,7 @@ def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: i
     rows = []
     with start(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
                silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        ddf = frame(len(images), partitions).persist()
-        wait(ddf)
+        ddf = spread_frame(client, len(images), partitions)
         pids = list(client.run(os.getpid).values())
         held = max(psutil.Process(p).memory_info().rss for p in pids)  # with the partitions persisted
         for packing in packings:
@@ -136,6 +153,56 @@ def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: i
                 seconds = write_seconds(ddf, packing, repeats)
             rows.append((f"{label}, {packing}", seconds, (peak.largest - held) / 2**20))
     return rows
+
+
+def memory_rows(count: int, partitions: int) -> list[tuple[str, float, float]]:
+    """Each worker's peak RSS rise (exact packing, LocalCluster 2 proc x 1 thread) as settings change:
+    (label, MB held by the largest worker's partitions, largest RSS rise in MB) rows."""
+    settings = [(f"{count} images, {partitions} partitions, images_per_tar=500", count, partitions, 500),
+                ("same, images_per_tar=100", count, partitions, 100),
+                ("same, images_per_tar=2000", count, partitions, 2000),
+                (f"same, {4 * partitions} partitions", count, 4 * partitions, 500),
+                (f"{2 * count} images, {2 * partitions} partitions (2x the job)", 2 * count, 2 * partitions, 500)]
+    rows = []
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+        for label, images, parts, per_tar in settings:
+            ddf = spread_frame(client, images, parts)
+            held = {p: psutil.Process(p).memory_info().rss for p in pids}
+            partitions_mb = max(client.run(_held_bytes).values()) / 2**20
+            write_seconds(ddf, "exact", 1, images_per_tar=per_tar)  # warm up, and no peak of a first import
+            with PeakRSS(pids) as peak:
+                write_seconds(ddf, "exact", 1, images_per_tar=per_tar)
+            rise = max(rss - held[p] for p, rss in peak.largest_each.items()) / 2**20
+            rows.append((label, partitions_mb, rise))
+            del ddf
+            client.run(_trim)
+    return rows
+
+
+def _held_bytes(dask_worker=None) -> int:
+    """Bytes of data this worker holds (its partitions)."""
+    return dask_worker.state.nbytes
+
+
+def _trim() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def print_memory(rows: list[tuple[str, float, float]]) -> None:
+    print("\nMemory: each worker's peak RSS rise while writing (exact packing, LocalCluster 2 proc x 1 thread;"
+          " target: at most 256 MB above its partitions, whatever the settings)")
+    print(f"{'':<64}{'partitions MB':>14}{'RSS rise MB':>13}")
+    for label, held, rise in rows:
+        print(f"{label:<64}{held:>14.0f}{rise:>13.0f}")
 
 
 def scaling_rows(count: int, repeats: int) -> list[tuple[str, float, float | None, str]]:
@@ -244,6 +311,7 @@ def main() -> None:
                 [("raw sequential write + fsync of the same bytes", raw, None),
                  ("accessor, exact, threaded scheduler", through, None)], int(megabytes), unit="MB/s")
     print_scaling(scaling_rows(args.images, args.repeats))
+    print_memory(memory_rows(args.images // 2, args.partitions // 2))
     print_storage(storage_rows(args.s3_images, args.commit_shards, args.repeats))
 
 

@@ -88,6 +88,24 @@ class _Settings:
 
 
 def _handler(backend_port: int, counts: Counts, settings: _Settings):
+    local = threading.local()  # one kept-alive connection to the server per proxy thread
+
+    def send(method: str, path: str, body: bytes, headers: dict) -> tuple[http.client.HTTPResponse, bytes]:
+        for attempt in range(2):
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection("127.0.0.1", backend_port, timeout=300)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                return response, response.read()
+            except (http.client.HTTPException, ConnectionError):
+                conn.close()
+                local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -119,11 +137,7 @@ def _handler(backend_port: int, counts: Counts, settings: _Settings):
             if settings.latency:
                 time.sleep(settings.latency)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-            conn = http.client.HTTPConnection("127.0.0.1", backend_port, timeout=300)
-            conn.request(self.command, self.path, body=body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            conn.close()
+            response, data = send(self.command, self.path, body, headers)
             op = operation(self.command, split.path, split.query)
             if "x-amz-copy-source" in {k.lower() for k in headers}:
                 op = "CopyObject" if op == "PutObject" else "UploadPartCopy"

@@ -141,28 +141,33 @@ def test_each_group_hands_on_only_the_runs_of_its_open_shard(tmp_path):
         ddf = dd.from_pandas(frames[0], npartitions=1)
     opts, claim = claimed_job(ddf, tmp_path / "out", key_column="key", images_per_tar=10)
     results = [PartitionWriter(opts)(frame, p, claim) for p, frame in enumerate(frames)]
-    summaries = [summarize(r) for r in results]
-    assert all(run.run_bytes is None and run.run_index is None for r in summaries for run in r.shards)
-    carried, built = {}, []
+    assert all(run.run_blocks is None and run.run_index is None for r in map(summarize, results)
+               for run in r.shards)
+    carried, built = None, []
     for p in range(40):  # one group per partition: the longest chain
-        shards, carried = assemble_group(summaries[:p + 1], claim, range(p, p + 1), [results[p]], carried, opts,
-                                         last=p == 39)
+        shards, carried = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts, last=p == 39)
         built += shards
-        assert sum(run.num_images for run in carried.values()) < 10 + 3
-        assert all(p - 4 < q <= p for q in carried)
-    assert carried == {}
+        assert sum(run.num_images for run in carried.runs.values()) < 10 + 3
+        assert all(p - 4 < q <= p for q in carried.runs)
+        assert [r.partition for r in carried.summaries] == list(range(p + 1))
+        assert all(run.run_blocks is None for r in carried.summaries for run in r.shards)  # summaries only
+    assert carried.runs == {}
     assert [index for index, _, _ in built] == list(range(12))
     assert [shard.num_images for _, shard, _ in built] == [10] * 12
     assert built[1][2] == [3, 4, 5, 6]  # shard 1 holds rows 10-19: partitions 3 to 6
 
 
-@pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 200])
-def test_assembly_groups_cover_every_partition_once_in_order(n):
-    from dask_imgsink.job.accessor import _assembly_groups
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 24, 200, 5000])
+@pytest.mark.parametrize("threads", [1, 2, 64])
+def test_assembly_groups_cover_every_partition_once_in_order(n, threads):
+    from dask_imgsink.job.accessor import MAX_GROUP_PARTITIONS, _assembly_groups
 
-    groups = _assembly_groups(n)
+    groups = _assembly_groups(n, threads)
     assert [p for g in groups for p in g] == list(range(n))
-    assert all(len(g) for g in groups) and len(groups) <= max(1, n)
+    assert all(0 < len(g) <= MAX_GROUP_PARTITIONS for g in groups)  # few runs wait for their group
+    if n:
+        assert len(groups[-1]) == 1  # the tail after the last partition is its own shards only
+        assert len(groups) <= max(2 * threads, -(-n // MAX_GROUP_PARTITIONS)) + 3 + int(np.log2(n))
 
 
 def test_shards_of_early_partitions_are_assembled_while_later_ones_still_encode(tmp_path):

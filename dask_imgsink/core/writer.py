@@ -11,7 +11,6 @@ calling thread writes the blocks in row order into rolling shards
 from __future__ import annotations
 
 import logging
-import io
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -74,7 +73,7 @@ class ShardTarget:
     *run* (``run=True``) is written to memory, not to files: its tar bytes and
     its index table (with each sample's member layout in a :data:`LAYOUT_COLUMN`,
     from which assembly writes the shards' DALI indexes) travel as the write
-    task's result (:attr:`WrittenShard.run_bytes`, :attr:`WrittenShard.run_index`).
+    task's result (:attr:`WrittenShard.run_blocks`, :attr:`WrittenShard.run_index`).
     """
 
     tar_path: str
@@ -98,14 +97,14 @@ class WrittenShard:
     idx_sha256: str = ""
     formats: dict[str, int] = field(default_factory=dict)
     sample_sizes: list[int] | None = None  # a run's samples' tar bytes, in order (exact packing cuts by them)
-    run_bytes: bytes | None = None  # a run's tar bytes: its samples, adjacent, no end blocks
+    run_blocks: list[bytes] | None = None  # a run's samples' tar bytes, one block per sample, in order
     run_index: pa.Table | None = None  # a run's one row per sample (the shard schema + LAYOUT_COLUMN)
     run_keys: pa.Array | None = None  # a run's keys, kept when its bytes are dropped (to name duplicates)
 
     def without_run_data(self) -> "WrittenShard":
         """This run with its bytes and index dropped: what planning needs (counts, sizes, keys)."""
         keys = self.run_index.column("key") if self.run_index is not None else self.run_keys
-        return replace(self, run_bytes=None, run_index=None, run_keys=keys)
+        return replace(self, run_blocks=None, run_index=None, run_keys=keys)
 
 
 #: A run's Parquet column holding each sample's member layout (see :mod:`~dask_imgsink.format.dali`).
@@ -137,6 +136,20 @@ def prepare_sample(key: str, image: EncodedImage, extra: list[tuple[str, bytes]]
     """Lay out a sample's members (image first) and take the block's checksum."""
     block = SampleBlock.build([(f"{key}.{image.extension}", image.data), *extra])
     return PreparedSample(key, image, block, sample_checksum(block.data))
+
+
+class _Blocks:
+    """A write-only file that keeps the blocks written (each sample's immutable bytes), copying none."""
+
+    def __init__(self) -> None:
+        self.blocks: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.blocks.append(data)
+        return len(data)
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -210,7 +223,7 @@ class ShardRoller:
                 self._finish(self.current)
             target = self.target_for(len(self.shards))
             if target.run:
-                handle = io.BytesIO()  # a run stays in memory (see ShardTarget)
+                handle = _Blocks()  # a run stays in memory (see ShardTarget)
             else:
                 self.created.append(target.tar_path)
                 handle = self.fs.open(target.tar_path, "wb")
@@ -224,7 +237,7 @@ class ShardRoller:
             self.shards.append(WrittenShard(shard.target, shard.count, shard.tar.position,
                                             formats=format_counts(shard.records["format"]),
                                             sample_sizes=shard.records["sample_size"],
-                                            run_bytes=shard.handle.getvalue(), run_index=table))
+                                            run_blocks=shard.handle.blocks, run_index=table))
             return
         try:
             size = shard.tar.close()

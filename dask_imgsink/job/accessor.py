@@ -3,9 +3,9 @@
 The graph reads like ``to_parquet``'s: a claim task that takes the output
 directory (:mod:`~dask_imgsink.job.claim`), one picklable per-partition writer
 (:class:`~dask_imgsink.job.write.PartitionWriter`) holding the settings, then,
-for exact packing, a small summary task per partition and a few assembly tasks
-(one per group of partitions, each handing the next the runs of its open
-shard), then one barrier task that commits, or, when a task failed, cleans up
+for exact packing, a few assembly tasks (one per group of partitions, each
+handing the next the write summaries so far and the runs of its open shard),
+then one barrier task that commits, or, when a task failed, cleans up
 and raises its error. Task names start with ``imgsink-`` so progress
 bars and the dashboard show what runs. Nothing here knows image formats.
 """
@@ -36,7 +36,7 @@ from .commit import commit_job
 from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
-from .packing import assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize  # noqa: F401
+from .packing import Carry, assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize  # noqa: F401
 from .results import TaskFailed, failure, first_failure
 from .unique import cross_partition_duplicate, dataset_key_hashes, needs_dataset_keys
 from .write import PartitionWriter, check_image_dtype, check_label_dtype
@@ -47,6 +47,14 @@ def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions
     if failed is not None:
         abort_job(opts.url, opts.storage_options, opts.job_id, claim.run_id)
         failed.reraise()
+
+
+def _commit_exact_job(claim: Claim, carried: Carry | TaskFailed | None, assembled: list, num_partitions: int,
+                      opts: WriteOptions, existing_keys=None):
+    """The commit task of exact packing: the last assembly group carries every write's summary."""
+    if isinstance(carried, TaskFailed):
+        _raise_if_failed(first_failure(assembled) or carried, claim, opts)
+    return _commit_exact(claim, carried.summaries if carried is not None else [], assembled, num_partitions, opts, existing_keys)
 
 
 def _commit_exact(claim: Claim, summaries: list, assembled: list, num_partitions: int, opts: WriteOptions,
@@ -335,52 +343,70 @@ def _check_output_early(fs, root: str, opts: WriteOptions) -> None:
     check_output(fs, root, opts.url, opts.mode, shard_schema(opts.user_schema))
 
 
-def _assembly_groups(num_partitions: int) -> list[range]:
-    """Contiguous groups of partitions, one assembly task each.
+#: Most partitions in one assembly group: a group's runs wait in memory until its last one is encoded.
+MAX_GROUP_PARTITIONS = 8
 
-    Assembly copies bytes; it needs as many tasks as there are threads to run
-    them, not one per partition (most partitions of a filtered DataFrame start
-    no shard, and each task costs a scheduler round trip). Two tasks per thread
-    of the active Client, or per CPU of this machine without one.
-    """
+
+def _cluster_threads() -> int:
+    """Threads of the active Client's workers, or the CPUs of this process without one."""
     try:
         from distributed import get_client
 
-        threads = sum(get_client().nthreads().values())
+        return sum(get_client().nthreads().values())
     except (ImportError, ValueError):
-        threads = default_encode_threads()
+        return default_encode_threads()
+
+
+def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[range]:
+    """Contiguous groups of partitions, one assembly task each.
+
+    Assembly writes bytes; it needs about as many tasks as there are threads to
+    run them, not one per partition (most partitions of a filtered DataFrame
+    start no shard, and each task costs a scheduler round trip): two per thread,
+    of at most :data:`MAX_GROUP_PARTITIONS` partitions each, so the runs waiting
+    for their group stay few whatever the job's size. The last group is split in
+    halves down to one partition: what is left to write once the last partition
+    is encoded (the tail, when cores idle) is only the shards that end in it.
+    """
+    if num_partitions == 0:
+        return []
+    threads = threads or _cluster_threads()
     tasks = max(1, min(num_partitions, 2 * threads))
-    size = -(-num_partitions // tasks) if num_partitions else 1
-    return [range(start, min(start + size, num_partitions)) for start in range(0, num_partitions, size)]
+    size = min(-(-num_partitions // tasks), MAX_GROUP_PARTITIONS)
+    groups = [range(start, min(start + size, num_partitions)) for start in range(0, num_partitions, size)]
+    last = groups.pop()
+    while len(last) > 1:
+        half = range(last.start, last.start + len(last) // 2)
+        groups.append(half)
+        last = range(half.stop, last.stop)
+    return [*groups, last]
 
 
 def _exact_packing_graph(written: list, claim, n: int, opts: WriteOptions, token: str):
-    """Summaries -> assembly groups chained by the runs they carry -> the commit; returns the commit.
+    """Assembly groups chained by what they carry -> the commit; returns the commit.
 
-    A write task's result holds its run's bytes; the small summary of each (counts,
-    sizes, keys) is what every plan and the commit read, so only the assembly
-    group of a partition (and, for the rows of a shard still open at its end, the
-    next group) ever receives its bytes, and Dask frees them once used.
+    A write task's result holds its run's bytes; only its own assembly group
+    receives it (and, for the rows of a shard still open at the group's end,
+    the next group), and Dask frees it once used. Each group hands the next the
+    small summaries of every write so far (each plan starts from them), so the
+    graph has one edge per partition, not one per partition and group.
     """
-    summarize_task = dask.delayed(summarize, pure=True)
-    summaries = [summarize_task(w, dask_key_name=(f"imgsink-run-summary-{token}", i)) for i, w in enumerate(written)]
     existing = None  # the dataset's keys, read once for every plan when appending with unique_keys="dataset"
     if needs_dataset_keys(opts):
         existing = dask.delayed(partial(dataset_key_hashes, opts=opts), pure=True)(
             claim, dask_key_name=f"imgsink-dataset-keys-{token}")
     assemble = dask.delayed(partial(assemble_group, opts=opts), pure=True)
     take = dask.delayed(operator.getitem, pure=True)
-    groups = _assembly_groups(n)
-    carried: dict | object = {}
+    carried = None  # the first group starts from nothing (a literal tuple here would be traversed by dask)
     built = []
+    groups = _assembly_groups(n)
     for i, g in enumerate(groups):
-        out = assemble(summaries[:g.stop], claim, g, written[g.start:g.stop], carried,
-                       last=(i == len(groups) - 1), existing_keys=existing,
-                       dask_key_name=(f"imgsink-pack-shards-{token}", i))
+        out = assemble(carried, written[g.start:g.stop], claim, g, last=(i == len(groups) - 1),
+                       existing_keys=existing, dask_key_name=(f"imgsink-pack-shards-{token}", i))
         built.append(take(out, 0, dask_key_name=(f"imgsink-shards-built-{token}", i)))
         carried = take(out, 1, dask_key_name=(f"imgsink-runs-carried-{token}", i))
-    return dask.delayed(partial(_commit_exact, opts=opts), pure=True)(
-        claim, summaries, built, n, existing_keys=existing, dask_key_name=f"imgsink-commit-{token}"
+    return dask.delayed(partial(_commit_exact_job, opts=opts), pure=True)(
+        claim, carried, built, n, existing_keys=existing, dask_key_name=f"imgsink-commit-{token}"
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -314,7 +315,7 @@ def summarize(result: PartitionResult | TaskFailed) -> PartitionResult | TaskFai
 def runs_by_partition(results: list) -> dict[int, WrittenShard]:
     """Partition -> its run (bytes in memory), for the write results that made one."""
     return {r.partition: run for r in results if isinstance(r, PartitionResult) for run in r.shards
-            if run.run_bytes is not None and run.num_images}
+            if run.run_blocks is not None and run.num_images}
 
 
 def carried_runs(plan: ShardPlan, runs: dict[int, WrittenShard], last: bool) -> dict[int, WrittenShard]:
@@ -336,26 +337,36 @@ def carried_runs(plan: ShardPlan, runs: dict[int, WrittenShard], last: bool) -> 
     return {part: run for part, run in runs.items() if part in needed}
 
 
-def assemble_group(summaries: list, claim: Claim, partitions: range, own: list, carried: dict | TaskFailed,
-                   opts: WriteOptions, last: bool, existing_keys: np.ndarray | None = None
-                   ) -> tuple[list[tuple[int, WrittenShard, list[int]]] | TaskFailed, dict | TaskFailed]:
-    """One assembly task: plan from the write summaries up to ``partitions`` (a prefix of the job) and
-    build the shards ending there, from this group's runs (``own``) and the runs ``carried`` from the
-    group before (the rows of its open last shard). It waits only for those partitions, so it runs while
-    later ones encode.
+class Carry(NamedTuple):
+    """What one assembly group hands the next: the write summaries so far (every plan starts from
+    them) and the runs of the shard still open at its end."""
 
-    Returns the shards built and the runs to carry to the next group (or a :class:`TaskFailed` for
+    summaries: list
+    runs: dict[int, WrittenShard]
+
+
+def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, partitions: range, opts: WriteOptions,
+                   last: bool, existing_keys: np.ndarray | None = None
+                   ) -> tuple[list[tuple[int, WrittenShard, list[int]]] | TaskFailed, Carry | TaskFailed]:
+    """One assembly task: plan from the write summaries up to ``partitions`` (a prefix of the job) and
+    build the shards ending there, from this group's write results (``own``, runs in memory) and the
+    runs ``carried`` from the group before (the rows of its open last shard). It waits only for its
+    own partitions and the group before, so it runs while later partitions encode.
+
+    Returns the shards built and what to carry to the next group (or a :class:`TaskFailed` for
     either, which the commit raises). The plan of a prefix agrees with the job's plan on every
     complete shard: shards are cut greedily in row order, and a duplicate key is always the later copy.
     """
     if isinstance(carried, TaskFailed):
         return [], carried  # an earlier group failed; the commit raises its error
+    carried = carried or Carry([], {})  # None: the first group
+    summaries = [*carried.summaries, *map(summarize, own)]
     plan = plan_shards(summaries, claim, opts, existing_keys)
-    runs = {**carried, **runs_by_partition(own)}
+    runs = {**carried.runs, **runs_by_partition(own)}
     built = assemble_shards(plan, partitions, opts, runs, prefix=not last, last=last)
     if isinstance(built, TaskFailed):
         return built, built
-    return built, carried_runs(plan, runs, last)
+    return built, Carry(summaries, carried_runs(plan, runs, last))
 
 
 def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPlan, local_index: int,
@@ -372,9 +383,9 @@ def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPl
         for piece in pieces:
             run = runs[plan.runs[piece.run][0]]
             rows = run.run_index.slice(piece.start, piece.stop - piece.start)
-            first = rows.column("sample_offset")[0].as_py()
-            end = rows.column("sample_offset")[-1].as_py() + rows.column("sample_size")[-1].as_py()
-            shift = writer.add_members(memoryview(run.run_bytes)[first:end]) - first
+            shift = writer.position - rows.column("sample_offset")[0].as_py()
+            for block in run.run_blocks[piece.start:piece.stop]:
+                writer.add_members(block)
             tables.append(_moved_rows(rows, shift, target.tar_file))
         size = writer.close()
     moved = pa.concat_tables(tables)
