@@ -166,18 +166,18 @@ def memory_rows(count: int, partitions: int) -> list[tuple[str, float, float]]:
     rows = []
     with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                        silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        pids = list(client.run(os.getpid).values())
         for label, images, parts, per_tar in settings:
+            client.restart()  # a fresh baseline: nothing of the previous setting held
+            pids = list(client.run(os.getpid).values())
             ddf = spread_frame(client, images, parts)
-            held = {p: psutil.Process(p).memory_info().rss for p in pids}
             partitions_mb = max(client.run(_held_bytes).values()) / 2**20
             write_seconds(ddf, "exact", 1, images_per_tar=per_tar)  # warm up, and no peak of a first import
+            client.run(_trim)
+            held = {p: psutil.Process(p).memory_info().rss for p in pids}
             with PeakRSS(pids) as peak:
                 write_seconds(ddf, "exact", 1, images_per_tar=per_tar)
             rise = max(rss - held[p] for p, rss in peak.largest_each.items()) / 2**20
             rows.append((label, partitions_mb, rise))
-            del ddf
-            client.run(_trim)
     return rows
 
 

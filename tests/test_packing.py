@@ -145,7 +145,7 @@ def test_each_group_hands_on_only_the_runs_of_its_open_shard(tmp_path):
                for run in r.shards)
     carried, built = None, []
     for p in range(40):  # one group per partition: the longest chain
-        shards, carried = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts, last=p == 39)
+        shards, carried = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts=opts, last=p == 39)
         built += shards
         assert sum(run.num_images for run in carried.runs.values()) < 10 + 3
         assert all(p - 4 < q <= p for q in carried.runs)

@@ -17,7 +17,6 @@ import posixpath
 from functools import partial
 from typing import Mapping, Sequence
 
-import dask
 import pyarrow as pa
 from dask.base import tokenize
 from dask.dataframe.extensions import register_dataframe_accessor
@@ -50,7 +49,7 @@ def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions
 
 
 def _commit_exact_job(claim: Claim, carried: Carry | TaskFailed | None, assembled: list, num_partitions: int,
-                      opts: WriteOptions, existing_keys=None):
+                      existing_keys=None, *, opts: WriteOptions):
     """The commit task of exact packing: the last assembly group carries every write's summary."""
     if isinstance(carried, TaskFailed):
         _raise_if_failed(first_failure(assembled) or carried, claim, opts)
@@ -382,8 +381,8 @@ def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[ra
     return [*groups, last]
 
 
-def _exact_packing_graph(written: list, claim, n: int, opts: WriteOptions, token: str):
-    """Assembly groups chained by what they carry -> the commit; returns the commit.
+def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOptions, token: str) -> str:
+    """Add the assembly groups, chained by what they carry, and the commit; return the commit's key.
 
     A write task's result holds its run's bytes; only its own assembly group
     receives it (and, for the rows of a shard still open at the group's end,
@@ -393,41 +392,42 @@ def _exact_packing_graph(written: list, claim, n: int, opts: WriteOptions, token
     """
     existing = None  # the dataset's keys, read once for every plan when appending with unique_keys="dataset"
     if needs_dataset_keys(opts):
-        existing = dask.delayed(partial(dataset_key_hashes, opts=opts), pure=True)(
-            claim, dask_key_name=f"imgsink-dataset-keys-{token}")
-    assemble = dask.delayed(partial(assemble_group, opts=opts), pure=True)
-    take = dask.delayed(operator.getitem, pure=True)
-    carried = None  # the first group starts from nothing (a literal tuple here would be traversed by dask)
-    built = []
-    groups = _assembly_groups(n)
+        existing = f"imgsink-dataset-keys-{token}"
+        graph[existing] = (partial(dataset_key_hashes, opts=opts), claim)
+    carried, built = None, []  # the first group starts from nothing
+    groups = _assembly_groups(len(written))
     for i, g in enumerate(groups):
-        out = assemble(carried, written[g.start:g.stop], claim, g, last=(i == len(groups) - 1),
-                       existing_keys=existing, dask_key_name=(f"imgsink-pack-shards-{token}", i))
-        built.append(take(out, 0, dask_key_name=(f"imgsink-shards-built-{token}", i)))
-        carried = take(out, 1, dask_key_name=(f"imgsink-runs-carried-{token}", i))
-    return dask.delayed(partial(_commit_exact_job, opts=opts), pure=True)(
-        claim, carried, built, n, existing_keys=existing, dask_key_name=f"imgsink-commit-{token}"
-    )
+        out = (f"imgsink-pack-shards-{token}", i)
+        assemble = partial(assemble_group, opts=opts, last=i == len(groups) - 1)
+        graph[out] = (assemble, carried, written[g.start:g.stop], claim, g, existing)
+        built.append((f"imgsink-shards-built-{token}", i))
+        graph[built[-1]] = (operator.getitem, out, 0)
+        carried = (f"imgsink-runs-carried-{token}", i)
+        graph[carried] = (operator.getitem, out, 1)
+    commit = f"imgsink-commit-{token}"
+    graph[commit] = (partial(_commit_exact_job, opts=opts), claim, carried, built, len(written), existing)
+    return commit
 
 
 def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
+    """The job's tasks, as a plain task graph (built in about a millisecond, whatever the partitions)."""
     token = tokenize(*opts.token())
     register_job(token, opts)
     parts = ddf.to_delayed(optimize_graph=True)
-    n = len(parts)
-    claim = dask.delayed(claim_output, pure=True)(opts, token, dask_key_name=claim_key(token))
-    writer = dask.delayed(PartitionWriter(opts), pure=True)
-    written = [writer(part, i, claim, dask_key_name=(f"imgsink-encode-write-{token}", i))
-               for i, part in enumerate(parts)]
+    claim = claim_key(token)
+    graph: dict = {claim: (claim_output, opts, token)}
+    writer = PartitionWriter(opts)
+    written = [(f"imgsink-encode-write-{token}", i) for i in range(len(parts))]
+    for i, (key, part) in enumerate(zip(written, parts)):
+        graph[key] = (writer, part.key, i, claim)
     if opts.packing == "exact":
-        final = _exact_packing_graph(written, claim, n, opts, token)
+        final = _exact_packing_tasks(graph, written, claim, opts, token)
     else:
-        final = dask.delayed(partial(_commit_per_partition, opts=opts), pure=True)(
-            claim, written, n, dask_key_name=f"imgsink-commit-{token}"
-        )
+        final = f"imgsink-commit-{token}"
+        graph[final] = (partial(_commit_per_partition, opts=opts), claim, written, len(parts))
     name = f"imgsink-tasks-{token}"
-    graph = HighLevelGraph.from_collections(name, {(name, 0): final.key}, dependencies=[final])
-    return WriteBag(graph, name, 1)
+    graph[(name, 0)] = final
+    return WriteBag(HighLevelGraph.from_collections(name, graph, dependencies=parts), name, 1)
 
 
 @register_dataframe_accessor("imgsink")

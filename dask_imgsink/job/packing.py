@@ -345,8 +345,8 @@ class Carry(NamedTuple):
     runs: dict[int, WrittenShard]
 
 
-def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, partitions: range, opts: WriteOptions,
-                   last: bool, existing_keys: np.ndarray | None = None
+def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, partitions: range,
+                   existing_keys: np.ndarray | None = None, *, opts: WriteOptions, last: bool
                    ) -> tuple[list[tuple[int, WrittenShard, list[int]]] | TaskFailed, Carry | TaskFailed]:
     """One assembly task: plan from the write summaries up to ``partitions`` (a prefix of the job) and
     build the shards ending there, from this group's write results (``own``, runs in memory) and the
