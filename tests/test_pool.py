@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from dask_imgsink.core.pool import default_encode_threads, get_encoder_pool, map_ordered
 
 
@@ -48,3 +50,37 @@ def test_workers_size_the_pool_to_their_threads(client):
     futures = [client.submit(default_encode_threads, pure=False, workers=[addr])
                for addr in client.scheduler_info()["workers"]]
     assert client.gather(futures) == [1, 1]
+
+
+def _fail_if_pooled(*args, **kwargs):
+    raise AssertionError("the encoder pool was used")
+
+
+def test_pass_through_rows_are_prepared_without_pool_round_trips(tmp_path, monkeypatch):
+    """Already-encoded bytes only need checking: done in the writing thread, with bad rows still named."""
+    import fsspec
+    from helpers import make_image, png_bytes
+
+    import dask_imgsink.core.writer as writer
+    from dask_imgsink.core.encode import EncodeOptions
+    from dask_imgsink.core.writer import Rows, ShardTarget, write_rows
+
+    good = png_bytes(make_image(1, 16, 16))
+    rows = Rows(images=[good, good[: len(good) // 2], {"bytes": good, "path": None}],
+                keys=["a", "b", "c"], columns={"image": "image"})
+    fs = fsspec.filesystem("file")
+
+    def target(i):
+        return ShardTarget(str(tmp_path / f"s{i}.tar"), str(tmp_path / f"s{i}.parquet"), f"s{i}.tar")
+
+    monkeypatch.setattr(writer, "map_ordered", _fail_if_pooled)
+    shards, skipped = write_rows(rows, fs=fs, target_for=target, images_per_tar=10, options=EncodeOptions(),
+                                 on_error="skip", partition=7)
+    assert [s.num_images for s in shards] == [2]
+    assert [(s.partition, s.row, s.key) for s in skipped] == [(7, 1, "b")] and "truncated" in skipped[0].reason
+    # pixels, or bytes that need decoding, still go to the pool
+    for images, options in (([make_image(2, 16, 16)], EncodeOptions()),
+                            ([good], EncodeOptions(validate="decode"))):
+        with pytest.raises(AssertionError, match="pool was used"):
+            write_rows(Rows(images=images, keys=["x"], columns={}), fs=fs, target_for=target, images_per_tar=10,
+                       options=options)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 
 import pytest
 
-from dask_imgsink.core.tarshard import BLOCK, RECORD, TarShardWriter, member_header
+from dask_imgsink.core.tarshard import BLOCK, RECORD, TarShardWriter, member_bytes, member_header, write_archive
 
 
 def _write(members):
@@ -45,20 +46,19 @@ def test_offsets_point_at_member_data():
         assert [(m.offset_data, m.size) for m in tf.getmembers()] == spans
 
 
-def test_add_members_concatenates_whole_members():
+def test_an_archive_of_whole_members_from_other_archives_reads_back_with_its_sha256():
     src, spans, _ = _write(MEMBERS)
-    out = io.BytesIO()
-    writer = TarShardWriter(out)
-    writer.add("z.txt", b"first")
     end_of_a = spans[1][0] + spans[1][1] + (-spans[1][1] % BLOCK)
-    begin = writer.add_members(memoryview(src)[:end_of_a])
-    writer.close()
-    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tf:
+    first = member_bytes("z.txt", b"first")
+    out = io.BytesIO()
+    size, sha = write_archive(out, [first, src[:end_of_a]])
+    raw = out.getvalue()
+    assert size == len(raw) and size % RECORD == 0 and sha == hashlib.sha256(raw).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         assert [m.name for m in tf.getmembers()] == ["z.txt", "a.jpg", "a.txt"]
         assert tf.extractfile("a.jpg").read() == b"x" * 1000
-    assert begin == 2 * BLOCK
     with pytest.raises(ValueError, match="512-byte blocks"):
-        writer.add_members(src[:700])
+        write_archive(io.BytesIO(), [src[:700]])
 
 
 def test_long_or_non_ascii_names_are_refused():

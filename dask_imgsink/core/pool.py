@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _POOLS_PID: int | None = None
 _LOCK = threading.Lock()
 
@@ -41,8 +41,8 @@ def default_encode_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def get_encoder_pool(threads: int | None = None) -> ThreadPoolExecutor:
-    """Return this process's encoder pool with ``threads`` threads (created once)."""
+def get_encoder_pool(threads: int | None = None, name: str = "encode") -> ThreadPoolExecutor:
+    """Return this process's ``name`` pool with ``threads`` threads (created once)."""
     global _POOLS_PID
     size = int(threads) if threads else default_encode_threads()
     if size < 1:
@@ -51,11 +51,20 @@ def get_encoder_pool(threads: int | None = None) -> ThreadPoolExecutor:
         if _POOLS_PID != os.getpid():  # a forked child does not inherit the threads
             _POOLS.clear()
             _POOLS_PID = os.getpid()
-        pool = _POOLS.get(size)
+        pool = _POOLS.get((name, size))
         if pool is None:
-            pool = ThreadPoolExecutor(size, thread_name_prefix=f"imgsink-encode-{size}")
-            _POOLS[size] = pool
+            pool = ThreadPoolExecutor(size, thread_name_prefix=f"imgsink-{name}-{size}")
+            _POOLS[(name, size)] = pool
         return pool
+
+
+def run_beside(fn: Callable[..., R], *args) -> Future:
+    """Run ``fn(*args)`` on this process's helper thread (not the encoder pool, whose queue may be long).
+
+    For work that releases the GIL alongside the caller's own, such as hashing
+    bytes while the caller writes them.
+    """
+    return get_encoder_pool(1, name="helper").submit(fn, *args)
 
 
 def map_ordered(

@@ -104,6 +104,33 @@ class SampleBlock:
                    tuple(len(d) for _, d in members))
 
 
+def _sha256_of(blocks: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def write_archive(fileobj: BinaryIO, blocks: list[bytes]) -> tuple[int, str]:
+    """Write an archive of whole-member ``blocks`` (such as samples of other archives); return its size and SHA-256.
+
+    The SHA-256 is taken on a helper thread while this one writes: both release
+    the GIL, so the two overlap instead of adding up.
+    """
+    from .pool import run_beside
+
+    content = 0
+    for block in blocks:
+        if len(block) % BLOCK:
+            raise ValueError("member blocks must be whole 512-byte blocks")
+        content += len(block)
+    blocks = [*blocks, bytes(archive_size(content) - content)]  # end-of-archive marker and record padding
+    digest = run_beside(_sha256_of, blocks)
+    for block in blocks:
+        fileobj.write(block)
+    return archive_size(content), digest.result()
+
+
 class TarShardWriter:
     """Write tar members one at a time to a binary file object.
 
@@ -142,17 +169,6 @@ class TarShardWriter:
         start = self.position
         self._write(block.data)
         return start
-
-    def add_members(self, data: bytes | memoryview) -> int:
-        """Append whole members (headers, data, padding) taken from another archive, e.g. whole samples.
-
-        ``data`` must be block-aligned. Returns where the copied bytes begin in this archive.
-        """
-        if len(data) % BLOCK:
-            raise ValueError("member ranges must be aligned to 512-byte blocks")
-        begin = self.position
-        self._write(data)
-        return begin
 
     def close(self) -> int:
         """Write the end-of-archive marker and pad to a whole record; return the size."""

@@ -11,6 +11,7 @@ calling thread writes the blocks in row order into rolling shards
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -358,6 +359,30 @@ def _extra_members(rows: Rows, i: int, key: str, meta_rows: list[dict] | None) -
     return extra
 
 
+def _nothing_to_encode(images: Sequence[Any], options: EncodeOptions) -> bool:
+    """Whether every image is already-encoded bytes that will pass through (checked, not decoded).
+
+    Preparing such a row is a few microseconds of Python holding the GIL: on the
+    encoder pool it would cost more in hand-offs than it saves.
+    """
+    if options.reencode or options.validate == "decode":
+        return False
+    return all(type(image) in _ENCODED_TYPES for image in images)
+
+
+_ENCODED_TYPES = (bytes, bytearray, memoryview, dict)
+
+
+def _call_now(fn: Callable[[int], Any], item: int) -> Future:
+    """``fn(item)`` run here, as a done future (what :func:`~dask_imgsink.core.pool.map_ordered` yields)."""
+    future: Future = Future()
+    try:
+        future.set_result(fn(item))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
 def write_rows(
     rows: Rows,
     *,
@@ -423,7 +448,11 @@ def write_rows(
     roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, verbose, shard_checksums, max_shard_bytes)
     skipped: list[SkippedRow] = []
     try:
-        for i, fut in enumerate(map_ordered(prepare, range(len(rows)), encode_threads)):
+        if _nothing_to_encode(rows.images, options):
+            prepared = map(_call_now, [prepare] * len(rows), range(len(rows)))  # in this thread: no pool round trips
+        else:
+            prepared = map_ordered(prepare, range(len(rows)), encode_threads)
+        for i, fut in enumerate(prepared):
             problem = problems.get(i)
             if problem is None:
                 try:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.tarshard import TarShardWriter, content_limit
+from ..core.tarshard import content_limit, write_archive
 from ..core.writer import (
     LAYOUT_COLUMN,
     ShardTarget,
@@ -377,22 +377,21 @@ def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPl
     target = ShardTarget(staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"), f"{stem}.tar",
                          idx_path=staged(attempt, f"{stem}.idx") if opts.dali_index else None)
     pieces = plan.pieces(local_index)
-    tables = []
+    tables, blocks, position = [], [], 0
+    for piece in pieces:
+        run = runs[plan.runs[piece.run][0]]
+        rows = run.run_index.slice(piece.start, piece.stop - piece.start)
+        tables.append(_moved_rows(rows, position - rows.column("sample_offset")[0].as_py(), target.tar_file))
+        piece_blocks = run.run_blocks[piece.start:piece.stop]
+        blocks += piece_blocks
+        position += sum(map(len, piece_blocks))
     with fs.open(target.tar_path, "wb") as out:
-        writer = TarShardWriter(out)
-        for piece in pieces:
-            run = runs[plan.runs[piece.run][0]]
-            rows = run.run_index.slice(piece.start, piece.stop - piece.start)
-            shift = writer.position - rows.column("sample_offset")[0].as_py()
-            for block in run.run_blocks[piece.start:piece.stop]:
-                writer.add_members(block)
-            tables.append(_moved_rows(rows, shift, target.tar_file))
-        size = writer.close()
+        size, tar_sha256 = write_archive(out, blocks)
     moved = pa.concat_tables(tables)
     layouts = moved.column(LAYOUT_COLUMN).to_pylist()
     table = pa.Table.from_arrays(moved.drop_columns([LAYOUT_COLUMN]).columns, schema=shard_schema(opts.user_schema))
     parquet_size, parquet_sha = write_parquet(table, fs, target.parquet_path)
-    shard = WrittenShard(target, table.num_rows, size, writer.sha256, parquet_size, parquet_sha,
+    shard = WrittenShard(target, table.num_rows, size, tar_sha256, parquet_size, parquet_sha,
                          formats=format_counts(table.column("format").to_pylist()))
     if target.idx_path is not None:
         starts = table.column("sample_offset").to_pylist()
