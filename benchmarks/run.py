@@ -164,10 +164,9 @@ def memory_rows(count: int, partitions: int) -> list[tuple[str, float, float]]:
                 (f"same, {4 * partitions} partitions", count, 4 * partitions, 500),
                 (f"{2 * count} images, {2 * partitions} partitions (2x the job)", 2 * count, 2 * partitions, 500)]
     rows = []
-    with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        for label, images, parts, per_tar in settings:
-            client.restart()  # a fresh baseline: nothing of the previous setting held
+    for label, images, parts, per_tar in settings:
+        with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:  # a fresh baseline
             pids = list(client.run(os.getpid).values())
             ddf = spread_frame(client, images, parts)
             partitions_mb = max(client.run(_held_bytes).values()) / 2**20

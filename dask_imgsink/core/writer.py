@@ -449,7 +449,7 @@ def write_rows(
     skipped: list[SkippedRow] = []
     try:
         if _nothing_to_encode(rows.images, options):
-            prepared = map(_call_now, [prepare] * len(rows), range(len(rows)))  # in this thread: no pool round trips
+            prepared = (_call_now(prepare, i) for i in range(len(rows)))  # in this thread: no pool round trips
         else:
             prepared = map_ordered(prepare, range(len(rows)), encode_threads)
         for i, fut in enumerate(prepared):

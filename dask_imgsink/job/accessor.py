@@ -53,7 +53,8 @@ def _commit_exact_job(claim: Claim, carried: Carry | TaskFailed | None, assemble
     """The commit task of exact packing: the last assembly group carries every write's summary."""
     if isinstance(carried, TaskFailed):
         _raise_if_failed(first_failure(assembled) or carried, claim, opts)
-    return _commit_exact(claim, carried.summaries if carried is not None else [], assembled, num_partitions, opts, existing_keys)
+    summaries = carried.summaries if carried is not None else []  # None: no partitions, so no group
+    return _commit_exact(claim, summaries, assembled, num_partitions, opts, existing_keys)
 
 
 def _commit_exact(claim: Claim, summaries: list, assembled: list, num_partitions: int, opts: WriteOptions,
@@ -70,7 +71,7 @@ def _commit_exact(claim: Claim, summaries: list, assembled: list, num_partitions
 def _check_every_shard_built(built: list[int], plan, opts: WriteOptions) -> None:
     """Refuse to commit unless the assembly tasks built each planned shard exactly once.
 
-    Reruns after the job committed build nothing (their runs are gone); the commit then returns what it
+    Reruns after the job committed build nothing; the commit then returns what it
     committed, so they pass.
     """
     expected = list(range(plan.first_shard, plan.first_shard + plan.num_shards))

@@ -1,15 +1,17 @@
-"""Exact packing: staged per-partition runs -> contiguous shards of exactly N images.
+"""Exact packing: per-partition runs in memory -> contiguous shards of exactly N images.
 
-Each write task encodes its partition once into a staged *run* (one tar holding
-every sample, plus a Parquet index recording each sample's byte range). Each
-assembly task (one per group of contiguous partitions) waits only for the write
-tasks up to its group: from their counts (small numbers only) it cuts the row
-order into shards of ``images_per_tar`` (:func:`plan_shards`), and builds the
-shards whose *last* image is in its group by copying whole samples byte-range
-by byte-range from one or more runs: no re-encoding, memory bounded by the copy
-buffer and one shard's metadata, whatever the number of partitions. So the
-shards of early partitions are assembled while later partitions still encode,
-and no task waits for the whole job but the commit.
+Each write task encodes its partition once into a *run*: its samples' tar bytes
+(one block per sample) and a small Arrow table of their offsets, sizes and
+metadata, kept in memory as the task's result (no file). Each assembly task (one
+per group of contiguous partitions, :func:`assemble_group`) waits only for its
+own write tasks and the group before it, which hands it a :class:`Carry`: the
+summaries of every write so far (counts, sizes, key hashes) and the runs of the
+shard still open. From the summaries it cuts the job's prefix into shards of
+``images_per_tar`` (:func:`plan_shards`), writes the shards whose *last* image is
+in its group from the samples' blocks (no re-encoding, each byte written once),
+and carries on the runs of its own open shard: at most one shard's rows plus a
+partition. So the shards of early partitions are written while later partitions
+still encode, and no task waits for the whole job but the commit.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The per-partition write task: encode a partition's rows and stage its shards (or its run)."""
+"""The per-partition write task: encode its rows, then stage its shards or (exact packing) keep its run."""
 
 from __future__ import annotations
 
