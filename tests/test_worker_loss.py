@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
-from helpers import file_bytes, read_dataset
+from helpers import file_bytes, gated_ddf, read_dataset
 
 import dask_imgsink  # noqa: F401
 
@@ -79,3 +79,40 @@ def test_worker_death_gives_identical_shards(tmp_path, packing):
     keys = [k for k, _ in data["samples"]]
     assert keys == [f"p{p:03d}_{i:03d}" for p in range(PARTS) for i in range(ROWS)]
     assert data["index"]["totals"]["images"] == PARTS * ROWS
+
+
+def _carried_holder(client: Client, group: int) -> str | None:
+    """The worker holding assembly group ``group``'s carried runs, once they are in memory."""
+    for key, workers in client.who_has().items():
+        if isinstance(key, tuple) and key[0].startswith("imgsink-runs-carried-") and key[1] == group and workers:
+            return next(iter(workers))
+    return None
+
+
+def test_a_worker_holding_the_runs_of_an_open_shard_dies_and_the_dataset_is_the_same(tmp_path):
+    """The runs of a shard still open live only in memory, carried from one assembly group to the next.
+    Kill the worker holding them while the next group waits: Dask recomputes them (re-encoding those
+    partitions), and the dataset is byte for byte the one an undisturbed run writes."""
+    sizes, per_tar = [6] * 8, 10  # shards of 10 span partitions of 6: every group carries an open shard
+    reference = tmp_path / "undisturbed"
+    gated_ddf(sizes, tmp_path / "open", open_partitions=8).imgsink.to_webdataset(
+        str(reference), key_column="key", images_per_tar=per_tar, compute=True)
+
+    gate, out = tmp_path / "gate", tmp_path / "disturbed"
+    with LocalCluster(n_workers=2, threads_per_worker=3, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+        # the last 2 partitions wait for the gate, holding 2 of the 6 threads; groups are one partition each
+        bag = gated_ddf(sizes, gate, open_partitions=6).imgsink.to_webdataset(
+            str(out), key_column="key", images_per_tar=per_tar)
+        future = client.compute(bag)
+        deadline = time.monotonic() + 60
+        while (holder := _carried_holder(client, 5)) is None:  # group 6 waits on a gated partition
+            assert time.monotonic() < deadline and not future.done(), "the carried runs never appeared"
+            time.sleep(0.02)
+        os.kill(pids[holder], signal.SIGKILL)
+        gate.touch()
+        future.result(timeout=180)
+        assert pids[holder] not in client.run(os.getpid).values()  # it really died
+    assert (out / "_SUCCESS").exists() and not (out / ".imgsink").exists()
+    assert file_bytes(out) == file_bytes(reference)
