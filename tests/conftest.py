@@ -13,6 +13,7 @@ def cluster():
 
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         silence_logs=logging.WARNING,
     ) as cluster:
         yield cluster

@@ -45,6 +45,7 @@ def kill_client(kill_control):
     # a worker of that name is again down; with a death every second here, that would happen.
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                          silence_logs=logging.CRITICAL, preload=[str(PRELOAD)]) as cluster, \
             Client(cluster) as client:
         yield client

@@ -180,6 +180,7 @@ def test_shards_of_early_partitions_are_assembled_while_later_ones_still_encode(
     out = tmp_path / "out"
     ddf = gated_ddf([4] * 8, gate, open_partitions=2)
     with LocalCluster(n_workers=1, threads_per_worker=8, processes=True, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         future = client.compute(ddf.imgsink.to_webdataset(str(out), key_column="key", images_per_tar=4))
         try:

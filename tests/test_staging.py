@@ -210,6 +210,7 @@ def _start_client_job(tmp_path: Path, out: Path, gate: Path, scheduler: str | No
         scheduler = {scheduler!r}
         if scheduler is None:
             cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                                   scheduler_kwargs={{"dashboard_address": "127.0.0.1:0"}},
                                    silence_logs=logging.CRITICAL)
             client = Client(cluster)
         else:

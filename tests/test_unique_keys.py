@@ -131,6 +131,7 @@ def test_a_worker_without_simplejpeg_fails_the_job_at_the_client(tmp_path):
     ddf = _ddf([f"k{i}" for i in range(4)], 2)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
             LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                          silence_logs=logging.CRITICAL, preload=[str(PRELOAD)]) as cluster, \
             Client(cluster) as client:
         assert client.run(lambda: __import__("sys").modules.get("simplejpeg", "absent")) == {

@@ -58,6 +58,7 @@ def test_worker_death_gives_identical_shards(tmp_path, packing):
 
     out = tmp_path / "disturbed"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         pids_before = client.run(os.getpid)
         future = client.compute(_write(out, packing))
@@ -100,6 +101,7 @@ def test_a_worker_holding_the_runs_of_an_open_shard_dies_and_the_dataset_is_the_
 
     gate, out = tmp_path / "gate", tmp_path / "disturbed"
     with LocalCluster(n_workers=2, threads_per_worker=3, processes=True, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
         # the last 2 partitions wait for the gate, holding 2 of the 6 threads; groups are one partition each
