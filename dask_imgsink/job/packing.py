@@ -40,8 +40,10 @@ from ..format.layout import new_attempt_dir, staged
 from ..format.schema import shard_schema, write_parquet
 from ..storage import remove_quietly, resolve
 from .claim import Claim, committed_job
+from .cleanup import discard_staging
+from .lock import aborted_here
 from .options import WriteOptions
-from .results import PartitionResult, TaskFailed, failure, first_failure
+from .results import PartitionResult, TaskFailed, cancelled, failure, first_failure
 from .unique import dataset_key_hashes, drop_duplicate_keys
 
 
@@ -294,17 +296,23 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, runs
     todo = shards_to_build(plan, partitions, prefix=prefix, last=last)
     if not todo:
         return []
+    where = f"the assembly of the shards ending in partitions {partitions.start}-{partitions.stop - 1}"
+    if aborted_here(opts.job_id):  # the job failed and was cleaned up while this task waited: write nothing
+        return cancelled(where)
     fs, root = resolve(opts.url, opts.storage_options)
     if committed_job(fs, root, opts.job_id) is not None:
         return []  # Dask reran it after the commit had finished: nothing to do
     attempt = new_attempt_dir(root, opts.job_id, f"assemble-{partitions[0]:06d}")
     try:
         fs.makedirs(attempt, exist_ok=True)
-        return [_assemble_one(fs, attempt, runs, plan, s, opts) for s in todo]
+        built = [_assemble_one(fs, attempt, runs, plan, s, opts) for s in todo]
     except Exception as exc:
         remove_quietly(fs, attempt, recursive=True)
-        where = f"partitions {partitions.start}-{partitions.stop - 1}"
-        return failure(exc, f"the assembly of the shards ending in {where}")
+        return failure(exc, where)
+    if aborted_here(opts.job_id):  # the job failed and was cleaned up while this task wrote: leave nothing
+        discard_staging(fs, root, opts.job_id)
+        return cancelled(where)
+    return built
 
 
 def summarize(result: PartitionResult | TaskFailed) -> PartitionResult | TaskFailed:
