@@ -16,8 +16,6 @@ Usage: ``python benchmarks/bench_s3.py [--images 800] [--shards 400] [--latency 
 from __future__ import annotations
 
 import argparse
-import os
-import threading
 import time
 import uuid
 
@@ -26,7 +24,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 from dask.base import tokenize
-from measure import median_seconds
+from measure import DiskPeak, median_seconds
 from s3proxy import S3Proxy
 
 import dask_imgsink.job.accessor as acc
@@ -109,38 +107,6 @@ def commit_figures(shards: int, latency: float) -> dict:
         counts = proxy.counts()
         return {"seconds": seconds, "requests": counts["total"], "per_shard": counts["total"] / shards,
                 "by_operation": counts["requests"], "most_in_flight": counts["most_in_flight"]}
-
-
-class DiskPeak:
-    """Samples the bytes below a folder every 20 ms in a background thread; ``peak`` is the most seen."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder, self.peak = folder, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def size(self) -> int:
-        total = 0
-        for base, _, files in os.walk(self.folder):
-            for name in files:
-                try:
-                    total += os.lstat(os.path.join(base, name)).st_size
-                except FileNotFoundError:
-                    pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.size())
-            time.sleep(0.02)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def disk_ratio(ddf, folder: str) -> float:

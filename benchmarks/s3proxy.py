@@ -201,7 +201,8 @@ class S3Proxy:
         self.set_latency(latency)
 
     def _control(self, action: str, method: str = "POST") -> dict:
-        request = urllib.request.Request(f"{self.url}/__proxy__/{action}", method=method, data=b"" if method == "POST" else None)
+        body = b"" if method == "POST" else None
+        request = urllib.request.Request(f"{self.url}/__proxy__/{action}", method=method, data=body)
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 

@@ -41,12 +41,17 @@ def default_encode_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def get_encoder_pool(threads: int | None = None, name: str = "encode") -> ThreadPoolExecutor:
-    """Return this process's ``name`` pool with ``threads`` threads (created once)."""
-    global _POOLS_PID
+def get_encoder_pool(threads: int | None = None) -> ThreadPoolExecutor:
+    """Return this process's encoder pool with ``threads`` threads (created once)."""
     size = int(threads) if threads else default_encode_threads()
     if size < 1:
         raise ValueError(f"encode_threads={threads!r} must be at least 1")
+    return _process_pool("encode", size)
+
+
+def _process_pool(name: str, size: int) -> ThreadPoolExecutor:
+    """This process's pool ``name`` of ``size`` threads, created once (again in a forked child)."""
+    global _POOLS_PID
     with _LOCK:
         if _POOLS_PID != os.getpid():  # a forked child does not inherit the threads
             _POOLS.clear()
@@ -64,7 +69,7 @@ def run_beside(fn: Callable[..., R], *args) -> Future:
     For work that releases the GIL alongside the caller's own, such as hashing
     bytes while the caller writes them.
     """
-    return get_encoder_pool(1, name="helper").submit(fn, *args)
+    return _process_pool("helper", 1).submit(fn, *args)
 
 
 def map_ordered(

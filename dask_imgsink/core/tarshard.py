@@ -12,6 +12,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .pool import run_beside
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar's default record size; tarfile pads the same way
 _ZEROS = bytes(RECORD)
@@ -117,8 +119,6 @@ def write_archive(fileobj: BinaryIO, blocks: list[bytes]) -> tuple[int, str]:
     The SHA-256 is taken on a helper thread while this one writes: both release
     the GIL, so the two overlap instead of adding up.
     """
-    from .pool import run_beside
-
     content = 0
     for block in blocks:
         if len(block) % BLOCK:
