@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import tarfile
 
 import pytest
 
-from dask_imgsink.core.tarshard import BLOCK, RECORD, TarShardWriter, member_bytes, member_header, write_archive
+from dask_imgsink.core.tarshard import (
+    BLOCK,
+    RECORD,
+    RunBlocks,
+    TarShardWriter,
+    member_bytes,
+    member_header,
+    write_archive,
+)
 
 
 def _write(members):
@@ -59,6 +68,24 @@ def test_an_archive_of_whole_members_from_other_archives_reads_back_with_its_sha
         assert tf.extractfile("a.jpg").read() == b"x" * 1000
     with pytest.raises(ValueError, match="512-byte blocks"):
         write_archive(io.BytesIO(), [src[:700]])
+
+
+def test_run_blocks_pickle_out_of_band_and_still_write_the_same_archive():
+    """Dask pickles task results with protocol 5 and a buffer callback: a run's blocks must leave as
+    buffers (not copied into the stream) and come back as views that write the same archive."""
+    blocks = RunBlocks(member_bytes(f"{i}.jpg", bytes([i]) * (3000 + i)) for i in range(50))
+    buffers = []
+    stream = pickle.dumps(blocks, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 50 and len(stream) < 2000  # the bytes are in the buffers, not the stream
+    received = pickle.loads(stream, buffers=[bytearray(b.raw()) for b in buffers])  # as off the wire
+    assert isinstance(received, RunBlocks) and all(isinstance(b, memoryview) for b in received)
+    assert [bytes(b) for b in received] == list(blocks)
+    once, twice = io.BytesIO(), io.BytesIO()
+    assert write_archive(once, list(blocks)) == write_archive(twice, received)
+    assert once.getvalue() == twice.getvalue()
+    again = pickle.loads(pickle.dumps(received, protocol=5, buffer_callback=buffers.append), buffers=buffers[50:])
+    assert [bytes(b) for b in again] == list(blocks)  # a carried run moves on again
+    assert pickle.loads(pickle.dumps(blocks, protocol=4)) == blocks  # older protocols: in band
 
 
 def test_long_or_non_ascii_names_are_refused():

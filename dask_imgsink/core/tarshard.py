@@ -8,6 +8,7 @@ members give byte-identical archives. Nothing is buffered beyond one member.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -104,6 +105,22 @@ class SampleBlock:
             position += len(part)
         return cls(b"".join(parts), tuple(n for n, _ in members), tuple(offsets),
                    tuple(len(d) for _, d in members))
+
+
+class RunBlocks(list):
+    """Whole-member blocks of tar bytes (one per sample) that pickle *out of band*.
+
+    Pickled with protocol 5 (as Dask does to move a task's result between
+    workers or spill it to disk), each block becomes a separate buffer instead
+    of being copied into the pickle stream: the sender copies nothing, and the
+    receiver's blocks are views of the bytes it received (``memoryview``), so
+    moving a run takes its size once in each process, not twice.
+    """
+
+    def __reduce_ex__(self, protocol):
+        if protocol >= 5:
+            return RunBlocks, ([pickle.PickleBuffer(block) for block in self],)
+        return RunBlocks, (list(self),)
 
 
 def _sha256_of(blocks: list[bytes]) -> str:

@@ -33,7 +33,7 @@ from ..storage import remove_quietly
 from .encode import EncodedImage, EncodeOptions, encode_image
 from .keys import check_key
 from .pool import map_ordered
-from .tarshard import SampleBlock, TarShardWriter, content_limit
+from .tarshard import RunBlocks, SampleBlock, TarShardWriter, content_limit
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -98,7 +98,7 @@ class WrittenShard:
     idx_sha256: str = ""
     formats: dict[str, int] = field(default_factory=dict)
     sample_sizes: list[int] | None = None  # a run's samples' tar bytes, in order (exact packing cuts by them)
-    run_blocks: list[bytes] | None = None  # a run's samples' tar bytes, one block per sample, in order
+    run_blocks: list[bytes | memoryview] | None = None  # a run's samples' tar bytes, one block per sample, in order (RunBlocks)
     run_index: pa.Table | None = None  # a run's one row per sample (the shard schema + LAYOUT_COLUMN)
     run_keys: pa.Array | None = None  # a run's keys, kept when its bytes are dropped (to name duplicates)
 
@@ -143,7 +143,7 @@ class _Blocks:
     """A write-only file that keeps the blocks written (each sample's immutable bytes), copying none."""
 
     def __init__(self) -> None:
-        self.blocks: list[bytes] = []
+        self.blocks = RunBlocks()  # moved between workers without copies
 
     def write(self, data: bytes) -> int:
         self.blocks.append(data)
