@@ -105,8 +105,11 @@ def commit_figures(shards: int, latency: float) -> dict:
         commit()
         seconds = time.perf_counter() - start
         counts = proxy.counts()
+        waited_alone = [r for r in counts["alone"] if not r.startswith("CopyObject")]
         return {"seconds": seconds, "requests": counts["total"], "per_shard": counts["total"] / shards,
-                "by_operation": counts["requests"], "most_in_flight": counts["most_in_flight"]}
+                "by_operation": counts["requests"], "most_in_flight": counts["most_in_flight"],
+                "fixed": counts["total"] - counts["requests"].get("CopyObject", 0),
+                "waited_alone": len(waited_alone)}
 
 
 def disk_ratio(ddf, folder: str) -> float:
@@ -124,7 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     figures = commit_figures(args.shards, args.latency)
     print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request: {figures['seconds']:.2f} s, "
-          f"{figures['per_shard']:.2f} requests per shard, up to {figures['most_in_flight']} at once "
+          f"{figures['per_shard']:.2f} requests per shard, up to {figures['most_in_flight']} at once; "
+          f"{figures['fixed']} for the whole job, {figures['waited_alone']} of them sent alone "
           f"{figures['by_operation']}")
 
 

@@ -248,6 +248,8 @@ def storage_rows(count: int, shards: int, repeats: int) -> list[tuple[str, float
          ""),
         (f"commit of {shards} shards: requests per shard", slow["per_shard"], "<= 3 (+ a fixed few)"),
         ("commit: most requests in flight at once", slow["most_in_flight"], "concurrent"),
+        ("commit: requests for the whole job (not per shard) / of them sent alone", slow["fixed"], ""),
+        ("  (sent alone: each a full round trip)", slow["waited_alone"], ""),
         (f"commit of {shards} shards, 20 ms added per request: seconds", slow["seconds"], "< 1"),
         ("same, no latency added (the server's own time): seconds", fast["seconds"], ""),
         ("exact packing on local disk: peak bytes below the output / dataset bytes", disk, "<= 1.1"),

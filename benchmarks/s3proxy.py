@@ -51,7 +51,8 @@ def operation(method: str, path: str, query: str) -> str:
 
 class Counts:
     """What the proxy saw: requests per operation, bytes up (bodies sent) and down (objects read),
-    and the most requests it held at once."""
+    the most requests it held at once, and the requests that arrived while it held none
+    (``alone``, in order: the client waited for each by itself, so each costs a full latency)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -64,9 +65,12 @@ class Counts:
             self.bytes_down = 0
             self.in_flight = 0
             self.most_in_flight = 0
+            self.alone: list[str] = []
 
-    def start(self) -> None:
+    def start(self, op: str) -> None:
         with self.lock:
+            if not self.in_flight:
+                self.alone.append(op)
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
 
@@ -80,7 +84,8 @@ class Counts:
     def as_dict(self) -> dict:
         with self.lock:
             return {"requests": dict(self.requests), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                    "most_in_flight": self.most_in_flight, "total": sum(self.requests.values())}
+                    "most_in_flight": self.most_in_flight, "total": sum(self.requests.values()),
+                    "alone": list(self.alone)}
 
 
 class _Settings:
@@ -133,14 +138,14 @@ def _handler(backend_port: int, counts: Counts, settings: _Settings):
                 return self._control(split)
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            counts.start()
-            if settings.latency:
-                time.sleep(settings.latency)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
-            response, data = send(self.command, self.path, body, headers)
             op = operation(self.command, split.path, split.query)
             if "x-amz-copy-source" in {k.lower() for k in headers}:
                 op = "CopyObject" if op == "PutObject" else "UploadPartCopy"
+            counts.start(f"{op} {'/'.join(split.path.split('/')[-2:])}")
+            if settings.latency:
+                time.sleep(settings.latency)
+            response, data = send(self.command, self.path, body, headers)
             counts.add(op, len(body), len(data) if self.command != "HEAD" else 0)
             self.send_response(response.status, response.reason)
             for key, value in response.getheaders():
@@ -157,11 +162,16 @@ def _handler(backend_port: int, counts: Counts, settings: _Settings):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Read when the constructor starts listening: socketserver's backlog of 5 drops the SYNs of a
+    # client opening dozens of connections at once, and each dropped one stalls a request by 1 s.
+    request_queue_size = 1024
+
+
 def serve(backend_port: int, port_file: str) -> None:
     """Run the proxy in this process (``python s3proxy.py BACKEND_PORT PORT_FILE``) until killed."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(backend_port, Counts(), _Settings()))
-    server.daemon_threads = True
-    server.request_queue_size = 1024
+    server = _Server(("127.0.0.1", 0), _handler(backend_port, Counts(), _Settings()))
     with open(port_file + ".tmp", "w") as f:
         f.write(str(server.server_address[1]))
     os.replace(port_file + ".tmp", port_file)

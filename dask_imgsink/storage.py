@@ -67,7 +67,7 @@ CONCURRENCY = 64
 _MAX_SINGLE_COPY = 5 * 2**30
 
 
-def _batched_s3(fs) -> bool:
+def is_s3(fs) -> bool:
     """Whether ``fs`` is s3fs, whose async calls let us copy and delete many objects concurrently."""
     return getattr(fs, "async_impl", False) and hasattr(fs, "_copy_basic") and hasattr(fs, "_bulk_delete")
 
@@ -91,7 +91,7 @@ def publish_many(fs, moves: list[tuple[str, str, int]]) -> None:
     until the job's staging folder is removed, so publishing again is harmless.
     Elsewhere: :func:`publish` each file in turn.
     """
-    if not _batched_s3(fs):
+    if not is_s3(fs):
         for staged, final, _ in moves:
             publish(fs, staged, final)
         return
@@ -113,7 +113,7 @@ def publish_many(fs, moves: list[tuple[str, str, int]]) -> None:
 
 def remove_many(fs, paths: list[str]) -> None:
     """Remove files that may or may not exist; on S3 with one DeleteObjects request per 1,000."""
-    if not _batched_s3(fs):
+    if not is_s3(fs):
         for path in paths:
             remove_file(fs, path)
         return
@@ -224,18 +224,50 @@ def _in_folder(folder: str, write) -> None:
 def read_bytes(fs, path: str) -> bytes | None:
     """The whole (small) file at ``path``, or ``None`` if there is none.
 
-    One GET on object stores: a file object would pin the object's ETag and fail
-    (s3fs's ``FileExpired``) when another process replaces the object between
-    opening and reading it, as a lock being updated is.
+    One GET on object stores (s3fs otherwise asks for the size first): a file
+    object would pin the object's ETag and fail (s3fs's ``FileExpired``) when
+    another process replaces the object between opening and reading it, as a
+    lock being updated is.
     """
     for attempt in range(5):
         try:
-            return fs.cat_file(path)
+            return fs.cat_file(path, **_one_request(fs))
         except FileNotFoundError:
             return None
         except OSError as exc:
             if type(exc).__name__ != "FileExpired" or attempt == 4:
                 raise
+
+
+def read_many(fs, paths: list[str]) -> list[bytes | None]:
+    """:func:`read_bytes` of each path; on S3 all at once (one round of GETs, not one after another)."""
+    if not is_s3(fs) or len(paths) < 2:
+        return [read_bytes(fs, path) for path in paths]
+    found = fs.cat(paths, on_error="return", **_one_request(fs))
+    results = []
+    for path in paths:
+        data = found.get(path, found.get(fs._strip_protocol(path)))
+        if isinstance(data, FileNotFoundError) or data is None:
+            results.append(None)
+        elif isinstance(data, BaseException):
+            results.append(read_bytes(fs, path))  # another error: once more alone, which raises it
+        else:
+            results.append(data)
+    return results
+
+
+def write_small_many(fs, files: list[tuple[str, bytes]], tmp_dir: str) -> None:
+    """:func:`write_small` of each ``(path, data)``; on object stores all at once (one round of PUTs)."""
+    if is_local(fs) or len(files) < 2:
+        for path, data in files:
+            write_small(fs, path, data, tmp_dir)
+        return
+    fs.pipe(dict(files))
+
+
+def _one_request(fs) -> dict:
+    """What makes s3fs read a small object with one GET (no HEAD for its size first)."""
+    return {"max_concurrency": 1} if is_s3(fs) else {}
 
 
 def remove_file(fs, path: str) -> None:
@@ -252,7 +284,9 @@ def remove_file(fs, path: str) -> None:
 def remove_quietly(fs, path: str, recursive: bool = False) -> None:
     """Remove ``path`` (a tree with ``recursive``) if it exists."""
     try:
-        if fs.exists(path):
+        if is_local(fs) or is_s3(fs):  # both raise FileNotFoundError for nothing there: no check first
+            fs.rm(path, recursive=recursive)
+        elif fs.exists(path):
             fs.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
@@ -260,6 +294,8 @@ def remove_quietly(fs, path: str, recursive: bool = False) -> None:
 
 def remove_empty_dir(fs, path: str) -> None:
     """Remove the directory ``path`` if it exists and is empty (object stores have none to remove)."""
+    if is_s3(fs):
+        return  # S3 has no directories: nothing to ask for
     try:
         if is_local(fs):
             os.rmdir(path)

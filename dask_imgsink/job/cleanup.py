@@ -61,13 +61,31 @@ def sweep_dead_staging(fs, root: str, keep_job: str, keep_run: str) -> list[str]
     work = join(root, WORK_DIR)
     if fs.exists(work):
         for info in fs.ls(work, detail=True):
-            path = info["name"]
-            name = posixpath.basename(path.rstrip("/"))
-            if name.startswith(BREAK_PREFIX) and name != f"{BREAK_PREFIX}{keep_run}":
-                remove_quietly(fs, path)
-            elif name.startswith(".") and name.endswith(".part") and _age(info) > 60:
-                remove_quietly(fs, path)  # a lock's content, left when its writer died before linking it
+            if _stale_in_work(info, keep_run):
+                remove_quietly(fs, info["name"])
     return removed
+
+
+def dead_files_below(root: str, listing: dict[str, dict], keep_job: str, keep_run: str) -> list[str]:
+    """What :func:`sweep_dead_staging` removes, chosen from a listing of every file below the work
+    folder (``fs.find(work, detail=True)``): the object-store commit lists once and deletes in one batch."""
+    jobs, work = jobs_root(root).rstrip("/") + "/", join(root, WORK_DIR).rstrip("/")
+    dead = []
+    for path, info in listing.items():
+        if path.startswith(jobs):
+            if path[len(jobs):].split("/", 1)[0] != keep_job:
+                dead.append(path)
+        elif posixpath.dirname(path) == work and _stale_in_work(info, keep_run):
+            dead.append(path)
+    return dead
+
+
+def _stale_in_work(info: dict, keep_run: str) -> bool:
+    """Whether a file directly in the work folder is a dead breaker's marker or a lock's leftover content."""
+    name = posixpath.basename(info["name"].rstrip("/"))
+    if name.startswith(BREAK_PREFIX):
+        return name != f"{BREAK_PREFIX}{keep_run}"
+    return name.startswith(".") and name.endswith(".part") and _age(info) > 60  # its writer died before linking it
 
 
 def _age(info: dict) -> float:

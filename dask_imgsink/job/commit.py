@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -42,6 +43,7 @@ from ..format.layout import (
     job_dir,
     jobs_root,
     journal_path,
+    lock_path,
     parquet_name,
 )
 from ..format.skipped import errors_jsonl, read_errors
@@ -49,20 +51,23 @@ from ..storage import (
     files_below,
     forget_listings,
     is_local,
+    is_s3,
     join,
     publish,
     publish_many,
     read_bytes,
+    read_many,
     remove_empty_dir,
     remove_file,
     remove_many,
     remove_quietly,
     resolve,
     write_small,
+    write_small_many,
 )
 from .claim import Claim
-from .cleanup import sweep_dead_staging
-from .lock import LostLockError, holds_lock, read_lock, release
+from .cleanup import dead_files_below, sweep_dead_staging
+from .lock import LostLockError, holds_lock, lock_read_holds, read_lock, release
 from .output import existing_entries, not_empty_error, overwrite_removals
 
 logger = logging.getLogger("dask_imgsink")
@@ -107,8 +112,7 @@ def planned_files(shards: list[tuple[WrittenShard, list[int]]]) -> list[PlannedF
 # --------------------------------------------------------------------------- journal
 
 
-def _load_journal(fs, root: str, job_id: str) -> Journal | None:
-    data = read_bytes(fs, journal_path(root, job_id))
+def _parse_journal(data: bytes | None) -> Journal | None:
     return None if data is None else Journal(**json.loads(data))
 
 
@@ -141,9 +145,16 @@ def _publish(fs, root: str, job_id: str, files: list[PlannedFile]) -> None:
     Locally each file is renamed in turn (a staged file is moved at most once, so
     a final file whose staged copy is gone came from it: a rerun skips it). On
     object stores all files are copied at once, one request each
-    (:func:`~dask_imgsink.storage.publish_many`); a rerun copies again.
+    (:func:`~dask_imgsink.storage.publish_many`), with no listing first: a staged
+    object stays until the commit is over, so a rerun copies again.
     """
-    if is_local(fs) and any(f.name.startswith(METADATA_DIR + "/") for f in files):
+    if not is_local(fs):
+        try:
+            publish_many(fs, [(f.staged, join(root, f.name), f.size) for f in files])
+        except FileNotFoundError as exc:
+            raise _staging_gone(exc) from exc
+        return
+    if any(f.name.startswith(METADATA_DIR + "/") for f in files):
         fs.makedirs(join(root, METADATA_DIR), exist_ok=True)
     staged = files_below(fs, job_dir(root, job_id))
     gone = {f.name for f in files if f.staged not in staged}
@@ -151,16 +162,14 @@ def _publish(fs, root: str, job_id: str, files: list[PlannedFile]) -> None:
         published = files_below(fs, root)
         for f in files:
             if f.name in gone and published.get(join(root, f.name)) != f.size:
-                raise FileNotFoundError(
-                    f"the staged file {f.staged!r} is gone and {f.name!r} was not published from it; "
-                    "something removed the job's staging folder. Run the job again"
-                )
-    moves = [(f.staged, join(root, f.name), f.size) for f in files if f.name not in gone]
-    if is_local(fs):
-        for source, final, _ in moves:
-            publish(fs, source, final)
-    else:
-        publish_many(fs, moves)
+                raise _staging_gone(f"the staged file {f.staged!r} is gone and {f.name!r} was not published from it")
+    for f in files:
+        if f.name not in gone:
+            publish(fs, f.staged, join(root, f.name))
+
+
+def _staging_gone(what) -> FileNotFoundError:
+    return FileNotFoundError(f"{what}; something removed the job's staging folder. Run the job again")
 
 
 def _errors_records(fs, root: str, skipped: list[SkippedRow], job_id: str, append: bool) -> list[dict]:
@@ -254,12 +263,13 @@ def _write_after_index(fs, root: str, opts, claim: Claim, journal: Journal, inde
                        skipped: list[SkippedRow]) -> None:
     """``_errors.jsonl``, the card, then ``_SUCCESS`` (which names the index's SHA-256)."""
     tmp = job_dir(root, opts.job_id)
-    if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
-        records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")
-        write_small(fs, join(root, ERRORS_FILE), errors_jsonl(records), tmp)
     card = dataset_card(opts.dataset_name, index, text_column=opts.text_column, label_column=opts.label_column,
                         user_schema=opts.user_schema)
-    write_small(fs, join(root, CARD_FILE), card, tmp)
+    files = [(join(root, CARD_FILE), card)]
+    if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
+        records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")
+        files.append((join(root, ERRORS_FILE), errors_jsonl(records)))
+    write_small_many(fs, files, tmp)  # at once on object stores; _SUCCESS only after both
     success = {"job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at,
                "index_sha256": index_sha256}
     write_small(fs, join(root, SUCCESS_FILE), json.dumps(success).encode(), tmp)
@@ -273,6 +283,8 @@ def finish_job(fs, root: str, job_id: str, run_id: str) -> None:
     that finds the lock already released tidies the empty folders only while no
     other job holds the directory.
     """
+    if is_s3(fs):
+        return _finish_job_on_s3(fs, root, job_id, run_id)
     remove_quietly(fs, job_dir(root, job_id), recursive=True)
     if holds_lock(fs, root, run_id):
         sweep_dead_staging(fs, root, job_id, run_id)
@@ -283,8 +295,33 @@ def finish_job(fs, root: str, job_id: str, run_id: str) -> None:
     remove_empty_dir(fs, join(root, WORK_DIR))
 
 
-def _success_run(fs, root: str) -> str | None:
-    data = read_bytes(fs, join(root, SUCCESS_FILE))
+def _finish_job_on_s3(fs, root: str, job_id: str, run_id: str) -> None:
+    """:func:`finish_job` in three rounds of requests, not one per step: list the work folder while
+    reading the lock; delete the job's staging (and, lock held, dead jobs' staging and stale
+    markers) in one batch; then release the lock. S3 has no folders to remove."""
+    with ThreadPoolExecutor(1) as beside:
+        listing = beside.submit(_listing, fs, join(root, WORK_DIR))
+        held = holds_lock(fs, root, run_id)
+        below = listing.result()
+    ours = job_dir(root, job_id).rstrip("/") + "/"
+    doomed = [path for path in below if path.startswith(ours)]
+    if held:
+        doomed += dead_files_below(root, below, job_id, run_id)
+    remove_many(fs, sorted(set(doomed)))
+    if held:
+        release(fs, root, run_id)
+
+
+def _listing(fs, folder: str) -> dict[str, dict]:
+    forget_listings(fs, folder)
+    try:
+        return fs.find(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+
+
+def _success_run(data: bytes | None) -> str | None:
+    """The run that wrote this ``_SUCCESS``."""
     try:
         return json.loads(data).get("run_id") if data else None
     except ValueError:
@@ -355,19 +392,21 @@ def commit_job(
     num_images = sum(s.num_images for s, _ in shards)
     totals = {"rows": rows_in, "images": num_images, "skipped": len(skipped), "shards": len(shards)}
     partitions = [parts for _, parts in shards]
-    if claim.done or _success_run(fs, root) == claim.run_id:
+    success, lock, journal_bytes = (None, None, None) if claim.done else read_many(
+        fs, [join(root, SUCCESS_FILE), lock_path(root), journal_path(root, opts.job_id)])  # one round on S3
+    if claim.done or _success_run(success) == claim.run_id:
         # The job committed before: before this computation began, or this very commit,
         # which Dask runs again (its inputs may have been recomputed from runs already
         # removed). Its record in the index says what it wrote.
         finish_job(fs, root, opts.job_id, claim.run_id)
         return committed_tasks(fs, root, opts)
-    if not holds_lock(fs, root, claim.run_id):
+    if not lock_read_holds(fs, root, claim.run_id, lock):
         raise LostLockError(
             f"job {opts.job_id} no longer holds {opts.url!r}: its lock was broken or replaced while it ran "
             "(dask-imgsink clean --break-lock, or a job that judged it dead). Nothing was published; run it again"
         )
     files = planned_files(shards)
-    journal = _load_journal(fs, root, opts.job_id)
+    journal = _parse_journal(journal_bytes)
     stage = "checking"
     try:
         if journal is None:

@@ -217,6 +217,16 @@ def holds_lock(fs, root: str, run_id: str) -> bool:
     return current is not None and current.run_id == run_id
 
 
+def lock_read_holds(fs, root: str, run_id: str, lock_bytes: bytes | None) -> bool:
+    """Whether ``lock_bytes`` (``root``'s lock file as just read; ``None``: there was none) is run
+    ``run_id``'s lock. Read again if it does not parse (one being written may not yet)."""
+    try:
+        current = None if lock_bytes is None else LockInfo.from_bytes(lock_bytes)
+    except (ValueError, TypeError, KeyError):
+        current = read_lock(fs, root)
+    return current is not None and current.run_id == run_id
+
+
 def release(fs, root: str, run_id: str) -> None:
     """Remove the lock if it is still the one of run ``run_id``."""
     if holds_lock(fs, root, run_id):

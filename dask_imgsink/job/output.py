@@ -33,7 +33,7 @@ from ..format.layout import (
     parquet_name,
     shard_files,
 )
-from ..storage import forget_listings, is_local, read_bytes
+from ..storage import forget_listings, is_local, is_s3, read_bytes
 
 MODE_CHOICES = ("error", "overwrite", "append")
 
@@ -45,6 +45,14 @@ def existing_entries(fs, root: str) -> list[str]:
     an empty one counts as nothing.
     """
     forget_listings(fs, root)
+    if is_s3(fs):  # no HEAD or LIST to ask first: the listing says it all
+        try:
+            names = dataset_listing(fs, root)
+        except FileNotFoundError:
+            return []
+        if names == [posixpath.basename(root.rstrip("/"))] and fs.isfile(root):
+            raise NotADirectoryError(f"the output path {root!r} exists and is not a directory")
+        return sorted(n for n in names if n != WORK_DIR)
     if not fs.exists(root):
         return []
     if not fs.isdir(root):
