@@ -161,6 +161,7 @@ def memory_rows(count: int, partitions: int) -> list[tuple[str, float, float]]:
     settings = [(f"{count} images, {partitions} partitions, images_per_tar=500", count, partitions, 500),
                 ("same, images_per_tar=100", count, partitions, 100),
                 ("same, images_per_tar=2000", count, partitions, 2000),
+                (f"same, images_per_tar={count} (the job in one shard)", count, partitions, count),
                 (f"same, {4 * partitions} partitions", count, 4 * partitions, 500),
                 (f"{2 * count} images, {2 * partitions} partitions (2x the job)", 2 * count, 2 * partitions, 500)]
     rows = []

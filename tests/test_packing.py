@@ -3,10 +3,13 @@ is encoded once; the merge's memory does not grow with the number of partitions.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 import dask
 import dask.dataframe as dd
@@ -17,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import webdataset as wds
 from distributed import Client, LocalCluster
-from helpers import claimed_job, frame_ddf, gated_ddf, make_ddf, read_dataset
+from helpers import claimed_job, file_bytes, frame_ddf, gated_ddf, make_ddf, read_dataset
 
 import dask_imgsink.core.encode as encode_module
 from dask_imgsink.job.packing import assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize
@@ -155,6 +158,57 @@ def test_each_group_hands_on_only_the_runs_of_its_open_shard(tmp_path):
     assert [index for index, _, _ in built] == list(range(12))
     assert [shard.num_images for _, shard, _ in built] == [10] * 12
     assert built[1][2] == [3, 4, 5, 6]  # shard 1 holds rows 10-19: partitions 3 to 6
+
+
+def test_past_the_carry_budget_a_group_writes_the_open_shard_ahead_and_carries_no_runs(tmp_path):
+    """With large shards a group would carry up to a whole shard's runs. Past the carry budget
+    (0 here) it writes them into the shard's staged tar and hands on only where they are; the
+    shard's last group writes the rest after them. Same bytes as with every run carried."""
+    frames = [_noise_partition(p, 3) for p in range(12)]  # 36 images; shards of 25 span up to 9 partitions
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frames[0], npartitions=1)
+    built = {}
+    for budget in (None, 0):
+        opts, claim = claimed_job(ddf, tmp_path / f"out-{budget}", key_column="key", images_per_tar=25)
+        results = [PartitionWriter(opts)(frame, p, claim) for p, frame in enumerate(frames)]
+        carried, shards = None, []
+        for p in range(12):
+            done, carried = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts=opts,
+                                           last=p == 11, carry_bytes=budget)
+            shards += done
+            if budget == 0 and p < 11:
+                assert carried.runs == {}  # nothing but the head's place
+                assert carried.head.rows == (3 * (p + 1)) % 25 and carried.head.shard == (3 * (p + 1)) // 25
+                assert carried.head.size == os.path.getsize(carried.head.path)
+        assert carried.runs == {} and carried.head is None
+        built[budget] = [(i, Path(s.target.tar_path).read_bytes(), s.tar_sha256, s.num_images, sources,
+                          Path(s.target.parquet_path).read_bytes(), Path(s.target.idx_path).read_bytes())
+                         for i, s, sources in shards]
+    assert [b[3] for b in built[0]] == [25, 11]
+    assert built[0] == built[None]
+    assert built[0][0][4] == list(range(9))  # shard 0 holds rows 0-24: partitions 0 to 8, 24 rows ahead
+    assert hashlib.sha256(built[0][0][1]).hexdigest() == built[0][0][2]
+
+
+@pytest.mark.parametrize("options", [{"images_per_tar": 7}, {"images_per_tar": 40, "max_shard_bytes": 60_000},
+                                     {"images_per_tar": 9, "unique_keys": "dataset"}])
+def test_writing_ahead_gives_the_same_dataset_whatever_cuts_the_shards(tmp_path, options):
+    """Shards cut by count, by bytes, and around duplicate keys (left out): written ahead at every
+    group (budget 0) or carried whole, the files are the same, byte for byte."""
+    sizes = [5, 0, 13, 2, 9, 1, 11, 4]
+    datasets = []
+    for budget in (None, 0):
+        out = tmp_path / f"out-{budget}"
+        ddf = make_ddf("from_map", sizes, tmp_path)
+        if options.get("unique_keys"):
+            keys = ddf["key"].map(lambda key: f"k{int(key[3:]) % 20:02d}", meta=("key", object))
+            ddf = ddf.assign(key=keys)  # 20 keys over 45 rows: the later copies are left out
+        with dask.config.set({"imgsink.carry-bytes": budget, "scheduler": "threads"}):
+            ddf.imgsink.to_webdataset(str(out), key_column="key", compute=True,
+                                      **{"on_error": "skip", **options})
+        assert verify_dataset(str(out)).ok
+        datasets.append(file_bytes(out))
+    assert datasets[0] == datasets[1] and len(datasets[0]) > 3
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 24, 200, 5000])

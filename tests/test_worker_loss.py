@@ -90,10 +90,13 @@ def _carried_holder(client: Client, group: int) -> str | None:
     return None
 
 
-def test_a_worker_holding_the_runs_of_an_open_shard_dies_and_the_dataset_is_the_same(tmp_path):
+@pytest.mark.parametrize("carry_bytes", [None, 0], ids=["runs-carried", "head-written-ahead"])
+def test_a_worker_holding_the_runs_of_an_open_shard_dies_and_the_dataset_is_the_same(tmp_path, carry_bytes):
     """The runs of a shard still open live only in memory, carried from one assembly group to the next.
     Kill the worker holding them while the next group waits: Dask recomputes them (re-encoding those
-    partitions), and the dataset is byte for byte the one an undisturbed run writes."""
+    partitions), and the dataset is byte for byte the one an undisturbed run writes. With a carry
+    budget of 0, every group writes the open shard's rows ahead into its tar and carries only where
+    they are: the recomputed groups write the same bytes to the same places again."""
     sizes, per_tar = [6] * 8, 10  # shards of 10 span partitions of 6: every group carries an open shard
     reference = tmp_path / "undisturbed"
     gated_ddf(sizes, tmp_path / "open", open_partitions=8).imgsink.to_webdataset(
@@ -105,8 +108,9 @@ def test_a_worker_holding_the_runs_of_an_open_shard_dies_and_the_dataset_is_the_
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
         # the last 2 partitions wait for the gate, holding 2 of the 6 threads; groups are one partition each
-        bag = gated_ddf(sizes, gate, open_partitions=6).imgsink.to_webdataset(
-            str(out), key_column="key", images_per_tar=per_tar)
+        with dask.config.set({"imgsink.carry-bytes": carry_bytes}):  # read where the graph is built
+            bag = gated_ddf(sizes, gate, open_partitions=6).imgsink.to_webdataset(
+                str(out), key_column="key", images_per_tar=per_tar)
         future = client.compute(bag)
         deadline = time.monotonic() + 60
         while (holder := _carried_holder(client, 5)) is None:  # group 6 waits on a gated partition

@@ -8,6 +8,8 @@ members give byte-identical archives. Nothing is buffered beyond one member.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -146,6 +148,53 @@ def write_archive(fileobj: BinaryIO, blocks: list[bytes]) -> tuple[int, str]:
     for block in blocks:
         fileobj.write(block)
     return archive_size(content), digest.result()
+
+
+def write_members_at(path: str, offset: int, blocks: list) -> int:
+    """Write whole-member ``blocks`` into the file at ``path`` from ``offset`` (creating it if absent),
+    leaving the rest of the file as it is; return the offset after them.
+
+    Writes at a known offset are idempotent: writing the same blocks again (a rerun) changes nothing.
+    """
+    with open(path, "r+b" if os.path.exists(path) else "wb") as out:
+        out.seek(offset)
+        for block in blocks:
+            if len(block) % BLOCK:
+                raise ValueError("member blocks must be whole 512-byte blocks")
+            out.write(block)
+            offset += len(block)
+    return offset
+
+
+def continue_archive(path: str, head_size: int, blocks: list) -> tuple[int, str]:
+    """Finish the archive at ``path`` whose first ``head_size`` bytes (whole members) are written:
+    write ``blocks`` after them, then the end-of-archive marker, and cut the file there.
+
+    Returns its size and SHA-256. The head is read back for the hash (from the page cache,
+    on a helper thread, while this one writes after it).
+    """
+    content = head_size + sum(map(len, blocks))
+    tail = [*blocks, bytes(archive_size(content) - content)]
+    with open(path, "rb") as head:
+        digest = run_beside(_sha256_of, itertools.chain(_read_exactly(head, head_size), tail))
+        try:
+            end = write_members_at(path, head_size, blocks)
+            with open(path, "r+b") as out:
+                out.seek(end)
+                out.write(tail[-1])
+                out.truncate()
+        finally:
+            sha256 = digest.result()  # before the head's file closes
+    return archive_size(content), sha256
+
+
+def _read_exactly(fileobj: BinaryIO, size: int, chunk: int = 1 << 20):
+    while size:
+        data = fileobj.read(min(chunk, size))
+        if not data:
+            raise OSError(f"{fileobj.name!r} ends {size} bytes before the head written to it")
+        size -= len(data)
+        yield data
 
 
 class TarShardWriter:

@@ -32,6 +32,7 @@ from .bag import WriteBag, claim_key, register_job
 from .claim import Claim, claim_output, committed_job
 from .cleanup import abort_job
 from .commit import commit_job
+from .head import carry_budget
 from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
@@ -397,9 +398,10 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
         graph[existing] = (partial(dataset_key_hashes, opts=opts), claim)
     carried, built = None, []  # the first group starts from nothing
     groups = _assembly_groups(len(written))
+    budget = carry_budget()
     for i, g in enumerate(groups):
         out = (f"imgsink-pack-shards-{token}", i)
-        assemble = partial(assemble_group, opts=opts, last=i == len(groups) - 1)
+        assemble = partial(assemble_group, opts=opts, last=i == len(groups) - 1, carry_bytes=budget)
         graph[out] = (assemble, carried, written[g.start:g.stop], claim, g, existing)
         built.append((f"imgsink-shards-built-{token}", i))
         graph[built[-1]] = (operator.getitem, out, 0)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.tarshard import content_limit, write_archive
+from ..core.tarshard import content_limit, continue_archive, write_archive
 from ..core.writer import (
     LAYOUT_COLUMN,
     ShardTarget,
@@ -41,6 +41,7 @@ from ..format.schema import shard_schema, write_parquet
 from ..storage import remove_quietly, resolve
 from .claim import Claim, committed_job
 from .cleanup import discard_staging
+from .head import Head, ahead_of, write_ahead
 from .lock import aborted_here
 from .options import WriteOptions
 from .results import PartitionResult, TaskFailed, cancelled, failure, first_failure
@@ -157,8 +158,15 @@ class ShardPlan:
         """Whether more rows after this plan's could not join ``shard`` (it is not the last, or it is full)."""
         return shard < self.num_shards - 1 or self.shard_is_full(shard)
 
-    def pieces(self, shard: int) -> list[Piece]:
-        return self._pieces(*self._shard_range(shard))
+    def pieces(self, shard: int, skip: int = 0) -> list[Piece]:
+        """Where the kept rows of ``shard`` are, in order, leaving out its first ``skip``."""
+        start, stop = self._shard_range(shard)
+        return self._pieces(start + skip, stop)
+
+    def open_shard(self) -> int | None:
+        """The last shard if more rows could still join it (it is not full), else ``None``."""
+        final = self.num_shards - 1
+        return None if final < 0 or self.shard_is_full(final) else final
 
     def _pieces(self, start: int, stop: int) -> list[Piece]:
         pieces = []
@@ -276,7 +284,8 @@ def shards_to_build(plan: ShardPlan, partitions: range, *, prefix: bool, last: b
 
 
 def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, runs: dict[int, WrittenShard], *,
-                    prefix: bool = False, last: bool = False) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
+                    prefix: bool = False, last: bool = False, head: Head | None = None
+                    ) -> list[tuple[int, WrittenShard, list[int]]] | TaskFailed:
     """Build the shards whose last image is in the runs of ``partitions``.
 
     ``runs`` maps each partition whose samples these shards hold to its run
@@ -284,7 +293,9 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, runs
     these (the job is still encoding later ones), so its last shard is left for
     a later group unless it is full. ``last``: this is the job's last group,
     which also builds the job's last shard wherever it ends (the partitions
-    after it may hold no image).
+    after it may hold no image). ``head``: the first rows of a shard, written
+    ahead by an earlier group (:mod:`~dask_imgsink.job.head`); that shard is
+    finished after them.
 
     Returns ``(index, shard, source partitions)`` for each, or the
     :class:`TaskFailed` of this task (an I/O error, say). Files go to a fresh
@@ -305,7 +316,7 @@ def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, runs
     attempt = new_attempt_dir(root, opts.job_id, f"assemble-{partitions[0]:06d}")
     try:
         fs.makedirs(attempt, exist_ok=True)
-        built = [_assemble_one(fs, attempt, runs, plan, s, opts) for s in todo]
+        built = [_assemble_one(fs, attempt, runs, plan, s, opts, head) for s in todo]
     except Exception as exc:
         remove_quietly(fs, attempt, recursive=True)
         return failure(exc, where)
@@ -328,20 +339,21 @@ def runs_by_partition(results: list) -> dict[int, WrittenShard]:
             if run.run_blocks is not None and run.num_images}
 
 
-def carried_runs(plan: ShardPlan, runs: dict[int, WrittenShard], last: bool) -> dict[int, WrittenShard]:
+def carried_runs(plan: ShardPlan, runs: dict[int, WrittenShard], last: bool,
+                 head: Head | None = None) -> dict[int, WrittenShard]:
     """The runs later groups still need: those holding rows of the plan's last shard, unless it is built.
 
     Every shard but a prefix plan's last is complete and built by the group it
     ends in (or the next one, :meth:`ShardPlan.shard_left_before`); a full last
     shard is built too. So what later groups need of the runs seen so far is the
-    open last shard's rows: at most one shard's worth.
+    open last shard's rows (past those written ahead in ``head``): at most one shard's worth.
     """
     if last or plan.failed is not None:
         return {}
-    final = plan.num_shards - 1
-    if final < 0 or plan.shard_is_full(final):
+    final = plan.open_shard()
+    if final is None:
         return {}
-    open_from = plan._shard_range(final)[0]
+    open_from = plan._shard_range(final)[0] + ahead_of(head, plan.first_shard + final)[0]
     needed = {part for run, (part, _) in enumerate(plan.runs)
               if plan.run_starts[run] + plan.kept(run) > open_from}
     return {part: run for part, run in runs.items() if part in needed}
@@ -349,19 +361,24 @@ def carried_runs(plan: ShardPlan, runs: dict[int, WrittenShard], last: bool) -> 
 
 class Carry(NamedTuple):
     """What one assembly group hands the next: the write summaries so far (every plan starts from
-    them) and the runs of the shard still open at its end."""
+    them), the runs of the shard still open at its end, and that shard's rows written ahead."""
 
     summaries: list
     runs: dict[int, WrittenShard]
+    head: Head | None = None
 
 
 def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, partitions: range,
-                   existing_keys: np.ndarray | None = None, *, opts: WriteOptions, last: bool
+                   existing_keys: np.ndarray | None = None, *, opts: WriteOptions, last: bool,
+                   carry_bytes: int | None = None
                    ) -> tuple[list[tuple[int, WrittenShard, list[int]]] | TaskFailed, Carry | TaskFailed]:
     """One assembly task: plan from the write summaries up to ``partitions`` (a prefix of the job) and
     build the shards ending there, from this group's write results (``own``, runs in memory) and the
     runs ``carried`` from the group before (the rows of its open last shard). It waits only for its
     own partitions and the group before, so it runs while later partitions encode.
+
+    Once the open shard's carried runs pass ``carry_bytes``, their rows are written ahead into
+    its staged tar and only a :class:`~dask_imgsink.job.head.Head` is carried (local filesystems).
 
     Returns the shards built and what to carry to the next group (or a :class:`TaskFailed` for
     either, which the commit raises). The plan of a prefix agrees with the job's plan on every
@@ -373,30 +390,51 @@ def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, 
     summaries = [*carried.summaries, *map(summarize, own)]
     plan = plan_shards(summaries, claim, opts, existing_keys)
     runs = {**carried.runs, **runs_by_partition(own)}
-    built = assemble_shards(plan, partitions, opts, runs, prefix=not last, last=last)
+    built = assemble_shards(plan, partitions, opts, runs, prefix=not last, last=last, head=carried.head)
     if isinstance(built, TaskFailed):
         return built, built
-    return built, Carry(summaries, carried_runs(plan, runs, last))
+    final = None if last or plan.failed is not None else plan.open_shard()  # the shard left open, if any
+    head = carried.head if final is not None and ahead_of(carried.head, plan.first_shard + final)[0] else None
+    runs = carried_runs(plan, runs, last, head)
+    if runs and carry_bytes is not None:
+        written = _write_open_shard_ahead(plan, final, head, runs, opts, carry_bytes)
+        if isinstance(written, TaskFailed):
+            return built, written
+        if written is not None:
+            head, runs = written, {}
+    return built, Carry(summaries, runs, head)
+
+
+def _write_open_shard_ahead(plan: ShardPlan, final: int, head: Head | None, runs: dict[int, WrittenShard],
+                            opts: WriteOptions, budget: int) -> Head | None | TaskFailed:
+    """Write the open shard's carried rows after its head once they pass ``budget`` (see :mod:`.head`)."""
+    index = plan.first_shard + final
+    skip, position = ahead_of(head, index)
+    pieces = plan.pieces(final, skip)
+    blocks, tables, _, sources = _gather(plan, runs, pieces, position, f"{opts.exact_stem(index)}.tar")
+    rows = sum(p.stop - p.start for p in pieces)
+    if not rows:
+        return None
+    return write_ahead(index, head, rows, blocks, pa.concat_tables(tables), sources, opts, budget)
 
 
 def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPlan, local_index: int,
-                  opts: WriteOptions) -> tuple[int, WrittenShard, list[int]]:
-    """Write one shard from its samples' bytes in the runs; write its Parquet and DALI index."""
+                  opts: WriteOptions, head: Head | None = None) -> tuple[int, WrittenShard, list[int]]:
+    """Write one shard from its samples' bytes in the runs (after its ``head``, if written ahead);
+    write its Parquet and DALI index."""
     index = plan.first_shard + local_index
     stem = opts.exact_stem(index)
-    target = ShardTarget(staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"), f"{stem}.tar",
-                         idx_path=staged(attempt, f"{stem}.idx") if opts.dali_index else None)
-    pieces = plan.pieces(local_index)
-    tables, blocks, position = [], [], 0
-    for piece in pieces:
-        run = runs[plan.runs[piece.run][0]]
-        rows = run.run_index.slice(piece.start, piece.stop - piece.start)
-        tables.append(_moved_rows(rows, position - rows.column("sample_offset")[0].as_py(), target.tar_file))
-        piece_blocks = run.run_blocks[piece.start:piece.stop]
-        blocks += piece_blocks
-        position += sum(map(len, piece_blocks))
-    with fs.open(target.tar_path, "wb") as out:
-        size, tar_sha256 = write_archive(out, blocks)
+    skip, position = ahead_of(head, index)
+    target = ShardTarget(head.path if skip else staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"),
+                         f"{stem}.tar", idx_path=staged(attempt, f"{stem}.idx") if opts.dali_index else None)
+    blocks, tables, _, sources = _gather(plan, runs, plan.pieces(local_index, skip), position, target.tar_file)
+    if skip:
+        size, tar_sha256 = continue_archive(target.tar_path, position, blocks)
+        tables.insert(0, head.index)
+        sources = sorted({*head.sources, *sources})
+    else:
+        with fs.open(target.tar_path, "wb") as out:
+            size, tar_sha256 = write_archive(out, blocks)
     moved = pa.concat_tables(tables)
     layouts = moved.column(LAYOUT_COLUMN).to_pylist()
     table = pa.Table.from_arrays(moved.drop_columns([LAYOUT_COLUMN]).columns, schema=shard_schema(opts.user_schema))
@@ -406,8 +444,24 @@ def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPl
     if target.idx_path is not None:
         starts = table.column("sample_offset").to_pylist()
         shard.idx_bytes, shard.idx_sha256 = write_idx(fs, target.idx_path, map(idx_line, starts, layouts))
-    sources = sorted({plan.runs[p.run][0] for p in pieces})
     return index, shard, sources
+
+
+def _gather(plan: ShardPlan, runs: dict[int, WrittenShard], pieces: list[Piece], position: int,
+            tar_file: str) -> tuple[list, list[pa.Table], int, list[int]]:
+    """The samples' blocks of ``pieces``, their index rows moved to start at ``position`` of
+    ``tar_file``, the position after them, and the partitions they came from."""
+    tables, blocks = [], []
+    for piece in pieces:
+        run = runs[plan.runs[piece.run][0]]
+        rows = run.run_index.slice(piece.start, piece.stop - piece.start)
+        tables.append(_moved_rows(rows, position - rows.column("sample_offset")[0].as_py(), tar_file))
+        piece_blocks = run.run_blocks[piece.start:piece.stop]
+        blocks += piece_blocks
+        position += sum(map(len, piece_blocks))
+    return blocks, tables, position, sorted({plan.runs[p.run][0] for p in pieces})
+
+
 def _moved_rows(rows: pa.Table, shift: int, tar_file: str) -> pa.Table:
     """Run index rows as they read in the assembled shard: byte ranges moved by ``shift``."""
     for name in ("offset", "sample_offset"):
