@@ -61,12 +61,10 @@ def ahead_of(head: Head | None, shard: int) -> tuple[int, int]:
 
 
 def write_ahead(shard: int, head: Head | None, rows: int, blocks: list, index: pa.Table, sources: list[int],
-                opts: WriteOptions, budget: int | None) -> Head | None | TaskFailed:
+                opts: WriteOptions) -> Head | None | TaskFailed:
     """Write the open ``shard``'s carried rows (``rows`` of them: ``blocks``, ``index``) after its
-    ``head`` if they pass ``budget``; return the new head, or ``None`` if nothing was written (the
-    caller carries the runs: a small remainder, or an object store)."""
-    if budget is None or sum(map(len, blocks)) <= budget:
-        return None
+    ``head``; return the new head, or ``None`` if nothing was written (an object store: the caller
+    carries the runs)."""
     fs, root = resolve(opts.url, opts.storage_options)
     if not is_local(fs) or committed_job(fs, root, opts.job_id) is not None:
         return None  # an object store; or Dask reran this after the commit: nothing will read it

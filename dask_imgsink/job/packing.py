@@ -411,11 +411,12 @@ def _write_open_shard_ahead(plan: ShardPlan, final: int, head: Head | None, runs
     index = plan.first_shard + final
     skip, position = ahead_of(head, index)
     pieces = plan.pieces(final, skip)
+    carried = sum(len(block) for p in pieces for block in runs[plan.runs[p.run][0]].run_blocks[p.start:p.stop])
+    if carried <= budget:
+        return None  # carried as runs: cheaper than a write and a read back
     blocks, tables, _, sources = _gather(plan, runs, pieces, position, f"{opts.exact_stem(index)}.tar")
     rows = sum(p.stop - p.start for p in pieces)
-    if not rows:
-        return None
-    return write_ahead(index, head, rows, blocks, pa.concat_tables(tables), sources, opts, budget)
+    return write_ahead(index, head, rows, blocks, pa.concat_tables(tables), sources, opts)
 
 
 def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPlan, local_index: int,
