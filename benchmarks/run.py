@@ -13,6 +13,9 @@ measured in this run on the same images):
   the DataFrame persisted in worker memory first, spread evenly over the workers (so only the writer is timed);
 - pass-through of the same images already encoded, exact packing, against a
   raw sequential write + fsync of the same bytes to the same disk;
+- where the CPU goes: the encoder's CPU; the per-byte work a checksummed writer
+  cannot skip (SHA-256, XXH3-64, the page-cache write of the encoded bytes) and the
+  ceiling it puts on any writer's ratio; a 2 x 1 cluster's workers' and client's CPU;
 - scaling: 10 images after import; N/4 against N images; N images in 10
   partitions against N/10 partitions of 10 (threaded scheduler, exact packing);
 - object store and disk (``bench_s3.py``): bytes uploaded and downloaded by
@@ -33,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from datetime import date
 
@@ -53,6 +58,7 @@ import dask_imgsink  # noqa: F401
 from dask_imgsink.cluster import local_cluster
 from dask_imgsink.core.encode import EncodeOptions, encode_image
 from dask_imgsink.core.pool import map_ordered
+from dask_imgsink.format.checksums import sample_checksum
 
 
 @contextmanager
@@ -205,6 +211,59 @@ def print_memory(rows: list[tuple[str, float, float]]) -> None:
         print(f"{label:<64}{held:>14.0f}{rise:>13.0f}")
 
 
+def cpu_rows(images, encoded: list[bytes], partitions: int, threads: int) -> list[tuple[str, float]]:
+    """Where the CPU of a job goes: (label, seconds or ratio) rows.
+
+    The encoder's own CPU for the images; the per-byte work no writer that keeps its
+    promises can skip (SHA-256 of every shard byte, XXH3-64 of every sample, the write
+    into the page cache), which puts a ceiling on any writer's ratio to the encode-only
+    limit on the same cores; and one job of each packing on a LocalCluster of 2 x 1:
+    its workers' CPU and the client's (which runs LocalCluster's scheduler), against
+    the CPU its wall time offered.
+    """
+    options = EncodeOptions()
+    start = time.process_time()
+    for future in map_ordered(lambda img: encode_image(img, options), images, threads):
+        future.result()
+    encode_cpu = time.process_time() - start
+    start = time.process_time()
+    digest = hashlib.sha256()
+    for blob in encoded:
+        digest.update(blob)
+        sample_checksum(blob)
+    with scratch() as folder, open(f"{folder}/raw", "wb") as f:
+        for blob in encoded:
+            f.write(blob)
+    per_byte = time.process_time() - start
+    rows = [("encode only: CPU seconds", encode_cpu),
+            ("SHA-256 + XXH3 + page-cache write of the encoded bytes: CPU seconds", per_byte),
+            ("  so any checksummed writer's ceiling against the limit", encode_cpu / (encode_cpu + per_byte))]
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        ddf = spread_frame(client, len(images), partitions)
+        workers = [psutil.Process(p) for p in client.run(os.getpid).values()]
+        here = psutil.Process()
+        for packing in ("exact", "per_partition"):
+            write_seconds(ddf, packing, 1)  # warm
+            before = [sum(p.cpu_times()[:2]) for p in (here, *workers)]
+            wall = time.perf_counter()
+            with scratch() as folder:
+                ddf.imgsink.to_webdataset(f"{folder}/out", key_column="key", packing=packing, images_per_tar=500,
+                                          compute=True)
+            wall = time.perf_counter() - wall
+            used = [sum(p.cpu_times()[:2]) - b for p, b in zip((here, *workers), before)]
+            rows += [(f"2 x 1, {packing}: workers' CPU seconds", sum(used[1:])),
+                     (f"2 x 1, {packing}: client + scheduler CPU seconds", used[0]),
+                     (f"2 x 1, {packing}: CPU used / CPU its wall time offered", sum(used) / (2 * wall))]
+    return rows
+
+
+def print_cpu(rows: list[tuple[str, float]]) -> None:
+    print("\nWhere the CPU goes (one job each)")
+    for label, value in rows:
+        print(f"{label:<76}{value:>9.2f}")
+
+
 def scaling_rows(count: int, repeats: int) -> list[tuple[str, float, float | None, str]]:
     """Time against job size and partition count (threaded scheduler, exact packing): (label, seconds,
     ratio, target) rows."""
@@ -312,6 +371,7 @@ def main() -> None:
     print_table(f"Pass-through of the same images encoded ({megabytes:.0f} MB)",
                 [("raw sequential write + fsync of the same bytes", raw, None),
                  ("accessor, exact, threaded scheduler", through, None)], int(megabytes), unit="MB/s")
+    print_cpu(cpu_rows(images, encoded, args.partitions, cores))
     print_scaling(scaling_rows(args.images, args.repeats))
     print_memory(memory_rows(args.images // 2, args.partitions // 2))
     print_storage(storage_rows(args.s3_images, args.commit_shards, args.repeats))
