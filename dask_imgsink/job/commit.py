@@ -140,21 +140,21 @@ def _save_journal(fs, root: str, job_id: str, journal: Journal) -> None:
 
 
 def _publish(fs, root: str, job_id: str, files: list[PlannedFile]) -> None:
-    """Give every staged file its final name, from one listing of the staging folder.
+    """Give every staged file its final name.
 
-    Locally each file is renamed in turn (a staged file is moved at most once, so
-    a final file whose staged copy is gone came from it: a rerun skips it). On
-    object stores all files are copied at once, one request each
+    Elsewhere than S3 each file is moved in turn (a staged file is moved at most
+    once, so a final file whose staged copy is gone came from it: a rerun skips it).
+    On S3 all files are copied at once, one request each
     (:func:`~dask_imgsink.storage.publish_many`), with no listing first: a staged
     object stays until the commit is over, so a rerun copies again.
     """
-    if not is_local(fs):
+    if is_s3(fs):
         try:
             publish_many(fs, [(f.staged, join(root, f.name), f.size) for f in files])
         except FileNotFoundError as exc:
             raise _staging_gone(exc) from exc
         return
-    if any(f.name.startswith(METADATA_DIR + "/") for f in files):
+    if is_local(fs) and any(f.name.startswith(METADATA_DIR + "/") for f in files):
         fs.makedirs(join(root, METADATA_DIR), exist_ok=True)
     staged = files_below(fs, job_dir(root, job_id))
     gone = {f.name for f in files if f.staged not in staged}
