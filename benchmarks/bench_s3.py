@@ -16,19 +16,22 @@ Usage: ``python benchmarks/bench_s3.py [--images 800] [--shards 400] [--latency 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-from dask.base import tokenize
 from measure import DiskPeak, median_seconds
 from s3proxy import S3Proxy
 
-import dask_imgsink.job.accessor as acc
-from dask_imgsink.job.claim import claim_output
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import staged_job  # noqa: E402  (the tests' own: claim, write, plan, assemble in-process)
+
+import dask_imgsink  # noqa: E402, F401  (registers ddf.imgsink)
 
 
 def _dataset_bytes(fs, root: str) -> int:
@@ -78,19 +81,7 @@ def _staged_commit(url: str, options: dict, shards: int):
                                               for _ in range(shards)], dtype=object)})
     with dask.config.set({"dataframe.convert-string": False}):
         ddf = dd.from_pandas(frame, npartitions=4, sort=False)
-    import inspect
-
-    defaults = {n: p.default for n, p in inspect.signature(acc.to_webdataset).parameters.items()
-                if p.kind is p.KEYWORD_ONLY and n not in ("compute", "compute_kwargs")}
-    _, opts = acc._build_options(ddf, url, **{**defaults, "key_column": "key", "images_per_tar": 1,
-                                              "storage_options": options})
-    claim = claim_output(opts, tokenize(*opts.token()))
-    parts = ddf.to_delayed()
-    results = [acc.PartitionWriter(opts)(p.compute(), i, claim) for i, p in enumerate(parts)]
-    plan = acc.plan_shards(results, claim, opts)
-    assembled = [acc.assemble_shards(plan, range(len(parts)), opts, acc.runs_by_partition(results))]
-    summaries = [acc.summarize(r) for r in results]
-    return lambda: acc._commit_exact(claim, summaries, assembled, len(parts), opts)
+    return staged_job(ddf, url, key_column="key", images_per_tar=1, storage_options=options)
 
 
 def commit_figures(shards: int, latency: float) -> dict:

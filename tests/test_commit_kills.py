@@ -119,7 +119,7 @@ def test_a_worker_killed_inside_the_commit_on_s3_gives_the_same_dataset(s3, kill
     steps = json.loads(kill_control.with_suffix(".steps").read_text())
     expected = comparable_dataset(reference.removeprefix("s3://"), fs)
     publishes = [i + 1 for i, s in enumerate(steps) if s in ("publish", "publish_many")]
-    index_write = [i + 1 for i, s in enumerate(steps) if s == "write_small"][-3]
+    index_write = [i + 1 for i, s in enumerate(steps) if s == "write_small"][-2]  # then the card, then _SUCCESS
     removals = [i + 1 for i, s in enumerate(steps) if s == "remove_file"]
     for point in sorted({publishes[0], publishes[len(publishes) // 2], index_write, steps.index("release") + 1,
                          len(steps), removals[-1]}):

@@ -150,9 +150,10 @@ def write_archive(fileobj: BinaryIO, blocks: list[bytes]) -> tuple[int, str]:
     return archive_size(content), digest.result()
 
 
-def write_members_at(path: str, offset: int, blocks: list) -> int:
-    """Write whole-member ``blocks`` into the file at ``path`` from ``offset`` (creating it if absent),
-    leaving the rest of the file as it is; return the offset after them.
+def write_members_at(path: str, offset: int, blocks: list, *, end: bool = False) -> int:
+    """Write whole-member ``blocks`` into the file at ``path`` from ``offset`` (creating it if absent);
+    return the offset after them. ``end``: they end the file (it is cut there); otherwise the rest
+    of the file stays as it is.
 
     Writes at a known offset are idempotent: writing the same blocks again (a rerun) changes nothing.
     """
@@ -163,6 +164,8 @@ def write_members_at(path: str, offset: int, blocks: list) -> int:
                 raise ValueError("member blocks must be whole 512-byte blocks")
             out.write(block)
             offset += len(block)
+        if end:
+            out.truncate()
     return offset
 
 
@@ -178,11 +181,7 @@ def continue_archive(path: str, head_size: int, blocks: list) -> tuple[int, str]
     with open(path, "rb") as head:
         digest = run_beside(_sha256_of, itertools.chain(_read_exactly(head, head_size), tail))
         try:
-            end = write_members_at(path, head_size, blocks)
-            with open(path, "r+b") as out:
-                out.seek(end)
-                out.write(tail[-1])
-                out.truncate()
+            write_members_at(path, head_size, tail, end=True)  # the end-of-archive marker is whole blocks too
         finally:
             sha256 = digest.result()  # before the head's file closes
     return archive_size(content), sha256

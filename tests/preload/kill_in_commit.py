@@ -16,8 +16,8 @@ import json
 import os
 from pathlib import Path
 
-STEPS = ("publish", "publish_many", "write_small", "remove_file", "remove_many", "remove_quietly",
-         "remove_empty_dir", "release", "sweep_dead_staging", "_save_journal", "read_lock")
+STEPS = ("publish", "publish_many", "write_small", "write_small_many", "read_many", "remove_file", "remove_many",
+         "remove_quietly", "remove_empty_dir", "release", "sweep_dead_staging", "_save_journal", "read_lock")
 
 
 def _control() -> Path:
