@@ -114,6 +114,39 @@ def test_encoded_bytes_pass_through_unchanged(fmt):
     assert sniff_format(data) == fmt
 
 
+@pytest.mark.parametrize("mode, options", [
+    ("L", {}), ("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0}), ("CMYK", {}),
+])
+def test_passed_through_jpeg_headers_read_by_libjpeg_turbo_agree_with_pillow(mode, options):
+    """JPEG pass-through reads sizes and channels with libjpeg-turbo's C header parser, not Pillow's Python one."""
+    from dask_imgsink.core.encode import _jpeg_header
+
+    buf = io.BytesIO()
+    Image.new(mode, (37, 21)).save(buf, format="JPEG", **options)
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as img:
+        by_pillow = (*img.size, len(img.getbands()))
+    assert _jpeg_header(data) == by_pillow  # the fast path is taken, and agrees
+    out = encode_image(data, JPEG)
+    assert (out.width, out.height, out.channels) == by_pillow and out.data == data
+
+
+def test_jpeg_headers_libjpeg_turbo_rejects_still_get_pillows_row_error():
+    damaged = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + bytes(40) + b"\xff\xd9"
+    from dask_imgsink.core.encode import _jpeg_header
+
+    assert _jpeg_header(damaged) is None
+    with pytest.raises(RowProblem, match="JPEG bytes cannot be read"):
+        encode_image(damaged, JPEG)
+
+
+def test_the_pixel_limit_applies_to_passed_through_jpegs():
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, format="JPEG")
+    with pytest.raises(RowProblem, match="pixels"):
+        encode_image(buf.getvalue(), EncodeOptions(max_pixels=300 * 200 - 1))
+
+
 def test_reencode_converts_other_formats_when_asked():
     data = png_bytes(make_image(4))
     out = encode_image(data, EncodeOptions(reencode=True))

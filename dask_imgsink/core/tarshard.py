@@ -41,6 +41,7 @@ _TEMPLATE[148:156] = b" " * 8  # the checksum counts its own field as spaces
 _TEMPLATE[156:157] = tarfile.REGTYPE
 _TEMPLATE[257:265] = b"ustar\x0000"
 _TEMPLATE = bytes(_TEMPLATE)
+_TEMPLATE_SUM = sum(_TEMPLATE)
 _MAX_SIZE = 8**11 - 1  # what 11 octal digits hold (8 GiB)
 
 
@@ -70,17 +71,22 @@ def member_header(name: str, size: int) -> bytes:
         raise ValueError(f"tar member name {name!r} must be ASCII and at most 100 bytes")
     if not 0 <= size <= _MAX_SIZE:
         raise ValueError(f"tar member {name!r} of {size} bytes is larger than USTAR allows")
-    header = bytearray(_TEMPLATE)
     raw = name.encode("ascii")
-    header[: len(raw)] = raw
-    header[124:136] = _octal(size, 12)
-    header[148:155] = b"%06o\0" % sum(header)
-    return bytes(header)
+    size_field = _octal(size, 12)
+    # The template's name and size fields are NUL: their sum adds only what goes in them.
+    checksum = b"%06o\0" % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
+    return b"".join((raw, _TEMPLATE[len(raw):124], size_field, _TEMPLATE[136:148], checksum, _TEMPLATE[155:]))
 
 
-def member_bytes(name: str, data: bytes) -> bytes:
+def member_pieces(name: str, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview, bytes]:
+    """One whole member as its three pieces: header, data and zero padding to the next block."""
+    size = len(data)
+    return member_header(name, size), data, _ZEROS[: -size % BLOCK]
+
+
+def member_bytes(name: str, data: bytes | memoryview) -> bytes:
     """One whole member: header, data and zero padding to the next block."""
-    return member_header(name, len(data)) + data + _ZEROS[: -len(data) % BLOCK]
+    return b"".join(member_pieces(name, data))
 
 
 @dataclass(frozen=True)
@@ -99,13 +105,14 @@ class SampleBlock:
 
     @classmethod
     def build(cls, members: list[tuple[str, bytes]]) -> "SampleBlock":
-        parts, offsets, position = [], [], 0
+        pieces, offsets, position = [], [], 0
         for name, data in members:
-            part = member_bytes(name, data)
-            parts.append(part)
+            header, data, padding = member_pieces(name, data)
+            pieces += (header, data, padding)
             offsets.append(position + BLOCK)
-            position += len(part)
-        return cls(b"".join(parts), tuple(n for n, _ in members), tuple(offsets),
+            position += BLOCK + len(data) + len(padding)
+        # One join: each member's data is copied once, into the block.
+        return cls(b"".join(pieces), tuple(n for n, _ in members), tuple(offsets),
                    tuple(len(d) for _, d in members))
 
 
