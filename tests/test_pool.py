@@ -45,6 +45,39 @@ def test_at_most_window_items_are_in_flight():
     assert high[0] <= 3
 
 
+def test_one_thread_runs_items_on_the_callers_thread_one_at_a_time():
+    """A pool of one is the caller: no hand-off per image, and still one item at a time in the process."""
+    running, most, seen_threads, lock = [0], [0], set(), threading.Lock()
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        seen_threads.add(threading.get_ident())
+        time.sleep(0.001)
+        with lock:
+            running[0] -= 1
+        if i == 3:
+            raise ValueError("three")
+        return i
+
+    results = {}
+
+    def consume(name):
+        futures = list(map_ordered(work, range(20), threads=1))
+        results[name] = [f.exception() is not None for f in futures], [f.result() for f in futures if not f.exception()]
+
+    callers = [threading.Thread(target=consume, args=(n,)) for n in "ab"]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert most[0] == 1  # two callers, never two items at once
+    assert seen_threads == {t.ident for t in callers}  # no pool thread ran an item
+    for errors, values in results.values():
+        assert errors.index(True) == 3 and values == [i for i in range(20) if i != 3]
+
+
 def test_workers_size_the_pool_to_their_threads(client):
     # run as tasks, as the write tasks do; the LocalCluster's workers have 1 thread each
     futures = [client.submit(default_encode_threads, pure=False, workers=[addr])
