@@ -140,6 +140,35 @@ def test_jpeg_headers_libjpeg_turbo_rejects_still_get_pillows_row_error():
         encode_image(damaged, JPEG)
 
 
+def test_a_12_bit_jpeg_is_still_refused_though_libjpeg_turbo_reads_its_header():
+    """libjpeg-turbo reads a 12-bit header; Pillow (and most loaders) refuse the file, and so do we."""
+    import simplejpeg
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 1], data[sof + 4] = 0xC1, 12  # extended sequential, 12-bit samples
+    assert simplejpeg.decode_jpeg_header(bytes(data))[:2] == (30, 40)
+    with pytest.raises(RowProblem, match="JPEG bytes cannot be read"):
+        encode_image(bytes(data), JPEG)
+
+
+def test_a_jpeg_with_an_exif_thumbnail_reads_the_main_frame():
+    """The frame header is found by walking segments, not by searching bytes (an EXIF thumbnail has its own)."""
+    from dask_imgsink.core.encode import _jpeg_header
+
+    thumb = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(thumb, format="JPEG")
+    exif = Image.Exif()
+    exif[0x010E] = "x"  # ImageDescription
+    main = io.BytesIO()
+    Image.new("L", (50, 20)).save(main, format="JPEG", exif=b"Exif\x00\x00" + exif.tobytes() + thumb.getvalue())
+    data = main.getvalue()
+    assert data.find(b"\xff\xc0") < data.rfind(b"\xff\xc0")  # two frame headers in the bytes
+    assert _jpeg_header(data) == (50, 20, 1)
+
+
 def test_the_pixel_limit_applies_to_passed_through_jpegs():
     buf = io.BytesIO()
     Image.new("RGB", (300, 200)).save(buf, format="JPEG")
