@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from ..core.pool import run_beside
 from ..core.tasks import FileGroupTask
 from ..core.writer import SkippedRow, WrittenShard
 from ..format.card import dataset_card
@@ -299,10 +299,9 @@ def _finish_job_on_s3(fs, root: str, job_id: str, run_id: str) -> None:
     """:func:`finish_job` in three rounds of requests, not one per step: list the work folder while
     reading the lock; delete the job's staging (and, lock held, dead jobs' staging and stale
     markers) in one batch; then release the lock. S3 has no folders to remove."""
-    with ThreadPoolExecutor(1) as beside:
-        listing = beside.submit(_listing, fs, join(root, WORK_DIR))
-        held = holds_lock(fs, root, run_id)
-        below = listing.result()
+    listing = run_beside(_listing, fs, join(root, WORK_DIR))
+    held = holds_lock(fs, root, run_id)
+    below = listing.result()
     ours = job_dir(root, job_id).rstrip("/") + "/"
     doomed = [path for path in below if path.startswith(ours)]
     if held:

@@ -414,7 +414,7 @@ def _write_open_shard_ahead(plan: ShardPlan, final: int, head: Head | None, runs
     carried = sum(len(block) for p in pieces for block in runs[plan.runs[p.run][0]].run_blocks[p.start:p.stop])
     if carried <= budget:
         return None  # carried as runs: cheaper than a write and a read back
-    blocks, tables, _, sources = _gather(plan, runs, pieces, position, f"{opts.exact_stem(index)}.tar")
+    blocks, tables, sources = _gather(plan, runs, pieces, position, f"{opts.exact_stem(index)}.tar")
     rows = sum(p.stop - p.start for p in pieces)
     return write_ahead(index, head, rows, blocks, pa.concat_tables(tables), sources, opts)
 
@@ -428,7 +428,7 @@ def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPl
     skip, position = ahead_of(head, index)
     target = ShardTarget(head.path if skip else staged(attempt, f"{stem}.tar"), staged(attempt, f"{stem}.parquet"),
                          f"{stem}.tar", idx_path=staged(attempt, f"{stem}.idx") if opts.dali_index else None)
-    blocks, tables, _, sources = _gather(plan, runs, plan.pieces(local_index, skip), position, target.tar_file)
+    blocks, tables, sources = _gather(plan, runs, plan.pieces(local_index, skip), position, target.tar_file)
     if skip:
         size, tar_sha256 = continue_archive(target.tar_path, position, blocks)
         tables.insert(0, head.index)
@@ -449,9 +449,9 @@ def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPl
 
 
 def _gather(plan: ShardPlan, runs: dict[int, WrittenShard], pieces: list[Piece], position: int,
-            tar_file: str) -> tuple[list, list[pa.Table], int, list[int]]:
+            tar_file: str) -> tuple[list, list[pa.Table], list[int]]:
     """The samples' blocks of ``pieces``, their index rows moved to start at ``position`` of
-    ``tar_file``, the position after them, and the partitions they came from."""
+    ``tar_file``, and the partitions they came from."""
     tables, blocks = [], []
     for piece in pieces:
         run = runs[plan.runs[piece.run][0]]
@@ -460,7 +460,7 @@ def _gather(plan: ShardPlan, runs: dict[int, WrittenShard], pieces: list[Piece],
         piece_blocks = run.run_blocks[piece.start:piece.stop]
         blocks += piece_blocks
         position += sum(map(len, piece_blocks))
-    return blocks, tables, position, sorted({plan.runs[p.run][0] for p in pieces})
+    return blocks, tables, sorted({plan.runs[p.run][0] for p in pieces})
 
 
 def _moved_rows(rows: pa.Table, shift: int, tar_file: str) -> pa.Table:
