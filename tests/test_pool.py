@@ -45,15 +45,19 @@ def test_at_most_window_items_are_in_flight():
     assert high[0] <= 3
 
 
-def test_one_thread_runs_items_on_the_callers_thread_one_at_a_time():
-    """A pool of one is the caller: no hand-off per image, and still one item at a time in the process."""
+def _run_callers(callers: int, threads: int, items: int = 20) -> tuple[int, set[int], set[int]]:
+    """``callers`` threads each map ``items`` items at once; returns the most run at once, the threads that
+    ran items while every caller still had items to give, and the callers' threads."""
     running, most, seen_threads, lock = [0], [0], set(), threading.Lock()
+    all_entered = threading.Barrier(callers)
+    exhausted = threading.Event()  # set when a caller's items run out, before it leaves map_ordered
 
     def work(i):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
-        seen_threads.add(threading.get_ident())
+        if not exhausted.is_set():
+            seen_threads.add(threading.get_ident())
         time.sleep(0.001)
         with lock:
             running[0] -= 1
@@ -61,21 +65,41 @@ def test_one_thread_runs_items_on_the_callers_thread_one_at_a_time():
             raise ValueError("three")
         return i
 
+    def after_all_entered(n):
+        all_entered.wait()  # every caller is inside map_ordered before its first item is asked for
+        yield from range(n)
+        exhausted.set()  # from here the others may be fewer than the threads, and use the pool
+
     results = {}
 
     def consume(name):
-        futures = list(map_ordered(work, range(20), threads=1))
+        futures = list(map_ordered(work, after_all_entered(items), threads=threads))
         results[name] = [f.exception() is not None for f in futures], [f.result() for f in futures if not f.exception()]
 
-    callers = [threading.Thread(target=consume, args=(n,)) for n in "ab"]
-    for t in callers:
+    threads_ = [threading.Thread(target=consume, args=(n,)) for n in range(callers)]
+    for t in threads_:
         t.start()
-    for t in callers:
+    for t in threads_:
         t.join()
-    assert most[0] == 1  # two callers, never two items at once
-    assert seen_threads == {t.ident for t in callers}  # no pool thread ran an item
     for errors, values in results.values():
-        assert errors.index(True) == 3 and values == [i for i in range(20) if i != 3]
+        assert errors.index(True) == 3 and values == [i for i in range(items) if i != 3]
+    return most[0], seen_threads, {t.ident for t in threads_}
+
+
+@pytest.mark.parametrize("callers, threads", [(2, 1), (2, 2), (3, 2)])
+def test_enough_callers_run_their_items_on_their_own_threads_at_most_threads_at_once(callers, threads):
+    """No hand-off per image when the callers alone fill the encoder slots (a one-thread worker; N write
+    tasks on N threads), and still never more than ``threads`` items at once in the process."""
+    most, seen, caller_threads = _run_callers(callers, threads)
+    assert most <= threads
+    assert seen <= caller_threads  # no pool thread ran an item
+
+
+def test_fewer_callers_than_threads_share_the_pool():
+    """One partition alone (or the engine-free stage) still encodes on every thread."""
+    most, seen, caller_threads = _run_callers(1, 3, items=60)
+    assert not seen & caller_threads and len(seen) >= 2
+    assert most <= 3
 
 
 def test_workers_size_the_pool_to_their_threads(client):

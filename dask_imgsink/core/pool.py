@@ -5,11 +5,16 @@ so a Dask worker running several write tasks at once still encodes on a fixed
 number of threads. Results come back in input order; at most ``window`` items
 are in flight, so memory holds a window of encoded images, never a whole shard.
 
-A pool of one thread is not a pool: the items run on the calling thread, one
-at a time in the process. That is what a Dask worker of one thread gets (the
-usual ``--nthreads 1`` process per core). Handing each image to another thread
-and back cost it two thread wake-ups and GIL hand-offs per image, about 9 % of a
-job (``benchmarks/run.py``, LocalCluster 2 x 1).
+Threads are not handed work they need not take. When a process has at least
+as many callers encoding at once as encoder threads (a Dask worker of one
+thread, or N write tasks running on a worker or threaded scheduler of N
+threads), each caller encodes its own items on its own thread, at most N at a
+time in the process; the pool serves only the fewer callers it would otherwise
+leave cores idle for (one partition alone, the engine-free stage, the last
+partition of a job). Handing each image to a pool thread and back costs two
+thread wake-ups and GIL hand-offs per image: about 9 % of a job on a
+LocalCluster of 2 x 1 threads, 4-6 % under the threaded scheduler
+(``benchmarks/run.py``; the README's side-by-side table).
 """
 
 from __future__ import annotations
@@ -59,9 +64,36 @@ def get_encoder_pool(threads: int | None = None) -> ThreadPoolExecutor:
     return _process_pool("encode", _pool_size(threads))
 
 
-def _one_at_a_time() -> threading.Lock:
-    """This process's lock for encoding on callers' threads, one item at a time."""
-    return _per_process(("inline", 1), threading.Lock)
+class _Callers:
+    """This process's callers of :func:`map_ordered` for one pool size, and the slots they encode in."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.count = 0
+        self._count_lock = threading.Lock()
+        self._slots = threading.Semaphore(size)
+
+    def enter(self) -> None:
+        with self._count_lock:
+            self.count += 1
+
+    def leave(self) -> None:
+        with self._count_lock:
+            self.count -= 1
+
+    def crowded(self) -> bool:
+        """Whether the callers alone can keep every encoder slot busy."""
+        return self.count >= self.size
+
+    def run_here(self, fn: Callable[[T], R], item: T) -> Future:
+        """``fn(item)`` on the calling thread, in one of the slots, as a done future."""
+        fut: Future = Future()
+        with self._slots:
+            try:
+                fut.set_result(fn(item))
+            except Exception as exc:
+                fut.set_exception(exc)
+        return fut
 
 
 def _process_pool(name: str, size: int) -> ThreadPoolExecutor:
@@ -96,12 +128,14 @@ def map_ordered(
     threads: int | None = None,
     window: int | None = None,
 ) -> Iterator[Future]:
-    """Run ``fn`` over ``items`` on the encoder pool; yield finished futures in order.
+    """Run ``fn`` over ``items`` on the encoder threads; yield finished futures in order.
 
     Parameters
     ----------
     fn : callable
-        Called once per item on a pool thread (with one thread, on the caller's).
+        Called once per item: on a pool thread, or on the caller's own thread
+        while this process has at least ``threads`` callers (see the module's
+        docstring).
     items : iterable
         Consumed lazily: at most ``window`` items are submitted ahead of the consumer.
     threads : int, optional
@@ -116,36 +150,31 @@ def map_ordered(
         or the exception ``fn`` raised.
     """
     size = _pool_size(threads)
-    if size == 1:
-        yield from _map_here(fn, items)
-        return
-    pool = get_encoder_pool(size)
-    window = window or 4 * pool._max_workers
+    callers = _per_process(("callers", size), lambda: _Callers(size))
+    window = window or 4 * size
     pending: deque[Future] = deque()
+    callers.enter()
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
+            if callers.crowded():
+                yield from _drain(pending)  # earlier items first: order is kept
+                yield callers.run_here(fn, item)
+                continue
+            pending.append(get_encoder_pool(size).submit(fn, item))
             if len(pending) >= window:
-                fut = pending.popleft()
-                fut.exception()  # wait
-                yield fut
-        while pending:
-            fut = pending.popleft()
-            fut.exception()
-            yield fut
+                yield _waited(pending.popleft())
+        yield from _drain(pending)
     finally:
+        callers.leave()
         for fut in pending:
             fut.cancel()
 
 
-def _map_here(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[Future]:
-    """:func:`map_ordered` with one thread: each item runs on the calling thread, one at a time per process."""
-    one_at_a_time = _one_at_a_time()
-    for item in items:
-        fut: Future = Future()
-        with one_at_a_time:
-            try:
-                fut.set_result(fn(item))
-            except Exception as exc:
-                fut.set_exception(exc)
-        yield fut
+def _waited(fut: Future) -> Future:
+    fut.exception()  # wait, without raising
+    return fut
+
+
+def _drain(pending: deque[Future]) -> Iterator[Future]:
+    while pending:
+        yield _waited(pending.popleft())
