@@ -15,11 +15,22 @@ or start ``dask worker`` with ``MALLOC_TRIM_THRESHOLD_=16777216`` in its environ
 ``DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_``: Dask lower-cases
 the names of ``DASK_*`` variables, so that sets ``malloc_trim_threshold_``, which glibc
 ignores (``tests/test_deployed_cluster.py`` checks what the workers get).
+
+The nanny sets its ``pre-spawn-environ`` variables in *its own* process's
+``os.environ`` before spawning, and leaves them there; it also prefers a value
+already in ``os.environ`` to its config. So in one Python process the first
+cluster's setting silently applied to every later one: a plain ``LocalCluster``
+started first gave ours 65536, and ours gave later plain clusters 16 MiB (which
+made an earlier benchmark row "with the nanny's default" run with ours).
+:func:`local_cluster` therefore sets the variable only while its workers start,
+and restores the process's own value afterwards.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import contextmanager
 
 import dask
 
@@ -42,5 +53,19 @@ def local_cluster(**kwargs):
         scheduler_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
         kwargs["scheduler_kwargs"] = scheduler_kwargs
     kwargs.setdefault("silence_logs", logging.ERROR)
-    with dask.config.set(WORKER_ENVIRON):
+    with dask.config.set(WORKER_ENVIRON), _environ("MALLOC_TRIM_THRESHOLD_", str(MALLOC_TRIM_THRESHOLD)):
         return LocalCluster(**kwargs)
+
+
+@contextmanager
+def _environ(name: str, value: str):
+    """``os.environ[name] = value`` inside, this process's own value (or none) again after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
