@@ -141,3 +141,27 @@ def test_pass_through_rows_are_prepared_without_pool_round_trips(tmp_path, monke
         with pytest.raises(AssertionError, match="pool was used"):
             write_rows(Rows(images=images, keys=["x"], columns={}), fs=fs, target_for=target, images_per_tar=10,
                        options=options)
+
+
+def test_a_write_that_fails_midway_is_no_longer_counted_as_an_encoding_caller(tmp_path):
+    """The traceback of a failed write holds write_rows' frame (Dask keeps it; so does an interactive
+    session). A map_ordered left open there would count as a caller for as long as that lives, and
+    make the process's next lone caller encode on its own thread alone."""
+    import fsspec
+    from helpers import make_image
+
+    from dask_imgsink.core import pool
+    from dask_imgsink.core.encode import EncodeOptions
+    from dask_imgsink.core.writer import Rows, ShardTarget, write_rows
+    from dask_imgsink.errors import BadRowError
+
+    def target(i):
+        return ShardTarget(str(tmp_path / f"s{i}.tar"), str(tmp_path / f"s{i}.parquet"), f"s{i}.tar")
+
+    images = [make_image(i, 16, 16) for i in range(30)] + [object()] + [make_image(0, 16, 16)] * 30
+    rows = Rows(images=images, keys=[f"k{i}" for i in range(len(images))], columns={"image": "image"})
+    with pytest.raises(BadRowError) as caught:
+        write_rows(rows, fs=fsspec.filesystem("file"), target_for=target, images_per_tar=100,
+                   options=EncodeOptions(), encode_threads=2, partition=4)
+    assert caught.value.__traceback__ is not None and caught.value.row == 30  # the frames are still held
+    assert pool._per_process(("callers", 2), lambda: None).count == 0

@@ -9,9 +9,11 @@ Threads are not handed work they need not take. When a process has at least
 as many callers encoding at once as encoder threads (a Dask worker of one
 thread, or N write tasks running on a worker or threaded scheduler of N
 threads), each caller encodes its own items on its own thread, at most N at a
-time in the process; the pool serves only the fewer callers it would otherwise
-leave cores idle for (one partition alone, the engine-free stage, the last
-partition of a job). Handing each image to a pool thread and back costs two
+time in the process (a caller arriving while the pool still works through
+another's window adds to it briefly); the pool serves only the fewer callers it
+would otherwise leave cores idle for (one partition alone, the engine-free
+stage, the last partition of a job). A caller counts until its iterator is
+closed or exhausted, so callers close it even when they fail (``write_rows``). Handing each image to a pool thread and back costs two
 thread wake-ups and GIL hand-offs per image: about 9 % of a job on a
 LocalCluster of 2 x 1 threads, 4-6 % under the threaded scheduler
 (``benchmarks/run.py``; the README's side-by-side table).

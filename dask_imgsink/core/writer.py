@@ -11,6 +11,7 @@ calling thread writes the blocks in row order into rolling shards
 from __future__ import annotations
 
 import logging
+from contextlib import closing
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -452,21 +453,24 @@ def write_rows(
             prepared = (_call_now(prepare, i) for i in range(len(rows)))  # in this thread: no pool round trips
         else:
             prepared = map_ordered(prepare, range(len(rows)), encode_threads)
-        for i, fut in enumerate(prepared):
-            problem = problems.get(i)
-            if problem is None:
-                try:
-                    sample = fut.result()
-                except RowProblem as exc:
-                    problem = exc
-            if problem is not None:
-                shown_key = keys[i] if keys[i] is not None else str(rows.keys[i])
-                if on_error == "raise":
-                    raise BadRowError(problem.reason, fix=problem.fix, partition=partition, row=i, key=shown_key,
-                                      column=problem.column)
-                skipped.append(SkippedRow(partition, i, shown_key, problem.reason, problem.column))
-                continue
-            roller.add(i, sample)
+        # closed even when this raises: a traceback holds this frame, and an open map_ordered
+        # would count as an encoding caller of the process for as long as it lives
+        with closing(prepared):
+            for i, fut in enumerate(prepared):
+                problem = problems.get(i)
+                if problem is None:
+                    try:
+                        sample = fut.result()
+                    except RowProblem as exc:
+                        problem = exc
+                if problem is not None:
+                    shown_key = keys[i] if keys[i] is not None else str(rows.keys[i])
+                    if on_error == "raise":
+                        raise BadRowError(problem.reason, fix=problem.fix, partition=partition, row=i,
+                                          key=shown_key, column=problem.column)
+                    skipped.append(SkippedRow(partition, i, shown_key, problem.reason, problem.column))
+                    continue
+                roller.add(i, sample)
         return roller.close(), skipped
     except BaseException:
         roller.abort()
