@@ -235,7 +235,6 @@ def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts:
         total += plan.kept(i)
     if opts.max_shard_bytes is not None:
         plan.shard_starts = cut_shards(_kept_sizes(plan), opts.images_per_tar, opts.max_shard_bytes)
-    plan.runs = [(p, replace(run, sample_sizes=None)) for p, run in plan.runs]  # assembly needs no sizes
     return plan
 
 
