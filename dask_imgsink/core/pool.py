@@ -13,10 +13,11 @@ time in the process (a caller arriving while the pool still works through
 another's window adds to it briefly); the pool serves only the fewer callers it
 would otherwise leave cores idle for (one partition alone, the engine-free
 stage, the last partition of a job). A caller counts until its iterator is
-closed or exhausted, so callers close it even when they fail (``write_rows``). Handing each image to a pool thread and back costs two
-thread wake-ups and GIL hand-offs per image: about 9 % of a job on a
-LocalCluster of 2 x 1 threads, 4-6 % under the threaded scheduler
-(``benchmarks/run.py``; the README's side-by-side table).
+closed or exhausted, so callers close it even when they fail (``write_rows``).
+Handing each image to a pool thread and back costs two thread wake-ups and GIL
+hand-offs per image: about 9 % of a job on a LocalCluster of 2 x 1 threads,
+4-6 % under the threaded scheduler (``benchmarks/run.py``; the README's
+side-by-side table).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-_POOLS: dict[tuple[str, int], Any] = {}  # the pools, and the single-thread lock
+_POOLS: dict[tuple[str, int], Any] = {}  # the pools, and the callers of each pool size
 _POOLS_PID: int | None = None
 _LOCK = threading.Lock()
 
