@@ -4,18 +4,24 @@
   bytes (its tars, Parquet, indexes and small files, as listed after the job),
   and the wall time against writing the same DataFrame to local disk.
 - The commit: a job of ``shards`` one-image shards (tar, Parquet and DALI
-  index each) staged in this process, then committed with ``latency`` seconds
-  added to every request at the server; requests per shard and wall time.
+  index each) staged in this process, then committed as a task on a
+  LocalCluster of 2 processes x 1 thread with ``latency`` seconds added to every
+  request at the server: requests per shard, wall time, and the CPU seconds of
+  each process (both workers, the server, the proxy), with the commit's copies
+  spread over the workers and from one process. The client's CPU per request is
+  what bounds a commit of many shards against a real store.
 - Disk space: the most bytes the output directory held while an exact-packed
   job ran, against the dataset's size at the end.
 
-Usage: ``python benchmarks/bench_s3.py [--images 800] [--shards 400] [--latency 0.02]``
+Usage: ``python benchmarks/bench_s3.py [--shards 400] [--latency 0.02] [--repeats 1]``
 (``run.py`` prints the same rows in its table).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 import uuid
@@ -25,6 +31,8 @@ import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import psutil
+from distributed import Client, LocalCluster
 from measure import DiskPeak, median_seconds
 from s3proxy import S3Proxy
 
@@ -32,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import staged_job  # noqa: E402  (the tests' own: claim, write, plan, assemble in-process)
 
 import dask_imgsink  # noqa: E402, F401  (registers ddf.imgsink)
+from dask_imgsink.job.spread import DEFAULT_SPREAD_FILES, SPREAD_FILES_KEY  # noqa: E402
 
 
 def _dataset_bytes(fs, root: str) -> int:
@@ -73,34 +82,53 @@ def s3_transfer(ddf, local_dir: str, repeats: int) -> dict:
             "local_seconds": local_seconds}
 
 
-def _staged_commit(url: str, options: dict, shards: int):
+def _staged_commit(url: str, options: dict, shards: int, spread_files: int | None):
     """Stage a job of ``shards`` one-image shards in this process; return its commit, ready to call."""
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"key": [f"k{i:06d}" for i in range(shards)],
                           "image": pd.Series([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                                               for _ in range(shards)], dtype=object)})
-    with dask.config.set({"dataframe.convert-string": False}):
+    with dask.config.set({"dataframe.convert-string": False, SPREAD_FILES_KEY: spread_files}):
         ddf = dd.from_pandas(frame, npartitions=4, sort=False)
-    return staged_job(ddf, url, key_column="key", images_per_tar=1, storage_options=options)
+        return staged_job(ddf, url, key_column="key", images_per_tar=1, storage_options=options)
 
 
-def commit_figures(shards: int, latency: float) -> dict:
-    """Wall time and requests of the commit of ``shards`` shards with ``latency`` s added per request."""
-    with S3Proxy() as proxy:
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    times = {name: psutil.Process(pid).cpu_times() for name, pid in pids.items()}
+    return {name: t.user + t.system for name, t in times.items()}
+
+
+def commit_figures(shards: int, latency: float, spread: bool = True) -> dict:
+    """The commit of ``shards`` shards, run as a task on a LocalCluster of 2 processes x 1 thread (as a
+    job's commit runs), with ``latency`` s added per request: wall time, requests, and the CPU seconds
+    each process spent meanwhile (the workers, which send the requests; the server; the proxy).
+    ``spread=False`` publishes every file from the commit's own process."""
+    with S3Proxy() as proxy, LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         proxy.make_bucket(bucket)
-        commit = _staged_commit(f"s3://{bucket}/out", proxy.storage_options(), shards)
+        commit = _staged_commit(f"s3://{bucket}/out", proxy.storage_options(), shards,
+                                DEFAULT_SPREAD_FILES if spread else None)
+        pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
+        pids.update({"server": proxy.procs[0].pid, "proxy": proxy.procs[1].pid})
         proxy.reset()
         proxy.set_latency(latency)
+        before = _cpu_seconds(pids)
         start = time.perf_counter()
-        commit()
+        client.submit(commit, pure=False).result()
         seconds = time.perf_counter() - start
+        after = _cpu_seconds(pids)
         counts = proxy.counts()
-        waited_alone = [r for r in counts["alone"] if not r.startswith("CopyObject")]
-        return {"seconds": seconds, "requests": counts["total"], "per_shard": counts["total"] / shards,
-                "by_operation": counts["requests"], "most_in_flight": counts["most_in_flight"],
-                "fixed": counts["total"] - counts["requests"].get("CopyObject", 0),
-                "waited_alone": len(waited_alone)}
+    waited_alone = [r for r in counts["alone"] if not r.startswith("CopyObject")]
+    cpu = {name: after[name] - before[name] for name in pids}
+    busiest = max(v for name, v in cpu.items() if name.startswith("worker"))
+    return {"seconds": seconds, "requests": counts["total"], "per_shard": counts["total"] / shards,
+            "by_operation": counts["requests"], "most_in_flight": counts["most_in_flight"],
+            "fixed": counts["total"] - counts["requests"].get("CopyObject", 0),
+            "waited_alone": len(waited_alone), "cpu": cpu, "busiest_client_cpu": busiest,
+            "client_ms_per_request": 1000 * sum(v for n, v in cpu.items() if n.startswith("worker"))
+            / counts["total"]}
 
 
 def disk_ratio(ddf, folder: str) -> float:
@@ -115,12 +143,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, default=400)
     parser.add_argument("--latency", type=float, default=0.02)
+    parser.add_argument("--repeats", type=int, default=1, help="commits of each kind, alternated")
     args = parser.parse_args()
-    figures = commit_figures(args.shards, args.latency)
-    print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request: {figures['seconds']:.2f} s, "
-          f"{figures['per_shard']:.2f} requests per shard, up to {figures['most_in_flight']} at once; "
-          f"{figures['fixed']} for the whole job, {figures['waited_alone']} of them sent alone "
-          f"{figures['by_operation']}")
+    for _ in range(args.repeats):
+        for spread in (False, True):
+            f = commit_figures(args.shards, args.latency, spread)
+            cpu = ", ".join(f"{name} {value:.2f}" for name, value in f["cpu"].items())
+            print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request, "
+                  f"{'spread over the workers' if spread else 'from one process'}: {f['seconds']:.2f} s; "
+                  f"CPU seconds: {cpu}; {f['client_ms_per_request']:.1f} ms of client CPU per request; "
+                  f"{f['per_shard']:.2f} requests per shard, up to {f['most_in_flight']} at once; "
+                  f"{f['fixed']} for the whole job, {f['waited_alone']} of them sent alone {f['by_operation']}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ measured in this run on the same images):
 - object store and disk (``bench_s3.py``): bytes uploaded and downloaded by
   exact packing against the dataset's bytes, counted at a loopback S3 server
   (moto behind a counting proxy, both started here); the commit's requests per
-  shard, concurrency and wall time with 20 ms added per request; the most
-  bytes the output directory held during a local job against the dataset's size.
+  shard, concurrency and wall time with 20 ms added per request (the commit run
+  as a task on a 2 x 1 LocalCluster, its copies spread over both workers, and
+  from its own process alone); the client's CPU per request and the busiest
+  worker's CPU seconds; the most bytes the output directory held during a local
+  job against the dataset's size.
 
 Peak RSS is how far the largest resident set of any worker process (psutil, sampled
 every 10 ms) rose during the writes above what it was with the partitions persisted.
@@ -310,6 +313,7 @@ def storage_rows(count: int, shards: int, repeats: int) -> list[tuple[str, float
     with dask.config.set(scheduler="threads"), scratch() as folder:
         moved = s3_transfer(ddf, folder, repeats)
         disk = disk_ratio(ddf, folder)
+    alone = commit_figures(shards, 0.02, spread=False)
     slow = commit_figures(shards, 0.02)
     fast = commit_figures(shards, 0.0)
     return [
@@ -323,6 +327,11 @@ def storage_rows(count: int, shards: int, repeats: int) -> list[tuple[str, float
         ("  (sent alone: each a full round trip)", slow["waited_alone"], ""),
         (f"commit of {shards} shards, 20 ms added per request: seconds", slow["seconds"], "< 1"),
         ("same, no latency added (the server's own time): seconds", fast["seconds"], ""),
+        ("same, 20 ms, copies from the commit's process alone: seconds", alone["seconds"], ""),
+        ("commit: client CPU ms per request (botocore; what bounds it on a real store)",
+         slow["client_ms_per_request"], ""),
+        ("commit: busiest worker's CPU seconds, copies spread over the 2 workers", slow["busiest_client_cpu"], ""),
+        ("  same, copies from the commit's process alone", alone["busiest_client_cpu"], ""),
         ("exact packing on local disk: peak bytes below the output / dataset bytes", disk, "<= 1.1"),
     ]
 

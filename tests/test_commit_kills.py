@@ -118,7 +118,7 @@ def test_a_worker_killed_inside_the_commit_on_s3_gives_the_same_dataset(s3, kill
     kill_client.compute(job(reference)).result(timeout=120)
     steps = json.loads(kill_control.with_suffix(".steps").read_text())
     expected = comparable_dataset(reference.removeprefix("s3://"), fs)
-    publishes = [i + 1 for i, s in enumerate(steps) if s in ("publish", "publish_many")]
+    publishes = [i + 1 for i, s in enumerate(steps) if s in ("publish", "publish_spread")]
     index_write = [i + 1 for i, s in enumerate(steps) if s == "write_small"][-2]  # then the card, then _SUCCESS
     removals = [i + 1 for i, s in enumerate(steps) if s == "remove_file"]
     for point in sorted({publishes[0], publishes[len(publishes) // 2], index_write, steps.index("release") + 1,
@@ -131,3 +131,29 @@ def test_a_worker_killed_inside_the_commit_on_s3_gives_the_same_dataset(s3, kill
         assert comparable_dataset(url.removeprefix("s3://"), fs) == expected, f"killed before step {point}"
         assert not fs.find(f"{url.removeprefix('s3://')}/.imgsink")
         assert verify_dataset(url, storage_options=options).ok
+
+
+@pytest.mark.parametrize("where", ["beside", "under"])
+def test_a_worker_killed_while_copying_its_share_of_a_spread_commit_gives_the_same_dataset(s3, kill_client,
+                                                                                            kill_control, where):
+    """The commit spreads its copies over both workers (a share of at least 2 files each here); the first
+    worker to start a share dies there: one not running the commit ("beside": Dask reruns the share), or the
+    one whose commit task waits for the shares ("under": Dask reruns the commit, which spreads again)."""
+    prefix, options, fs = s3
+
+    def job(url):
+        with dask.config.set({"imgsink.commit-spread-files": 2}):  # read where the graph is built
+            return frame_ddf(10, 0, npartitions=3).imgsink.to_webdataset(
+                url, key_column="key", text_column="caption", images_per_tar=4, storage_options=options)
+
+    kill_control.write_text(json.dumps({"armed": False}))
+    reference = f"{prefix}/reference/out"
+    kill_client.compute(job(reference)).result(timeout=120)
+    expected = comparable_dataset(reference.removeprefix("s3://"), fs)
+    url = f"{prefix}/killed/out"
+    kill_control.write_text(json.dumps({"armed": True, "kill_share": where}))
+    kill_client.compute(job(url)).result(timeout=180)
+    assert json.loads(kill_control.read_text()).get("killed_at") == f"share {where} the commit"
+    assert comparable_dataset(url.removeprefix("s3://"), fs) == expected
+    assert not fs.find(f"{url.removeprefix('s3://')}/.imgsink")
+    assert verify_dataset(url, storage_options=options).ok

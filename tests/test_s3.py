@@ -125,3 +125,46 @@ def test_the_commit_publishes_each_shard_with_three_requests_at_once(counted_s3)
     assert len(waited_alone) <= 14, waited_alone  # 35 when every step waited for the one before
     assert counts["most_in_flight"] > 10, counts  # more than botocore's default pool of 10 connections
     assert verify_dataset(url, storage_options=options).ok
+
+
+def test_a_commit_of_many_files_spreads_its_copies_over_every_worker(counted_s3, client):
+    """On a cluster, the commit's CopyObjects are sent from both worker processes (botocore's CPU per
+    request, not the store, bounds a commit of many shards from one process); still one per file."""
+    import dask
+    from distributed import get_task_stream
+
+    prefix, options, server = counted_s3
+    url = f"{prefix}/spread"
+    with dask.config.set({"imgsink.commit-spread-files": 4}):  # read where the graph is built
+        job = frame_ddf(12, 0, npartitions=3).imgsink.to_webdataset(url, key_column="key", images_per_tar=1,
+                                                                   storage_options=options)
+    with get_task_stream(client) as stream:
+        tasks = job.compute()
+    shares = [t for t in stream.data if str(t["key"]).startswith("imgsink-publish-share")]
+    assert len(tasks) == 12 and len(shares) == 2
+    assert len({t["worker"] for t in shares}) == 2, shares
+    assert server.counts()["requests"].get("CopyObject") == 3 * 12
+    assert verify_dataset(url, storage_options=options).ok
+
+
+def test_a_commit_with_spreading_turned_off_copies_from_its_own_process(counted_s3, client):
+    import dask
+    from distributed import get_task_stream
+
+    prefix, options, server = counted_s3
+    with dask.config.set({"imgsink.commit-spread-files": None}):
+        job = frame_ddf(12, 0, npartitions=3).imgsink.to_webdataset(f"{prefix}/one", key_column="key",
+                                                                   images_per_tar=1, storage_options=options)
+    with get_task_stream(client) as stream:
+        job.compute()
+    assert not [t for t in stream.data if str(t["key"]).startswith("imgsink-publish-share")]
+    assert server.counts()["requests"].get("CopyObject") == 3 * 12
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "64"])
+def test_a_bad_spread_setting_is_refused_where_the_graph_is_built(tmp_path, value):
+    import dask
+
+    with dask.config.set({"imgsink.commit-spread-files": value}), \
+            pytest.raises(ValueError, match="imgsink.commit-spread-files"):
+        frame_ddf(2, 0).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key")

@@ -54,7 +54,6 @@ from ..storage import (
     is_s3,
     join,
     publish,
-    publish_many,
     read_bytes,
     read_many,
     remove_empty_dir,
@@ -69,6 +68,7 @@ from .claim import Claim
 from .cleanup import dead_files_below, sweep_dead_staging
 from .lock import LostLockError, holds_lock, lock_read_holds, read_lock, release
 from .output import existing_entries, not_empty_error, overwrite_removals
+from .spread import publish_spread
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -139,18 +139,19 @@ def _save_journal(fs, root: str, job_id: str, journal: Journal) -> None:
 # --------------------------------------------------------------------------- steps
 
 
-def _publish(fs, root: str, job_id: str, files: list[PlannedFile]) -> None:
+def _publish(fs, root: str, job_id: str, files: list[PlannedFile], spread_files: int | None) -> None:
     """Give every staged file its final name.
 
     Elsewhere than S3 each file is moved in turn (a staged file is moved at most
     once, so a final file whose staged copy is gone came from it: a rerun skips it).
     On S3 all files are copied at once, one request each
     (:func:`~dask_imgsink.storage.publish_many`), with no listing first: a staged
-    object stays until the commit is over, so a rerun copies again.
+    object stays until the commit is over, so a rerun copies again. Many files
+    are copied from every worker process at once (:mod:`~dask_imgsink.job.spread`).
     """
     if is_s3(fs):
         try:
-            publish_many(fs, [(f.staged, join(root, f.name), f.size) for f in files])
+            publish_spread(fs, [(f.staged, join(root, f.name), f.size) for f in files], spread_files)
         except FileNotFoundError as exc:
             raise _staging_gone(exc) from exc
         return
@@ -350,7 +351,7 @@ def _replace_files(fs, root: str, opts, journal: Journal, files: list[PlannedFil
         remove_many(fs, [join(root, name) for name in journal.remove if name not in journal.planned])
     # names an earlier attempt planned from other input: they are ours
     remove_many(fs, [join(root, name) for name in dropped])
-    _publish(fs, root, opts.job_id, files)
+    _publish(fs, root, opts.job_id, files, opts.commit_spread_files)
 
 
 def commit_job(

@@ -16,6 +16,7 @@ from ..core.argcheck import check_bool, check_choice, check_int
 from ..core.encode import EncodeOptions
 from .output import MODE_CHOICES
 from .unique import UNIQUE_KEYS_CHOICES
+from .spread import spread_files_setting
 
 PACKING_CHOICES = ("exact", "per_partition")
 
@@ -48,6 +49,8 @@ class WriteOptions:
     dali_index: bool = True
     max_shard_bytes: int | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: files from which the commit spreads its copies over the workers (``imgsink.commit-spread-files``)
+    commit_spread_files: int | None = field(default_factory=spread_files_setting)
 
     def __post_init__(self) -> None:
         check_int("images_per_tar", self.images_per_tar, low=1)

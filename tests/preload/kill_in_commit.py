@@ -7,6 +7,11 @@ exits at once, as a SIGKILL would leave it: nothing of ours runs after. The
 control file is disarmed first, so the commit Dask reruns elsewhere is not
 killed again. With no control file, nothing changes; steps are still counted
 and logged, which is how the tests learn how many steps a commit takes.
+
+A commit that spreads its copies over the workers (``dask_imgsink.job.spread``)
+runs them as tasks of their own; ``"kill_share": "beside"`` (or ``"under"``)
+makes the first worker to start a share die there when the commit's own task
+is not (or is) waiting on that worker.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-STEPS = ("publish", "publish_many", "write_small", "write_small_many", "read_many", "remove_file", "remove_many",
+STEPS = ("publish", "publish_spread", "write_small", "write_small_many", "read_many", "remove_file", "remove_many",
          "remove_quietly", "remove_empty_dir", "release", "sweep_dead_staging", "_save_journal", "read_lock")
 
 
@@ -67,3 +72,25 @@ def dask_setup(worker) -> None:
         return result
 
     accessor.commit_job = commit_job
+    _kill_in_shares(worker)
+
+
+def _kill_in_shares(worker) -> None:
+    import dask_imgsink.job.spread as spread
+    import dask_imgsink.storage as storage
+
+    real_publish_many = spread.publish_many
+
+    @functools.wraps(real_publish_many)
+    def publish_many(*args, **kwargs):
+        state = _read()
+        here = "under" if any(str(ts.key).startswith("imgsink-commit")
+                              for ts in worker.state.long_running) else "beside"
+        if state.get("armed") and state.get("kill_share") == here:
+            state.update(armed=False, killed_at=f"share {here} the commit")
+            _control().write_text(json.dumps(state))
+            os._exit(1)
+        return real_publish_many(*args, **kwargs)
+
+    # both names: a share task pickles the function by reference to dask_imgsink.storage
+    spread.publish_many = storage.publish_many = publish_many

@@ -1,0 +1,83 @@
+"""Spreading the commit's copies over the cluster's worker processes.
+
+On S3 each published file costs one CopyObject, and what bounds a commit of
+many shards is not the store's latency (64 requests are in flight at once) but
+the client's CPU: botocore signs, sends and parses each request in Python,
+about 4 ms of one core per request on the project's machine, on one event loop
+whose thread holds the GIL. A commit of 10,000 shards (30,000 copies) in one
+process therefore takes minutes whatever the store. So when the commit runs on
+a ``distributed`` worker and has enough files to give two workers at least
+``imgsink.commit-spread-files`` each, it splits them into one share per worker
+process (as many as hold that many files) and copies the shares as tasks on
+those workers at once (the commit's own thread secedes meanwhile, so its worker
+copies a share too), then waits for all of them.
+
+Nothing else of the commit changes: copying a staged object to its final name
+is idempotent (the staged object stays until the commit is over), so a share
+Dask reruns after a worker died, or a whole commit Dask reruns, copies again
+and leaves the same objects. A share that fails raises in the commit, which
+then takes back what it published.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import dask
+
+from ..storage import publish_many
+
+#: ``dask.config`` key: the fewest files a worker's share of the commit's copies holds.
+SPREAD_FILES_KEY = "imgsink.commit-spread-files"
+#: The default: two rounds of the 64 requests a process keeps in flight (about half a second of one
+#: core's CPU); a commit of fewer than twice as many files publishes them all from its own process.
+DEFAULT_SPREAD_FILES = 128
+
+
+def spread_files_setting() -> int | None:
+    """The ``imgsink.commit-spread-files`` setting (``None``: never spread), read where the graph is built,
+    since a ``dask.config.set`` in the client does not reach the workers that run the commit."""
+    value = dask.config.get(SPREAD_FILES_KEY, DEFAULT_SPREAD_FILES)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"dask config {SPREAD_FILES_KEY}={value!r} must be a whole number of files >= 1, "
+                         "or None to publish every file from the commit's own process")
+    return value
+
+
+def _worker_processes() -> list[str]:
+    """The addresses of the cluster's workers, this one first, when this runs in a task on a
+    ``distributed`` worker; else []."""
+    try:
+        from distributed import get_client, get_worker
+
+        here = get_worker().address
+    except (ImportError, ValueError):
+        return []
+    return [here, *sorted(set(get_client().nthreads()) - {here})]
+
+
+def publish_spread(fs, moves: list[tuple[str, str, int]], spread_files: int | None) -> None:
+    """:func:`~dask_imgsink.storage.publish_many`, spread over the cluster's worker processes when
+    the commit runs on a ``distributed`` worker and at least two of them get ``spread_files`` files.
+
+    Parameters
+    ----------
+    fs : fsspec filesystem
+        An s3fs filesystem (it pickles as its storage options).
+    moves : list of (staged, final, size)
+    spread_files : int or None
+        The fewest files a worker's share holds; ``None`` never spreads.
+    """
+    count = 0 if spread_files is None else len(moves) // spread_files
+    workers = _worker_processes()[:count] if count >= 2 else []
+    if len(workers) < 2:
+        return publish_many(fs, moves)
+    from distributed import worker_client
+
+    shares = [moves[i::len(workers)] for i in range(len(workers))]  # round robin: equal counts and sizes
+    tag = uuid.uuid4().hex[:12]
+    with worker_client() as client:  # secedes: this worker's thread is free for its own share
+        futures = [client.submit(publish_many, fs, share, key=f"imgsink-publish-share-{tag}-{i}",
+                                 workers=[worker], allow_other_workers=True, pure=False)
+                   for i, (worker, share) in enumerate(zip(workers, shares))]
+        client.gather(futures)
