@@ -168,3 +168,18 @@ def test_a_bad_spread_setting_is_refused_where_the_graph_is_built(tmp_path, valu
     with dask.config.set({"imgsink.commit-spread-files": value}), \
             pytest.raises(ValueError, match="imgsink.commit-spread-files"):
         frame_ddf(2, 0).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key")
+
+
+def test_a_commit_spreads_over_at_most_eight_workers_each_with_enough_files():
+    """Eight processes send about as many CopyObjects a second as S3 takes on one prefix (3,500)."""
+    from dask_imgsink.job.spread import shares_for
+
+    workers = [f"tcp://w{i:03d}" for i in range(100)]
+    moves = list(range(30_000))
+    shares = shares_for(moves, workers, 128)
+    assert [w for w, _ in shares] == workers[:8]
+    assert sorted(m for _, share in shares for m in share) == moves  # each file once
+    assert {len(share) for _, share in shares} == {3750}
+    assert len(shares_for(list(range(300)), workers, 128)) == 2  # 128 files a share at least
+    assert shares_for(list(range(255)), workers, 128) == []
+    assert shares_for(moves, workers[:1], 128) == [] and shares_for(moves, workers, None) == []

@@ -3,14 +3,15 @@
 On S3 each published file costs one CopyObject, and what bounds a commit of
 many shards is not the store's latency (64 requests are in flight at once) but
 the client's CPU: botocore signs, sends and parses each request in Python,
-about 4 ms of one core per request on the project's machine, on one event loop
+3-6 ms of one core per request on the project's machine, on one event loop
 whose thread holds the GIL. A commit of 10,000 shards (30,000 copies) in one
 process therefore takes minutes whatever the store. So when the commit runs on
 a ``distributed`` worker and has enough files to give two workers at least
 ``imgsink.commit-spread-files`` each, it splits them into one share per worker
 process (as many as hold that many files) and copies the shares as tasks on
-those workers at once (the commit's own thread secedes meanwhile, so its worker
-copies a share too), then waits for all of them.
+those workers at once, on at most :data:`MAX_SHARES` of them (the commit's own
+thread secedes meanwhile, so its worker copies a share too), then waits for all
+of them.
 
 Nothing else of the commit changes: copying a staged object to its final name
 is idempotent (the staged object stays until the commit is over), so a share
@@ -32,6 +33,10 @@ SPREAD_FILES_KEY = "imgsink.commit-spread-files"
 #: The default: two rounds of the 64 requests a process keeps in flight (about half a second of one
 #: core's CPU); a commit of fewer than twice as many files publishes them all from its own process.
 DEFAULT_SPREAD_FILES = 128
+#: The most workers a commit spreads over. S3 serves about 3,500 writes (CopyObject counts as one) a
+#: second per prefix before it answers "503 SlowDown", and one process sends up to about 300 a second:
+#: eight stay below that, so a large cluster cannot throttle its own commit.
+MAX_SHARES = 8
 
 
 def spread_files_setting() -> int | None:
@@ -56,6 +61,15 @@ def _worker_processes() -> list[str]:
     return [here, *sorted(set(get_client().nthreads()) - {here})]
 
 
+def shares_for(moves: list, workers: list[str], spread_files: int | None) -> list[tuple[str, list]]:
+    """``(worker, share)`` pairs: as many shares as hold ``spread_files`` files each, at most one per
+    worker and :data:`MAX_SHARES`, dealt round robin (equal counts and sizes); ``[]`` when fewer than two."""
+    count = 0 if spread_files is None else min(len(moves) // spread_files, len(workers), MAX_SHARES)
+    if count < 2:
+        return []
+    return [(worker, moves[i::count]) for i, worker in enumerate(workers[:count])]
+
+
 def publish_spread(fs, moves: list[tuple[str, str, int]], spread_files: int | None) -> None:
     """:func:`~dask_imgsink.storage.publish_many`, spread over the cluster's worker processes when
     the commit runs on a ``distributed`` worker and at least two of them get ``spread_files`` files.
@@ -68,16 +82,15 @@ def publish_spread(fs, moves: list[tuple[str, str, int]], spread_files: int | No
     spread_files : int or None
         The fewest files a worker's share holds; ``None`` never spreads.
     """
-    count = 0 if spread_files is None else len(moves) // spread_files
-    workers = _worker_processes()[:count] if count >= 2 else []
-    if len(workers) < 2:
+    shares = [] if spread_files is None or len(moves) < 2 * spread_files else \
+        shares_for(moves, _worker_processes(), spread_files)
+    if not shares:
         return publish_many(fs, moves)
     from distributed import worker_client
 
-    shares = [moves[i::len(workers)] for i in range(len(workers))]  # round robin: equal counts and sizes
     tag = uuid.uuid4().hex[:12]
     with worker_client() as client:  # secedes: this worker's thread is free for its own share
         futures = [client.submit(publish_many, fs, share, key=f"imgsink-publish-share-{tag}-{i}",
                                  workers=[worker], allow_other_workers=True, pure=False)
-                   for i, (worker, share) in enumerate(zip(workers, shares))]
+                   for i, (worker, share) in enumerate(shares)]
         client.gather(futures)
