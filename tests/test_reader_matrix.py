@@ -7,14 +7,15 @@ images, and has null captions and labels, so the Hugging Face and DALI cases tha
 are in every state. Each reader is called the way its README line says and
 must return exactly the images written, once each.
 
-Hugging Face ``datasets`` and DALI run in a subprocess each: both start thread
-pools that can abort the interpreter at exit (apache/arrow#34314), which is not
-what these tests check. DALI runs CPU-only (``device_id=None``); wids is not
-here because it needs PyTorch (see the README's reader table).
+Hugging Face ``datasets``, DALI and wids run in a subprocess each: the first two
+start thread pools that can abort the interpreter at exit (apache/arrow#34314),
+which is not what these tests check, and wids imports PyTorch (the CPU build of
+the test extra). DALI runs CPU-only (``device_id=None``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -192,6 +193,31 @@ def test_huggingface_load_dataset_returns_every_image(datasets_by_state, state, 
     assert [r[3] for r in result["rows"]] == [None if int(k[1:]) % 6 == 5 else int(k[1:]) % 5 for k in keys]
     assert result["sizes"] == [[10, 12]]
     assert result["columns"] == ["__key__", "__url__", "cls", "jpg", "json", "png", "txt"]
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_wids_reads_every_sample_by_index_from_our_index_file(datasets_by_state, state, tmp_path):
+    """wids opens ``_index.json`` as its shard list (relative URLs resolve beside it) and reads samples by index."""
+    if importlib.util.find_spec("wids") is None or importlib.util.find_spec("torch") is None:
+        pytest.skip("wids and PyTorch are not installed (the test extra installs them on Linux x86_64)")
+    out, keys = datasets_by_state[state]
+    result = _run(f"""
+        import json, wids
+        d = wids.ShardListDataset({str(out / "_index.json")!r}, cache_dir="wids-cache")
+        rows = []
+        for i in range(len(d)):
+            s = d[i]
+            images = [f for f in (".jpg", ".png") if f in s]
+            rows.append((s["__key__"], images, s[images[0]].size, s.get(".txt"), s.get(".cls"), s[".json"]["uid"]))
+        print(json.dumps({{"length": len(d), "rows": rows}}), flush=True)
+    """, tmp_path)
+    rows = result["rows"]
+    assert result["length"] == len(keys) and [r[0] for r in rows] == keys
+    assert all(len(images) == 1 and size == [10, 12] for _, images, size, _, _, _ in rows)
+    assert {images[0] for _, images, _, _, _, _ in rows} == {".jpg", ".png"}
+    assert [r[3] for r in rows] == [None if int(k[1:]) % 4 == 0 else f"caption {int(k[1:])}" for k in keys]
+    assert [r[4] for r in rows] == [None if int(k[1:]) % 6 == 5 else int(k[1:]) % 5 for k in keys]
+    assert [r[5] for r in rows] == keys
 
 
 @pytest.mark.parametrize("state", STATES)
