@@ -97,7 +97,7 @@ def publish_many(fs, moves: list[tuple[str, str, int]]) -> None:
         return
     fs = _wide_s3(fs)
 
-    async def copy_all():
+    async def copy_all():  # every copy ends before this returns, failed or not (see _all_settled)
         limit = asyncio.Semaphore(CONCURRENCY)
 
         async def copy(staged: str, final: str, size: int) -> None:
@@ -106,9 +106,22 @@ def publish_many(fs, moves: list[tuple[str, str, int]]) -> None:
                     await fs._copy_managed(staged, final, size)
                 else:
                     await fs._copy_basic(staged, final)
-        await asyncio.gather(*(copy(*move) for move in moves))
+        await _all_settled(copy(*move) for move in moves)
 
     fsspec.asyn.sync(fs.loop, copy_all)
+
+
+async def _all_settled(coroutines) -> None:
+    """Run ``coroutines`` at once; once every one has ended, raise the first error, if any.
+
+    ``asyncio.gather`` raises at the first error and leaves the rest running: a
+    copy still queued would then land after the commit had taken back what it
+    published.
+    """
+    results = await asyncio.gather(*coroutines, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
 
 
 def remove_many(fs, paths: list[str]) -> None:
@@ -121,7 +134,7 @@ def remove_many(fs, paths: list[str]) -> None:
     fs = _wide_s3(fs) if len(chunks) > 10 else fs
 
     async def delete_all():
-        await asyncio.gather(*(fs._bulk_delete(chunk) for chunk in chunks))
+        await _all_settled(fs._bulk_delete(chunk) for chunk in chunks)
 
     if chunks:
         fsspec.asyn.sync(fs.loop, delete_all)

@@ -183,3 +183,81 @@ def test_a_commit_spreads_over_at_most_eight_workers_each_with_enough_files():
     assert len(shares_for(list(range(300)), workers, 128)) == 2  # 128 files a share at least
     assert shares_for(list(range(255)), workers, 128) == []
     assert shares_for(moves, workers[:1], 128) == [] and shares_for(moves, workers, None) == []
+
+
+def test_a_copy_that_fails_leaves_nothing_published_once_the_commit_has_failed(counted_s3):
+    """One staged object of 150 shards is gone: its CopyObject fails while many others are in flight or
+    queued. The commit fails and takes back what it published; no copy may land after that, so the
+    output holds nothing (no objects, not even ones that appear a moment later)."""
+    import time
+
+    import s3fs
+
+    prefix, options, _ = counted_s3
+    url = f"{prefix}/half"
+    commit = staged_job(frame_ddf(150, 0, npartitions=4), url, key_column="key", images_per_tar=1,
+                        storage_options=options)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
+    root = url.removeprefix("s3://")
+    staged = sorted(p for p in fs.find(root) if p.endswith("shard-000000.parquet.part"))
+    assert len(staged) == 1, staged
+    fs.rm(staged[0])
+    with pytest.raises(FileNotFoundError, match="staging"):
+        commit()
+    time.sleep(1.0)  # a copy still in flight when the commit returned would land now
+    assert fs.find(root) == [], fs.find(root)[:10]
+
+
+def _delay_shares_without(missing: str, seconds: float):
+    """On a worker: a share of the commit's copies that does not hold ``missing`` copies one file every
+    ``seconds`` (a slow worker), so the share that fails ends long before it. ``None`` undoes it."""
+    import functools
+    import time
+
+    import dask_imgsink.job.spread as spread
+    import dask_imgsink.storage as storage
+
+    real = getattr(storage, "_real_publish_many", storage.publish_many)
+    storage._real_publish_many = real
+    if missing is None:
+        spread.publish_many = storage.publish_many = real
+        return
+
+    @functools.wraps(real)
+    def publish_many(fs, moves):
+        if any(staged.endswith(missing) for staged, _, _ in moves):
+            return real(fs, moves)
+        for move in moves:
+            time.sleep(seconds)
+            real(fs, [move])
+
+    # both names: a share pickles the function by reference to dask_imgsink.storage
+    spread.publish_many = storage.publish_many = publish_many
+
+
+def test_a_share_that_fails_leaves_nothing_published_once_the_spread_commit_has_failed(counted_s3, client):
+    """The same on a cluster, the copies spread over both workers, one share slow: the commit waits for
+    every share to end before it takes back what was published, so the slow share's copies do not land
+    after it. (The delay is injected into the workers' real code path; the copies are real.)"""
+    import time
+
+    import dask
+    import s3fs
+
+    prefix, options, _ = counted_s3
+    url = f"{prefix}/spread-half"
+    with dask.config.set({"imgsink.commit-spread-files": 4}):
+        commit = staged_job(frame_ddf(60, 0, npartitions=4), url, key_column="key", images_per_tar=1,
+                            storage_options=options)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
+    root = url.removeprefix("s3://")
+    missing = "shard-000000.parquet.part"
+    fs.rm([p for p in fs.find(root) if p.endswith(missing)])
+    client.run(_delay_shares_without, missing, 0.03)
+    try:
+        with pytest.raises(FileNotFoundError, match="staging"):
+            client.submit(commit, pure=False).result()
+    finally:
+        client.run(_delay_shares_without, None, 0)
+    time.sleep(4.0)  # the slow share's copies would land by now
+    assert fs.find(root) == [], fs.find(root)[:10]

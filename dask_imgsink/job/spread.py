@@ -16,8 +16,9 @@ of them.
 Nothing else of the commit changes: copying a staged object to its final name
 is idempotent (the staged object stays until the commit is over), so a share
 Dask reruns after a worker died, or a whole commit Dask reruns, copies again
-and leaves the same objects. A share that fails raises in the commit, which
-then takes back what it published.
+and leaves the same objects. A share that fails raises in the commit once
+every share has ended, so the commit takes back what it published after the
+last copy, not while others still land.
 """
 
 from __future__ import annotations
@@ -86,11 +87,12 @@ def publish_spread(fs, moves: list[tuple[str, str, int]], spread_files: int | No
         shares_for(moves, _worker_processes(), spread_files)
     if not shares:
         return publish_many(fs, moves)
-    from distributed import worker_client
+    from distributed import wait, worker_client
 
     tag = uuid.uuid4().hex[:12]
     with worker_client() as client:  # secedes: this worker's thread is free for its own share
         futures = [client.submit(publish_many, fs, share, key=f"imgsink-publish-share-{tag}-{i}",
                                  workers=[worker], allow_other_workers=True, pure=False)
                    for i, (worker, share) in enumerate(shares)]
+        wait(futures)  # every share ends, failed or not, before the commit goes on (or takes back its copies)
         client.gather(futures)
