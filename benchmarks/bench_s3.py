@@ -98,37 +98,43 @@ def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {name: t.user + t.system for name, t in times.items()}
 
 
-def commit_figures(shards: int, latency: float, spread: bool = True) -> dict:
-    """The commit of ``shards`` shards, run as a task on a LocalCluster of 2 processes x 1 thread (as a
-    job's commit runs), with ``latency`` s added per request: wall time, requests, and the CPU seconds
-    each process spent meanwhile (the workers, which send the requests; the server; the proxy).
-    ``spread=False`` publishes every file from the commit's own process."""
+def commit_figures(shards: int, cases: list[tuple[float, bool]]) -> list[dict]:
+    """The commit of ``shards`` shards for each ``(latency, spread)`` case, run as a task on one
+    LocalCluster of 2 processes x 1 thread (as a job's commit runs), with ``latency`` s added per
+    request: wall time, requests, and the CPU seconds each process spent meanwhile (the workers,
+    which send the requests; the server; the proxy). ``spread=False`` publishes every file from
+    the commit's own process."""
     with S3Proxy() as proxy, LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                           dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
-        bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        proxy.make_bucket(bucket)
-        commit = _staged_commit(f"s3://{bucket}/out", proxy.storage_options(), shards,
-                                DEFAULT_SPREAD_FILES if spread else None)
         pids = {f"worker {i}": pid for i, pid in enumerate(client.run(os.getpid).values())}
         pids.update({"server": proxy.procs[0].pid, "proxy": proxy.procs[1].pid})
-        proxy.reset()
-        proxy.set_latency(latency)
-        before = _cpu_seconds(pids)
-        start = time.perf_counter()
-        client.submit(commit, pure=False).result()
-        seconds = time.perf_counter() - start
-        after = _cpu_seconds(pids)
-        counts = proxy.counts()
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        proxy.make_bucket(bucket)
+        return [_one_commit(client, proxy, pids, f"s3://{bucket}/out-{i}", shards, latency, spread)
+                for i, (latency, spread) in enumerate(cases)]
+
+
+def _one_commit(client, proxy, pids: dict[str, int], url: str, shards: int, latency: float, spread: bool) -> dict:
+    commit = _staged_commit(url, proxy.storage_options(), shards, DEFAULT_SPREAD_FILES if spread else None)
+    proxy.reset()
+    proxy.set_latency(latency)
+    before = _cpu_seconds(pids)
+    start = time.perf_counter()
+    client.submit(commit, pure=False).result()
+    seconds = time.perf_counter() - start
+    after = _cpu_seconds(pids)
+    counts = proxy.counts()
+    proxy.set_latency(0)
     waited_alone = [r for r in counts["alone"] if not r.startswith("CopyObject")]
     cpu = {name: after[name] - before[name] for name in pids}
-    busiest = max(v for name, v in cpu.items() if name.startswith("worker"))
+    workers_cpu = [v for name, v in cpu.items() if name.startswith("worker")]
     return {"seconds": seconds, "requests": counts["total"], "per_shard": counts["total"] / shards,
             "by_operation": counts["requests"], "most_in_flight": counts["most_in_flight"],
             "fixed": counts["total"] - counts["requests"].get("CopyObject", 0),
-            "waited_alone": len(waited_alone), "cpu": cpu, "busiest_client_cpu": busiest,
-            "client_ms_per_request": 1000 * sum(v for n, v in cpu.items() if n.startswith("worker"))
-            / counts["total"]}
+            "waited_alone": len(waited_alone), "cpu": cpu, "busiest_client_cpu": max(workers_cpu),
+            "client_ms_per_request": 1000 * sum(workers_cpu) / counts["total"], "spread": spread,
+            "latency": latency}
 
 
 def disk_ratio(ddf, folder: str) -> float:
@@ -145,16 +151,15 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--repeats", type=int, default=1, help="commits of each kind, alternated")
     args = parser.parse_args()
-    for _ in range(args.repeats):
-        for spread in (False, True):
-            f = commit_figures(args.shards, args.latency, spread)
-            cpu = ", ".join(f"{name} {value:.2f}" for name, value in f["cpu"].items())
-            print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request, "
-                  f"{'spread over the workers' if spread else 'from one process'}: {f['seconds']:.2f} s; "
-                  f"CPU seconds: {cpu}; {f['client_ms_per_request']:.1f} ms of client CPU per request; "
-                  f"{f['per_shard']:.2f} requests per shard, up to {f['most_in_flight']} at once; "
-                  f"{f['fixed']} for the whole job, {f['waited_alone']} of them sent alone {f['by_operation']}",
-                  flush=True)
+    cases = [(args.latency, spread) for _ in range(args.repeats) for spread in (False, True)]
+    for f in commit_figures(args.shards, cases):
+        cpu = ", ".join(f"{name} {value:.2f}" for name, value in f["cpu"].items())
+        print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request, "
+              f"{'spread over the workers' if f['spread'] else 'from one process'}: {f['seconds']:.2f} s; "
+              f"CPU seconds: {cpu}; {f['client_ms_per_request']:.1f} ms of client CPU per request; "
+              f"{f['per_shard']:.2f} requests per shard, up to {f['most_in_flight']} at once; "
+              f"{f['fixed']} for the whole job, {f['waited_alone']} of them sent alone {f['by_operation']}",
+              flush=True)
 
 
 if __name__ == "__main__":

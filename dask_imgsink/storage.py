@@ -275,7 +275,14 @@ def write_small_many(fs, files: list[tuple[str, bytes]], tmp_dir: str) -> None:
         for path, data in files:
             write_small(fs, path, data, tmp_dir)
         return
-    fs.pipe(dict(files))
+    if not getattr(fs, "async_impl", False):
+        fs.pipe(dict(files))
+        return
+
+    async def put_all():  # fsspec's pipe would raise at the first error and leave the rest running
+        await _all_settled(fs._pipe_file(path, data) for path, data in files)
+
+    fsspec.asyn.sync(fs.loop, put_all)
 
 
 def _one_request(fs) -> dict:

@@ -4,6 +4,7 @@ kind of input, verify, info, clean; usage errors exit 2 without a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -12,9 +13,9 @@ import sys
 from dask_imgsink.cli import main
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dask_imgsink.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_help_explains_the_demo_options():
@@ -107,7 +108,8 @@ def test_usage_errors_exit_2_with_a_message_and_no_traceback(tmp_path, args):
     images = image_folder(tmp_path / "images", 3)
     args = [{"OUT": str(tmp_path / "out"), "NOWHERE": str(tmp_path / "nowhere"), "IMAGES": str(images)}.get(a, a)
             for a in args]
-    proc = _run(*args)
+    # an unreachable scheduler is given up after Dask's connect timeout: 3 s here, not the default 30
+    proc = _run(*args, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()

@@ -106,20 +106,20 @@ def test_exact_packing_uploads_each_byte_once_and_reads_none_back(counted_s3):
 
 
 def test_the_commit_publishes_each_shard_with_three_requests_at_once(counted_s3):
-    """150 shards (tar, Parquet and DALI index each): one CopyObject per file, many in flight at once
+    """100 shards (tar, Parquet and DALI index each): one CopyObject per file, many in flight at once
     (counted at the server), and a few requests for the whole commit (journal, index, card, _SUCCESS,
     lock, staging removal), most of them sent together: each request the server gets while it holds
     no other costs the commit a whole round trip."""
     prefix, options, server = counted_s3
     url = f"{prefix}/many"
-    commit = staged_job(frame_ddf(150, 0, npartitions=4), url, key_column="key", images_per_tar=1,
+    commit = staged_job(frame_ddf(100, 0, npartitions=4), url, key_column="key", images_per_tar=1,
                         storage_options=options)
     server.reset()
     tasks = commit()
     counts = server.counts()
-    assert len(tasks) == 150
-    assert counts["requests"].get("CopyObject") == 3 * 150, counts
-    assert counts["total"] - 3 * 150 <= 20, counts  # nothing else scales with the shards
+    assert len(tasks) == 100
+    assert counts["requests"].get("CopyObject") == 3 * 100, counts
+    assert counts["total"] - 3 * 100 <= 20, counts  # nothing else scales with the shards
     assert counts["requests"].get("HeadObject", 0) <= 2, counts  # no HEAD before a GET or a LIST
     waited_alone = [r for r in counts["alone"] if not r.startswith("CopyObject")]
     assert len(waited_alone) <= 14, waited_alone  # 35 when every step waited for the one before
@@ -186,7 +186,7 @@ def test_a_commit_spreads_over_at_most_eight_workers_each_with_enough_files():
 
 
 def test_a_copy_that_fails_leaves_nothing_published_once_the_commit_has_failed(counted_s3):
-    """One staged object of 150 shards is gone: its CopyObject fails while many others are in flight or
+    """One staged object of 80 shards is gone: its CopyObject fails while many others are in flight or
     queued. The commit fails and takes back what it published; no copy may land after that, so the
     output holds nothing (no objects, not even ones that appear a moment later)."""
     import time
@@ -195,7 +195,7 @@ def test_a_copy_that_fails_leaves_nothing_published_once_the_commit_has_failed(c
 
     prefix, options, _ = counted_s3
     url = f"{prefix}/half"
-    commit = staged_job(frame_ddf(150, 0, npartitions=4), url, key_column="key", images_per_tar=1,
+    commit = staged_job(frame_ddf(80, 0, npartitions=4), url, key_column="key", images_per_tar=1,
                         storage_options=options)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
     root = url.removeprefix("s3://")
@@ -247,7 +247,7 @@ def test_a_share_that_fails_leaves_nothing_published_once_the_spread_commit_has_
     prefix, options, _ = counted_s3
     url = f"{prefix}/spread-half"
     with dask.config.set({"imgsink.commit-spread-files": 4}):
-        commit = staged_job(frame_ddf(60, 0, npartitions=4), url, key_column="key", images_per_tar=1,
+        commit = staged_job(frame_ddf(40, 0, npartitions=4), url, key_column="key", images_per_tar=1,
                             storage_options=options)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
     root = url.removeprefix("s3://")
@@ -259,5 +259,5 @@ def test_a_share_that_fails_leaves_nothing_published_once_the_spread_commit_has_
             client.submit(commit, pure=False).result()
     finally:
         client.run(_delay_shares_without, None, 0)
-    time.sleep(4.0)  # the slow share's copies would land by now
+    time.sleep(3.0)  # the slow share's copies would land by now
     assert fs.find(root) == [], fs.find(root)[:10]

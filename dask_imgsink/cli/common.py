@@ -89,7 +89,7 @@ def dask_client(scheduler: str, workers: int | None = None):
             yield client
         return
     try:
-        client = Client(scheduler, timeout=30)
+        client = Client(scheduler)  # waits distributed.comm.timeouts.connect (30 s unless configured)
     except (OSError, TimeoutError, ValueError) as exc:
         raise UsageError(f"cannot reach the Dask scheduler at {scheduler!r} ({exc})") from None
     with client:

@@ -49,7 +49,7 @@ class WriteOptions:
     dali_index: bool = True
     max_shard_bytes: int | None = None
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    #: files from which the commit spreads its copies over the workers (``imgsink.commit-spread-files``)
+    #: the fewest files in each worker's share of the commit's copies on S3 (``imgsink.commit-spread-files``)
     commit_spread_files: int | None = field(default_factory=spread_files_setting)
 
     def __post_init__(self) -> None:
