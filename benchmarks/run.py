@@ -17,7 +17,8 @@ measured in this run on the same images):
   cannot skip (SHA-256, XXH3-64, the page-cache write of the encoded bytes) and the
   ceiling it puts on any writer's ratio; a 2 x 1 cluster's workers' and client's CPU;
 - scaling: 10 images after import; N/4 against N images; N images in 10
-  partitions against N/10 partitions of 10 (threaded scheduler, exact packing);
+  partitions against N/10 partitions of 10 (threaded scheduler, exact packing;
+  the two jobs of each ratio alternated, so the machine's drift moves both alike);
 - object store and disk (``bench_s3.py``): bytes uploaded and downloaded by
   exact packing against the dataset's bytes, counted at a loopback S3 server
   (moto behind a counting proxy, both started here); the commit's requests per
@@ -43,6 +44,7 @@ import hashlib
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from contextlib import contextmanager
@@ -131,6 +133,22 @@ def write_seconds(ddf, packing: str, repeats: int, images_per_tar: int = 500, **
                                       images_per_tar=images_per_tar, compute=True, **options)
     run()  # warm up: imports and pools in every process
     return median_seconds(run, repeats)
+
+
+def paired_write_seconds(first, second, repeats: int) -> tuple[float, float]:
+    """Median exact-packing write times of two DataFrames, the jobs alternated (first, second, first...)."""
+    times: tuple[list, list] = ([], [])
+
+    def run(ddf) -> float:  # timed as write_seconds times its jobs
+        start = time.perf_counter()
+        with scratch() as folder:
+            ddf.imgsink.to_webdataset(f"{folder}/out", key_column="key", images_per_tar=500, compute=True)
+        return time.perf_counter() - start
+    run(first), run(second)  # warm up
+    for _ in range(repeats):
+        times[0].append(run(first))
+        times[1].append(run(second))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def raw_write_seconds(blobs: list[bytes], repeats: int) -> float:
@@ -286,10 +304,9 @@ def scaling_rows(count: int, repeats: int) -> list[tuple[str, float, float | Non
 
     with dask.config.set(scheduler="threads"):
         ten = write_seconds(persisted(10, 1), "exact", max(repeats, 5))
-        quarter = write_seconds(persisted(count // 4, 6), "exact", repeats)
-        whole = write_seconds(persisted(count, 24), "exact", repeats)
-        few = write_seconds(persisted(count, 10), "exact", repeats)
-        many = write_seconds(persisted(count, count // 10), "exact", repeats)
+        # each pair alternated, so the machine's drift during the run moves both sides of a ratio alike
+        quarter, whole = paired_write_seconds(persisted(count // 4, 6), persisted(count, 24), repeats)
+        few, many = paired_write_seconds(persisted(count, 10), persisted(count, count // 10), repeats)
     return [
         ("10 images, after import", ten, None, "well under 1 s"),
         (f"{count // 4} images", quarter, None, ""),
