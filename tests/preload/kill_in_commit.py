@@ -84,8 +84,8 @@ def _kill_in_shares(worker) -> None:
     @functools.wraps(real_publish_many)
     def publish_many(*args, **kwargs):
         state = _read()
-        here = "under" if any(str(ts.key).startswith("imgsink-commit")
-                              for ts in worker.state.long_running) else "beside"
+        seceded = tuple(worker.state.long_running)  # a copy: the event loop changes the set meanwhile
+        here = "under" if any(str(ts.key).startswith("imgsink-commit") for ts in seceded) else "beside"
         if state.get("armed") and state.get("kill_share") == here:
             state.update(armed=False, killed_at=f"share {here} the commit")
             _control().write_text(json.dumps(state))
