@@ -83,8 +83,8 @@ def publish_spread(fs, moves: list[tuple[str, str, int]], spread_files: int | No
     spread_files : int or None
         The fewest files a worker's share holds; ``None`` never spreads.
     """
-    shares = [] if spread_files is None or len(moves) < 2 * spread_files else \
-        shares_for(moves, _worker_processes(), spread_files)
+    enough = spread_files is not None and len(moves) >= 2 * spread_files  # else ask no scheduler for workers
+    shares = shares_for(moves, _worker_processes(), spread_files) if enough else []
     if not shares:
         return publish_many(fs, moves)
     from distributed import wait, worker_client
