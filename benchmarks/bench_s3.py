@@ -8,8 +8,9 @@
   LocalCluster of 2 processes x 1 thread with ``latency`` seconds added to every
   request at the server: requests per shard, wall time, and the CPU seconds of
   each process (both workers, the server, the proxy), with the commit's copies
-  spread over the workers and from one process. The client's CPU per request is
-  what bounds a commit of many shards against a real store.
+  spread over the workers and from one process, sent through obstore (the
+  default where it is installed) and through s3fs (botocore). The client's CPU
+  per request is what bounds a commit of many shards against a real store.
 - Disk space: the most bytes the output directory held while an exact-packed
   job ran, against the dataset's size at the end.
 
@@ -41,6 +42,7 @@ from helpers import staged_job  # noqa: E402  (the tests' own: claim, write, pla
 
 import dask_imgsink  # noqa: E402, F401  (registers ddf.imgsink)
 from dask_imgsink.job.spread import DEFAULT_SPREAD_FILES, SPREAD_FILES_KEY  # noqa: E402
+from dask_imgsink.s3copy import OBSTORE_KEY  # noqa: E402
 
 
 def _dataset_bytes(fs, root: str) -> int:
@@ -82,13 +84,13 @@ def s3_transfer(ddf, local_dir: str, repeats: int) -> dict:
             "local_seconds": local_seconds}
 
 
-def _staged_commit(url: str, options: dict, shards: int, spread_files: int | None):
+def _staged_commit(url: str, options: dict, shards: int, spread_files: int | None, obstore: bool = True):
     """Stage a job of ``shards`` one-image shards in this process; return its commit, ready to call."""
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"key": [f"k{i:06d}" for i in range(shards)],
                           "image": pd.Series([rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                                               for _ in range(shards)], dtype=object)})
-    with dask.config.set({"dataframe.convert-string": False, SPREAD_FILES_KEY: spread_files}):
+    with dask.config.set({"dataframe.convert-string": False, SPREAD_FILES_KEY: spread_files, OBSTORE_KEY: obstore}):
         ddf = dd.from_pandas(frame, npartitions=4, sort=False)
         return staged_job(ddf, url, key_column="key", images_per_tar=1, storage_options=options)
 
@@ -98,12 +100,12 @@ def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {name: t.user + t.system for name, t in times.items()}
 
 
-def commit_figures(shards: int, cases: list[tuple[float, bool]]) -> list[dict]:
-    """The commit of ``shards`` shards for each ``(latency, spread)`` case, run as a task on one
+def commit_figures(shards: int, cases: list[tuple[float, bool, bool]]) -> list[dict]:
+    """The commit of ``shards`` shards for each ``(latency, spread, obstore)`` case, run as a task on one
     LocalCluster of 2 processes x 1 thread (as a job's commit runs), with ``latency`` s added per
     request: wall time, requests, and the CPU seconds each process spent meanwhile (the workers,
     which send the requests; the server; the proxy). ``spread=False`` publishes every file from
-    the commit's own process."""
+    the commit's own process; ``obstore=False`` sends the copies through s3fs."""
     with S3Proxy() as proxy, LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                           dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
@@ -111,12 +113,14 @@ def commit_figures(shards: int, cases: list[tuple[float, bool]]) -> list[dict]:
         pids.update({"server": proxy.procs[0].pid, "proxy": proxy.procs[1].pid})
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         proxy.make_bucket(bucket)
-        return [_one_commit(client, proxy, pids, f"s3://{bucket}/out-{i}", shards, latency, spread)
-                for i, (latency, spread) in enumerate(cases)]
+        return [_one_commit(client, proxy, pids, f"s3://{bucket}/out-{i}", shards, *case)
+                for i, case in enumerate(cases)]
 
 
-def _one_commit(client, proxy, pids: dict[str, int], url: str, shards: int, latency: float, spread: bool) -> dict:
-    commit = _staged_commit(url, proxy.storage_options(), shards, DEFAULT_SPREAD_FILES if spread else None)
+def _one_commit(client, proxy, pids: dict[str, int], url: str, shards: int, latency: float, spread: bool,
+                obstore: bool) -> dict:
+    commit = _staged_commit(url, proxy.storage_options(), shards, DEFAULT_SPREAD_FILES if spread else None,
+                            obstore)
     proxy.reset()
     proxy.set_latency(latency)
     before = _cpu_seconds(pids)
@@ -127,6 +131,8 @@ def _one_commit(client, proxy, pids: dict[str, int], url: str, shards: int, late
     counts = proxy.counts()
     proxy.set_latency(0)
     waited_alone = [r for r in counts["alone"] if not r.startswith("CopyObject")]
+    copies_by = {c: ops["CopyObject"] for c, ops in counts["by_client"].items() if "CopyObject" in ops}
+    assert list(copies_by) == (["dask-imgsink"] if obstore else ["aiobotocore"]), copies_by
     cpu = {name: after[name] - before[name] for name in pids}
     workers_cpu = [v for name, v in cpu.items() if name.startswith("worker")]
     return {"seconds": seconds, "requests": counts["total"], "per_shard": counts["total"] / shards,
@@ -134,7 +140,7 @@ def _one_commit(client, proxy, pids: dict[str, int], url: str, shards: int, late
             "fixed": counts["total"] - counts["requests"].get("CopyObject", 0),
             "waited_alone": len(waited_alone), "cpu": cpu, "busiest_client_cpu": max(workers_cpu),
             "client_ms_per_request": 1000 * sum(workers_cpu) / counts["total"], "spread": spread,
-            "latency": latency}
+            "latency": latency, "obstore": obstore}
 
 
 def disk_ratio(ddf, folder: str) -> float:
@@ -151,10 +157,12 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--repeats", type=int, default=1, help="commits of each kind, alternated")
     args = parser.parse_args()
-    cases = [(args.latency, spread) for _ in range(args.repeats) for spread in (False, True)]
+    cases = [(args.latency, spread, obstore) for _ in range(args.repeats) for obstore in (True, False)
+             for spread in (False, True)]
     for f in commit_figures(args.shards, cases):
         cpu = ", ".join(f"{name} {value:.2f}" for name, value in f["cpu"].items())
-        print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request, "
+        print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request, copies through "
+              f"{'obstore' if f['obstore'] else 's3fs'}, "
               f"{'spread over the workers' if f['spread'] else 'from one process'}: {f['seconds']:.2f} s; "
               f"CPU seconds: {cpu}; {f['client_ms_per_request']:.1f} ms of client CPU per request; "
               f"{f['per_shard']:.2f} requests per shard, up to {f['most_in_flight']} at once; "

@@ -330,7 +330,8 @@ def storage_rows(count: int, shards: int, repeats: int) -> list[tuple[str, float
     with dask.config.set(scheduler="threads"), scratch() as folder:
         moved = s3_transfer(ddf, folder, repeats)
         disk = disk_ratio(ddf, folder)
-    alone, slow, fast = commit_figures(shards, [(0.02, False), (0.02, True), (0.0, True)])
+    alone, slow, fast, botocore_alone, botocore = commit_figures(
+        shards, [(0.02, False, True), (0.02, True, True), (0.0, True, True), (0.02, False, False), (0.02, True, False)])
     return [
         (f"exact packing of {count} images: bytes uploaded / dataset bytes", moved["put_ratio"], "<= 1.05"),
         ("exact packing: bytes downloaded / dataset bytes", moved["get_ratio"], "<= 0.05"),
@@ -343,10 +344,15 @@ def storage_rows(count: int, shards: int, repeats: int) -> list[tuple[str, float
         (f"commit of {shards} shards, 20 ms added per request: seconds", slow["seconds"], "< 1"),
         ("same, no latency added (the server's own time): seconds", fast["seconds"], ""),
         ("same, 20 ms, copies from the commit's process alone: seconds", alone["seconds"], ""),
-        ("commit: client CPU ms per request (botocore; what bounds it on a real store)",
+        ("same, 20 ms, copies through s3fs (botocore), spread: seconds", botocore["seconds"], ""),
+        ("same, 20 ms, copies through s3fs, from the commit's process alone: seconds", botocore_alone["seconds"], ""),
+        ("commit: client CPU ms per request, copies through obstore (what bounds it on a real store)",
          slow["client_ms_per_request"], ""),
+        ("  same, copies through s3fs (botocore)", botocore["client_ms_per_request"], ""),
         ("commit: busiest worker's CPU seconds, copies spread over the 2 workers", slow["busiest_client_cpu"], ""),
         ("  same, copies from the commit's process alone", alone["busiest_client_cpu"], ""),
+        ("  same through s3fs, spread", botocore["busiest_client_cpu"], ""),
+        ("  same through s3fs, from the commit's process alone", botocore_alone["busiest_client_cpu"], ""),
         ("exact packing on local disk: peak bytes below the output / dataset bytes", disk, "<= 1.1"),
     ]
 

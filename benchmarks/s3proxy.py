@@ -6,6 +6,10 @@ operation, bytes uploaded (request bodies) and bytes downloaded (GetObject
 response bodies). ``latency`` seconds are added to each request before it is
 forwarded, to emulate a remote object store; requests are served concurrently,
 so concurrent requests overlap their latency as they would against S3.
+Requests are also counted by client (the first word of their User-Agent:
+``aiobotocore`` for s3fs, ``dask-imgsink`` for our obstore copies), and the
+requests of one client can be refused with 403 AccessDenied
+(:meth:`S3Proxy.deny`), as a store that does not accept that client would.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class Counts:
             self.in_flight = 0
             self.most_in_flight = 0
             self.alone: list[str] = []
+            self.by_client: dict[str, dict[str, int]] = {}
+            self.denied = 0
 
     def start(self, op: str) -> None:
         with self.lock:
@@ -74,10 +80,12 @@ class Counts:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
 
-    def add(self, op: str, up: int, down: int) -> None:
+    def add(self, op: str, up: int, down: int, client: str) -> None:
         with self.lock:
             self.in_flight -= 1
             self.requests[op] = self.requests.get(op, 0) + 1
+            ops = self.by_client.setdefault(client, {})
+            ops[op] = ops.get(op, 0) + 1
             self.bytes_up += up
             self.bytes_down += down if op == "GetObject" else 0
 
@@ -85,11 +93,17 @@ class Counts:
         with self.lock:
             return {"requests": dict(self.requests), "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                     "most_in_flight": self.most_in_flight, "total": sum(self.requests.values()),
-                    "alone": list(self.alone)}
+                    "alone": list(self.alone), "by_client": {c: dict(o) for c, o in self.by_client.items()},
+                    "denied": self.denied}
 
 
 class _Settings:
     latency = 0.0
+    deny = ""  # refuse the requests of clients whose User-Agent holds this
+
+
+_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+           b'<Message>Access Denied (refused by the test proxy for this client)</Message></Error>')
 
 
 def _handler(backend_port: int, counts: Counts, settings: _Settings):
@@ -124,12 +138,15 @@ def _handler(backend_port: int, counts: Counts, settings: _Settings):
             self.wfile.write(data)
 
         def _control(self, split) -> None:
-            """``/__proxy__/counts`` (GET), ``/__proxy__/reset`` and ``/__proxy__/latency?seconds=`` (POST)."""
+            """``/__proxy__/counts`` (GET); ``/__proxy__/reset``, ``/__proxy__/latency?seconds=`` and
+            ``/__proxy__/deny?agent=`` (POST)."""
             action = split.path.rsplit("/", 1)[-1]
             if action == "reset":
                 counts.reset()
             elif action == "latency":
                 settings.latency = float(urllib.parse.parse_qs(split.query)["seconds"][0])
+            elif action == "deny":
+                settings.deny = urllib.parse.parse_qs(split.query).get("agent", [""])[0]
             self._reply(200, json.dumps(counts.as_dict()).encode())
 
         def _forward(self) -> None:
@@ -142,11 +159,16 @@ def _handler(backend_port: int, counts: Counts, settings: _Settings):
             op = operation(self.command, split.path, split.query)
             if "x-amz-copy-source" in {k.lower() for k in headers}:
                 op = "CopyObject" if op == "PutObject" else "UploadPartCopy"
+            agent = self.headers.get("User-Agent", "")
+            if settings.deny and settings.deny in agent:
+                with counts.lock:
+                    counts.denied += 1
+                return self._reply(403, _DENIED)
             counts.start(f"{op} {'/'.join(split.path.split('/')[-2:])}")
             if settings.latency:
                 time.sleep(settings.latency)
             response, data = send(self.command, self.path, body, headers)
-            counts.add(op, len(body), len(data) if self.command != "HEAD" else 0)
+            counts.add(op, len(body), len(data) if self.command != "HEAD" else 0, agent.split("/", 1)[0])
             self.send_response(response.status, response.reason)
             for key, value in response.getheaders():
                 if key.lower() not in _HOP_HEADERS and key.lower() != "content-length":
@@ -225,6 +247,10 @@ class S3Proxy:
 
     def set_latency(self, seconds: float) -> None:
         self._control(f"latency?seconds={seconds}")
+
+    def deny(self, agent: str) -> None:
+        """Refuse, with 403 AccessDenied, every request whose User-Agent holds ``agent`` ("": none)."""
+        self._control(f"deny?agent={urllib.parse.quote(agent)}")
 
     def storage_options(self) -> dict:
         return {"key": "testing", "secret": "testing",

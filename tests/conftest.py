@@ -80,6 +80,7 @@ def counted_s3(s3_proxy_server):
     bucket = f"imgsink-{uuid.uuid4().hex[:12]}"
     s3_proxy_server.make_bucket(bucket)
     s3_proxy_server.set_latency(0)
+    s3_proxy_server.deny("")
     s3_proxy_server.reset()
     yield f"s3://{bucket}", s3_proxy_server.storage_options(), s3_proxy_server
 

@@ -185,6 +185,24 @@ def test_a_commit_spreads_over_at_most_eight_workers_each_with_enough_files():
     assert shares_for(moves, workers[:1], 128) == [] and shares_for(moves, workers, None) == []
 
 
+def test_a_commit_through_obstore_spreads_over_at_most_two_workers():
+    """obstore sends about 1,300 copies a second from one process: two stay below S3's 3,500 a second on
+    one prefix. A filesystem whose copies stay on s3fs (a setting obstore would not send, or obstore
+    turned off) still spreads over eight."""
+    import s3fs
+
+    from dask_imgsink.job.spread import MAX_SHARES, MAX_SHARES_OBSTORE, most_shares, shares_for
+
+    plain = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+             "skip_instance_cache": True}
+    assert (MAX_SHARES_OBSTORE, MAX_SHARES) == (2, 8)
+    assert most_shares(s3fs.S3FileSystem(**plain), fast=True) == 2
+    assert most_shares(s3fs.S3FileSystem(**plain), fast=False) == 8
+    assert most_shares(s3fs.S3FileSystem(**plain, requester_pays=True), fast=True) == 8
+    workers = [f"tcp://w{i:03d}" for i in range(100)]
+    assert len(shares_for(list(range(30_000)), workers, 128, most=2)) == 2
+
+
 def test_a_copy_that_fails_leaves_nothing_published_once_the_commit_has_failed(counted_s3):
     """One staged object of 80 shards is gone: its CopyObject fails while many others are in flight or
     queued. The commit fails and takes back what it published; no copy may land after that, so the
@@ -224,12 +242,12 @@ def _delay_shares_without(missing: str, seconds: float):
         return
 
     @functools.wraps(real)
-    def publish_many(fs, moves):
+    def publish_many(fs, moves, fast=True):
         if any(staged.endswith(missing) for staged, _, _ in moves):
-            return real(fs, moves)
+            return real(fs, moves, fast)
         for move in moves:
             time.sleep(seconds)
-            real(fs, [move])
+            real(fs, [move], fast)
 
     # both names: a share pickles the function by reference to dask_imgsink.storage
     spread.publish_many = storage.publish_many = publish_many
@@ -261,3 +279,99 @@ def test_a_share_that_fails_leaves_nothing_published_once_the_spread_commit_has_
         client.run(_delay_shares_without, None, 0)
     time.sleep(3.0)  # the slow share's copies would land by now
     assert fs.find(root) == [], fs.find(root)[:10]
+
+
+# --------------------------------------------------------------------------- the commit's copies through obstore
+
+
+def _copies_by_client(server) -> dict[str, int]:
+    """CopyObject requests the server served, by client (the first word of the User-Agent)."""
+    return {client: ops["CopyObject"] for client, ops in server.counts()["by_client"].items() if "CopyObject" in ops}
+
+
+def test_the_commit_copies_through_obstore_when_it_is_installed(counted_s3, client):
+    """Every CopyObject of the commit comes from obstore (its User-Agent, counted at the server), on the
+    cluster and spread over both workers; every other request still from s3fs; the dataset verifies."""
+    import dask
+
+    prefix, options, server = counted_s3
+    url = f"{prefix}/obstore"
+    with dask.config.set({"imgsink.commit-spread-files": 4}):
+        frame_ddf(12, 0, npartitions=3).imgsink.to_webdataset(url, key_column="key", images_per_tar=1,
+                                                              storage_options=options, compute=True)
+    assert _copies_by_client(server) == {"dask-imgsink": 3 * 12}
+    assert verify_dataset(url, storage_options=options).ok
+
+
+def test_the_commit_copies_through_s3fs_when_obstore_is_turned_off(counted_s3):
+    import dask
+
+    prefix, options, server = counted_s3
+    with dask.config.set({"imgsink.commit-obstore": False}):
+        job = frame_ddf(6, 0, npartitions=2).imgsink.to_webdataset(f"{prefix}/off", key_column="key",
+                                                                  images_per_tar=1, storage_options=options)
+    job.compute()
+    assert _copies_by_client(server) == {"aiobotocore": 3 * 6}
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_a_bad_obstore_setting_is_refused_where_the_graph_is_built(tmp_path, value):
+    import dask
+
+    with dask.config.set({"imgsink.commit-obstore": value}), pytest.raises(ValueError, match="commit-obstore"):
+        frame_ddf(2, 0).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key")
+
+
+def test_a_store_that_refuses_obstore_still_gets_the_dataset_through_s3fs(counted_s3, caplog):
+    """The server answers every obstore request with 403 AccessDenied (as a store might that obstore
+    cannot talk to): each refused copy is sent again through s3fs, the job succeeds with the same
+    dataset, and a warning names obstore's error."""
+    prefix, options, server = counted_s3
+    url = f"{prefix}/refused"
+    server.deny("dask-imgsink")
+    with caplog.at_level("WARNING", logger="dask_imgsink.s3copy"):
+        tasks = frame_ddf(8, 0, npartitions=2).imgsink.to_webdataset(url, key_column="key", images_per_tar=2,
+                                                                     storage_options=options, compute=True)
+    counts = server.counts()
+    assert len(tasks) == 4 and counts["denied"] == 3 * 4
+    assert _copies_by_client(server) == {"aiobotocore": 3 * 4}
+    assert "obstore failed 12 of 12 copies (PermissionDeniedError" in caplog.text
+    assert verify_dataset(url, storage_options=options).ok
+
+
+@pytest.mark.parametrize("setting", [{"s3_additional_kwargs": {"StorageClass": "STANDARD"}},
+                                     {"requester_pays": True}, {"anon": True},
+                                     {"client_kwargs": {"verify": False}},
+                                     {"config_kwargs": {"s3": {"addressing_style": "virtual"}}}])
+def test_settings_obstore_would_not_send_keep_the_copies_on_s3fs(setting):
+    """Encryption, ACLs, requester-pays, anonymous access, TLS and addressing settings change the
+    CopyObject request; obstore would not send them, so those filesystems copy through s3fs."""
+    import s3fs
+
+    from dask_imgsink.s3copy import unsupported_setting
+
+    plain = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "x"},
+             "config_kwargs": {"max_pool_connections": 64}, "skip_instance_cache": True}
+    assert unsupported_setting(s3fs.S3FileSystem(**plain)) is None
+    options = {**plain, **setting}
+    name = unsupported_setting(s3fs.S3FileSystem(**options))
+    assert name is not None and name.split("[")[0] in setting
+
+
+def test_objects_too_large_for_one_copy_request_are_left_to_s3fs(counted_s3):
+    """CopyObject copies at most 5 GiB; a file declared larger is not sent to obstore (s3fs copies such
+    files in parts). The small ones are copied by obstore and are at their final names."""
+    import s3fs
+
+    from dask_imgsink.s3copy import copy_fast
+
+    prefix, options, server = counted_s3
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
+    root = prefix.removeprefix("s3://")
+    fs.pipe({f"{root}/staged/{name}": b"x" * 10 for name in ("a", "b", "c")})
+    moves = [(f"{root}/staged/a", f"{root}/final/a", 10), (f"{root}/staged/b", f"{root}/final/b", 6 * 2**30),
+             (f"{root}/staged/c", f"{root}/final/c", 10)]
+    server.reset()
+    assert copy_fast(fs, moves) == [moves[1]]
+    assert sorted(fs.ls(f"{root}/final")) == [f"{root}/final/a", f"{root}/final/c"]
+    assert _copies_by_client(server) == {"dask-imgsink": 2}

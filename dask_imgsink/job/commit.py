@@ -139,7 +139,7 @@ def _save_journal(fs, root: str, job_id: str, journal: Journal) -> None:
 # --------------------------------------------------------------------------- steps
 
 
-def _publish(fs, root: str, job_id: str, files: list[PlannedFile], spread_files: int | None) -> None:
+def _publish(fs, root: str, opts, files: list[PlannedFile]) -> None:
     """Give every staged file its final name.
 
     Elsewhere than S3 each file is moved in turn (a staged file is moved at most
@@ -151,13 +151,14 @@ def _publish(fs, root: str, job_id: str, files: list[PlannedFile], spread_files:
     """
     if is_s3(fs):
         try:
-            publish_spread(fs, [(f.staged, join(root, f.name), f.size) for f in files], spread_files)
+            publish_spread(fs, [(f.staged, join(root, f.name), f.size) for f in files], opts.commit_spread_files,
+                           opts.commit_obstore)
         except FileNotFoundError as exc:
             raise _staging_gone(exc) from exc
         return
     if is_local(fs) and any(f.name.startswith(METADATA_DIR + "/") for f in files):
         fs.makedirs(join(root, METADATA_DIR), exist_ok=True)
-    staged = files_below(fs, job_dir(root, job_id))
+    staged = files_below(fs, job_dir(root, opts.job_id))
     gone = {f.name for f in files if f.staged not in staged}
     if gone:
         published = files_below(fs, root)
@@ -351,7 +352,7 @@ def _replace_files(fs, root: str, opts, journal: Journal, files: list[PlannedFil
         remove_many(fs, [join(root, name) for name in journal.remove if name not in journal.planned])
     # names an earlier attempt planned from other input: they are ours
     remove_many(fs, [join(root, name) for name in dropped])
-    _publish(fs, root, opts.job_id, files, opts.commit_spread_files)
+    _publish(fs, root, opts, files)
 
 
 def commit_job(

@@ -16,6 +16,7 @@ from ..core.argcheck import check_bool, check_choice, check_int
 from ..core.encode import EncodeOptions
 from .output import MODE_CHOICES
 from .unique import UNIQUE_KEYS_CHOICES
+from ..s3copy import obstore_setting
 from .spread import spread_files_setting
 
 PACKING_CHOICES = ("exact", "per_partition")
@@ -51,6 +52,8 @@ class WriteOptions:
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: the fewest files in each worker's share of the commit's copies on S3 (``imgsink.commit-spread-files``)
     commit_spread_files: int | None = field(default_factory=spread_files_setting)
+    #: send the commit's copies on S3 through obstore where it can (``imgsink.commit-obstore``)
+    commit_obstore: bool = field(default_factory=obstore_setting)
 
     def __post_init__(self) -> None:
         check_int("images_per_tar", self.images_per_tar, low=1)
