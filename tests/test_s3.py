@@ -375,3 +375,27 @@ def test_objects_too_large_for_one_copy_request_are_left_to_s3fs(counted_s3):
     assert copy_fast(fs, moves) == [moves[1]]
     assert sorted(fs.ls(f"{root}/final")) == [f"{root}/final/a", f"{root}/final/c"]
     assert _copies_by_client(server) == {"dask-imgsink": 2}
+
+
+def test_obstore_copies_keys_with_any_character_to_the_same_key_or_leaves_them_to_s3fs(counted_s3):
+    """obstore parses object keys into its own paths: a key it cannot parse (an empty segment, a control
+    character) must be left to s3fs, and every other key must land exactly where s3fs would put it,
+    never at a key encoded differently. Output directories are the user's, so any character can occur."""
+    import s3fs
+
+    from dask_imgsink.storage import publish_many
+
+    prefix, options, server = counted_s3
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
+    bucket = prefix.removeprefix("s3://")
+    roots = ["with space", "a+b=c&d", "pct%41x", "ünï 😀", "q?x#y", "semi;x,y", "star*x", "back\\x", "dbl//slash",
+             "tab\tx"]
+    moves = [(f"{bucket}/{i}/{root}/f.part", f"{bucket}/{i}/{root}/final/f", 3) for i, root in enumerate(roots)]
+    fs.pipe({staged: staged.encode() for staged, _, _ in moves})
+    server.reset()
+    publish_many(fs, moves)
+    for staged, final, _ in moves:
+        assert fs.cat_file(final) == staged.encode(), final
+    assert sorted(fs.find(bucket)) == sorted(p for move in moves for p in move[:2])
+    copies = _copies_by_client(server)
+    assert copies["dask-imgsink"] >= 8 and sum(copies.values()) == len(roots), copies
