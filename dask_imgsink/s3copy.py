@@ -24,8 +24,9 @@ It is used only where it sends exactly the request s3fs would:
   s3fs, which copies them in parts), and both names are in one bucket.
 
 A copy obstore fails is sent again through s3fs, which raises the error if it
-is real; a warning names obstore's error, so a store that obstore cannot talk
-to costs one fast failure per file, never a failed commit.
+is real; a warning names obstore's error. The first file is copied alone, and
+if obstore fails it, every file goes through s3fs: a store that obstore cannot
+talk to costs one failed request, never a failed commit.
 """
 
 from __future__ import annotations
@@ -132,16 +133,22 @@ def _in_event_loop() -> bool:
 
 async def _copy_all(store, pairs: list[tuple[str, str]], concurrency: int = 64) -> list[tuple[int, BaseException]]:
     """CopyObject each ``(source, destination)`` key pair, ``concurrency`` at a time; the failed ones'
-    indexes and errors, once every copy has ended."""
+    indexes and errors, once every copy has ended. The first pair is copied alone: if that fails
+    (a store obstore cannot talk to, a bucket in another region), every pair counts as failed and no
+    other request is sent, rather than one failure per file."""
     import obstore
 
+    try:
+        await obstore.copy_async(store, *pairs[0])
+    except Exception as exc:
+        return [(i, exc) for i in range(len(pairs))]
     limit = asyncio.Semaphore(concurrency)
 
     async def copy(source: str, destination: str) -> None:
         async with limit:
             await obstore.copy_async(store, source, destination)
-    results = await asyncio.gather(*(copy(*pair) for pair in pairs), return_exceptions=True)
-    return [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    results = await asyncio.gather(*(copy(*pair) for pair in pairs[1:]), return_exceptions=True)
+    return [(i + 1, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
 
 
 def _store(fs, bucket: str):

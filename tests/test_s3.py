@@ -324,8 +324,8 @@ def test_a_bad_obstore_setting_is_refused_where_the_graph_is_built(tmp_path, val
 
 def test_a_store_that_refuses_obstore_still_gets_the_dataset_through_s3fs(counted_s3, caplog):
     """The server answers every obstore request with 403 AccessDenied (as a store might that obstore
-    cannot talk to): each refused copy is sent again through s3fs, the job succeeds with the same
-    dataset, and a warning names obstore's error."""
+    cannot talk to): obstore's first copy fails, no other is sent through it, every file is copied
+    through s3fs, the job succeeds with the same dataset, and a warning names obstore's error."""
     prefix, options, server = counted_s3
     url = f"{prefix}/refused"
     server.deny("dask-imgsink")
@@ -333,7 +333,7 @@ def test_a_store_that_refuses_obstore_still_gets_the_dataset_through_s3fs(counte
         tasks = frame_ddf(8, 0, npartitions=2).imgsink.to_webdataset(url, key_column="key", images_per_tar=2,
                                                                      storage_options=options, compute=True)
     counts = server.counts()
-    assert len(tasks) == 4 and counts["denied"] == 3 * 4
+    assert len(tasks) == 4 and counts["denied"] == 1
     assert _copies_by_client(server) == {"aiobotocore": 3 * 4}
     assert "obstore failed 12 of 12 copies (PermissionDeniedError" in caplog.text
     assert verify_dataset(url, storage_options=options).ok
@@ -398,4 +398,4 @@ def test_obstore_copies_keys_with_any_character_to_the_same_key_or_leaves_them_t
         assert fs.cat_file(final) == staged.encode(), final
     assert sorted(fs.find(bucket)) == sorted(p for move in moves for p in move[:2])
     copies = _copies_by_client(server)
-    assert copies["dask-imgsink"] >= 8 and sum(copies.values()) == len(roots), copies
+    assert copies["dask-imgsink"] >= 7 and sum(copies.values()) == len(roots), copies
