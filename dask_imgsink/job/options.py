@@ -14,10 +14,10 @@ import pyarrow as pa
 
 from ..core.argcheck import check_bool, check_choice, check_int
 from ..core.encode import EncodeOptions
-from .output import MODE_CHOICES
-from .unique import UNIQUE_KEYS_CHOICES
 from ..s3copy import obstore_setting
+from .output import MODE_CHOICES
 from .spread import spread_files_setting
+from .unique import UNIQUE_KEYS_CHOICES
 
 PACKING_CHOICES = ("exact", "per_partition")
 
