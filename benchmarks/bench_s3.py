@@ -14,7 +14,8 @@
 - Disk space: the most bytes the output directory held while an exact-packed
   job ran, against the dataset's size at the end.
 
-Usage: ``python benchmarks/bench_s3.py [--shards 400] [--latency 0.02] [--repeats 1]``
+Usage: ``python benchmarks/bench_s3.py [--shards 400] [--latency 0.02] [--repeats 1]
+[--clients both|obstore|s3fs] [--spread both|on|off]``
 (``run.py`` prints the same rows in its table).
 """
 
@@ -156,9 +157,15 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=400)
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--repeats", type=int, default=1, help="commits of each kind, alternated")
+    parser.add_argument("--clients", choices=["both", "obstore", "s3fs"], default="both",
+                        help="what sends the copies")
+    parser.add_argument("--spread", choices=["both", "on", "off"], default="both",
+                        help="copies spread over the workers, or from the commit's process")
     args = parser.parse_args()
-    cases = [(args.latency, spread, obstore) for _ in range(args.repeats) for obstore in (True, False)
-             for spread in (False, True)]
+    clients = {"both": (True, False), "obstore": (True,), "s3fs": (False,)}[args.clients]
+    spreads = {"both": (False, True), "on": (True,), "off": (False,)}[args.spread]
+    cases = [(args.latency, spread, obstore) for _ in range(args.repeats) for obstore in clients
+             for spread in spreads]
     for f in commit_figures(args.shards, cases):
         cpu = ", ".join(f"{name} {value:.2f}" for name, value in f["cpu"].items())
         print(f"commit of {args.shards} shards at {args.latency * 1000:.0f} ms per request, copies through "
