@@ -300,6 +300,7 @@ def test_the_commit_copies_through_obstore_when_it_is_installed(counted_s3, clie
         frame_ddf(12, 0, npartitions=3).imgsink.to_webdataset(url, key_column="key", images_per_tar=1,
                                                               storage_options=options, compute=True)
     assert _copies_by_client(server) == {"dask-imgsink": 3 * 12}
+    assert set(server.counts()["by_client"]["dask-imgsink"]) == {"CopyObject"}  # the rest from s3fs
     assert verify_dataset(url, storage_options=options).ok
 
 
