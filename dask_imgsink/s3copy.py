@@ -39,12 +39,12 @@ from typing import Any
 import dask
 import fsspec.asyn
 
+from .storage import CONCURRENCY, MAX_SINGLE_COPY
+
 logger = logging.getLogger(__name__)
 
 #: ``dask.config`` key: send the commit's copies through obstore where it can (default ``True``).
 OBSTORE_KEY = "imgsink.commit-obstore"
-#: Largest object one CopyObject copies.
-MAX_SINGLE_COPY = 5 * 2**30
 #: How long obstore keeps credentials before asking botocore again (botocore refreshes its own ahead of expiry).
 CREDENTIALS_TTL = timedelta(minutes=5)
 #: A CopyObject of a large object takes S3 a while to answer; obstore's default request timeout is 30 s.
@@ -93,8 +93,7 @@ def copy_fast(fs, moves: list[tuple[str, str, int]]) -> list[tuple[str, str, int
     if not moves or not usable(fs) or _in_event_loop():
         return moves
     bucket = fs.split_path(moves[0][0])[0]
-    fits = [m for m in moves if m[2] <= MAX_SINGLE_COPY
-            and fs.split_path(m[0])[0] == bucket == fs.split_path(m[1])[0]]
+    fits = _fitting(fs, moves, bucket)  # (move, source key, destination key)
     if not fits:
         return moves
     try:
@@ -105,13 +104,23 @@ def copy_fast(fs, moves: list[tuple[str, str, int]]) -> list[tuple[str, str, int
         return moves
     if store is None:
         return moves
-    failed = asyncio.run(_copy_all(store, [(fs.split_path(s)[1], fs.split_path(f)[1]) for s, f, _ in fits]))
+    failed = asyncio.run(_copy_all(store, [(source, destination) for _, source, destination in fits]))
     if failed:
         error = failed[0][1]
         logger.warning("obstore failed %d of %d copies (%s: %s); sending them through s3fs", len(failed), len(fits),
                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-    copied = {id(move) for move in fits} - {id(fits[i]) for i, _ in failed}
+    copied = {id(move) for move, _, _ in fits} - {id(fits[i][0]) for i, _ in failed}
     return [move for move in moves if id(move) not in copied]
+
+
+def _fitting(fs, moves: list[tuple[str, str, int]], bucket: str) -> list[tuple[tuple, str, str]]:
+    """The moves one CopyObject within ``bucket`` can do, each with its source and destination keys."""
+    fits = []
+    for move in moves:
+        (source_bucket, source, _), (destination_bucket, destination, _) = map(fs.split_path, move[:2])
+        if move[2] <= MAX_SINGLE_COPY and source_bucket == bucket == destination_bucket:
+            fits.append((move, source, destination))
+    return fits
 
 
 def _importable() -> bool:
@@ -131,8 +140,8 @@ def _in_event_loop() -> bool:
     return True  # asyncio.run would refuse: this thread already runs a loop
 
 
-async def _copy_all(store, pairs: list[tuple[str, str]], concurrency: int = 64) -> list[tuple[int, BaseException]]:
-    """CopyObject each ``(source, destination)`` key pair, ``concurrency`` at a time; the failed ones'
+async def _copy_all(store, pairs: list[tuple[str, str]]) -> list[tuple[int, BaseException]]:
+    """CopyObject each ``(source, destination)`` key pair, ``CONCURRENCY`` at a time; the failed ones'
     indexes and errors, once every copy has ended. The first pair is copied alone: if that fails
     (a store obstore cannot talk to, a bucket in another region), every pair counts as failed and no
     other request is sent, rather than one failure per file."""
@@ -142,7 +151,7 @@ async def _copy_all(store, pairs: list[tuple[str, str]], concurrency: int = 64) 
         await obstore.copy_async(store, *pairs[0])
     except Exception as exc:
         return [(i, exc) for i in range(len(pairs))]
-    limit = asyncio.Semaphore(concurrency)
+    limit = asyncio.Semaphore(CONCURRENCY)
 
     async def copy(source: str, destination: str) -> None:
         async with limit:

@@ -64,7 +64,7 @@ def publish(fs, staged: str, final: str) -> None:
 #: Requests in flight at once when publishing or removing many objects.
 CONCURRENCY = 64
 #: Largest object S3's CopyObject copies in one request; larger ones are copied in parts.
-_MAX_SINGLE_COPY = 5 * 2**30
+MAX_SINGLE_COPY = 5 * 2**30
 
 
 def is_s3(fs) -> bool:
@@ -110,7 +110,7 @@ def publish_many(fs, moves: list[tuple[str, str, int]], fast: bool = True) -> No
 
         async def copy(staged: str, final: str, size: int) -> None:
             async with limit:
-                if size > _MAX_SINGLE_COPY:
+                if size > MAX_SINGLE_COPY:
                     await fs._copy_managed(staged, final, size)
                 else:
                     await fs._copy_basic(staged, final)
