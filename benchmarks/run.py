@@ -5,9 +5,13 @@ Images: real photographs (scikit-image's bundled ones, cropped and resized to
 downloaded. Install with ``pip install -e ".[bench]"``.
 
 Rows (medians of ``--repeats``; ratios are against the first row of their group,
-measured in this run on the same images):
+measured in this run on the same images; in the first table each run of a row is
+paired with a run of the limit just before it, and the ratio is the median of those
+pairs, so the machine's drift over minutes moves both sides alike):
 
 - encode only: simplejpeg q92 4:2:0 on N threads, no Dask, no tar: the limit;
+- Dask alone: the same encoding as ``map_partitions`` on each scheduler, no writer,
+  so what Dask costs is told apart from what the writer costs;
 - the accessor, exact and per-partition packing, under the threaded scheduler
   and on LocalClusters of 2 processes x 1 thread and 1 process x 2 threads, with
   the DataFrame persisted in worker memory first, spread evenly over the workers (so only the writer is timed);
@@ -75,14 +79,51 @@ def scratch():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def encode_limit(images, threads: int, repeats: int) -> float:
+def limit_runner(images, threads: int):
+    """A function encoding ``images`` on ``threads`` threads (no Dask, no tar): one run of the limit."""
     options = EncodeOptions()
 
     def run():
         for future in map_ordered(lambda img: encode_image(img, options), images, threads):
             future.result()
     run()  # warm up the pool
-    return median_seconds(run, repeats)
+    return run
+
+
+def beside_limit(job, limit, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``job`` and the median of its ratios to the limit, each run of ``job``
+    paired with a run of ``limit`` just before it (the machine's speed drifts by 10-20 % over
+    minutes here, so a limit measured once at the start misstates later rows)."""
+    job()  # warm up: imports and pools in every process
+    times, ratios = [], []
+    for _ in range(repeats):
+        limit_seconds = median_seconds(limit, 1)
+        seconds = median_seconds(job, 1)
+        times.append(seconds)
+        ratios.append(limit_seconds / seconds)
+    return statistics.median(times), statistics.median(ratios)
+
+
+def _encoded_bytes(part: pd.DataFrame) -> pd.Series:
+    options = EncodeOptions()
+    return pd.Series([sum(len(encode_image(img, options).data) for img in part["image"])])
+
+
+def dask_alone(ddf):
+    """A function running the images' encoding through Dask with no writer: ``map_partitions`` encoding
+    every image and keeping only the byte counts. What Dask's scheduling costs before any writing."""
+    def run():
+        ddf.map_partitions(_encoded_bytes, meta=(None, "int64")).compute()
+    return run
+
+
+def write_job(ddf, packing: str, images_per_tar: int = 500, **options):
+    """A function writing ``ddf`` to a fresh folder (removed afterwards): one run of the accessor."""
+    def run():
+        with scratch() as folder:
+            ddf.imgsink.to_webdataset(f"{folder}/out", key_column="key", packing=packing,
+                                      images_per_tar=images_per_tar, compute=True, **options)
+    return run
 
 
 @functools.lru_cache(maxsize=1)
@@ -127,10 +168,7 @@ def spread_frame(client: Client, count: int, partitions: int) -> dd.DataFrame:
 
 
 def write_seconds(ddf, packing: str, repeats: int, images_per_tar: int = 500, **options) -> float:
-    def run():
-        with scratch() as folder:
-            ddf.imgsink.to_webdataset(f"{folder}/out", key_column="key", packing=packing,
-                                      images_per_tar=images_per_tar, compute=True, **options)
+    run = write_job(ddf, packing, images_per_tar, **options)
     run()  # warm up: imports and pools in every process
     return median_seconds(run, repeats)
 
@@ -180,21 +218,26 @@ def passthrough_seconds(ddf, blobs: list[bytes], repeats: int) -> tuple[float, f
 def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: int,
                  packings=("exact", "per_partition"), nanny_default: bool = False) -> list[tuple]:
     """Rows for a LocalCluster: ours (dask_imgsink.cluster.local_cluster), or with the nanny's default
-    MALLOC_TRIM_THRESHOLD_ (64 KiB) to show what that setting costs."""
+    MALLOC_TRIM_THRESHOLD_ (64 KiB) to show what that setting costs. Each row's jobs alternate with
+    runs of the limit in this process (the cluster idle meanwhile); the first row is Dask alone."""
     label = f"LocalCluster {workers} proc x {threads} thread{'s' if threads > 1 else ''}"
     if nanny_default:
         label += " (nanny's malloc default)"
     start = LocalCluster if nanny_default else local_cluster
+    limit = limit_runner(images, os.cpu_count() or 1)
     rows = []
     with start(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
                silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         ddf = spread_frame(client, len(images), partitions)
         pids = list(client.run(os.getpid).values())
         held = max(psutil.Process(p).memory_info().rss for p in pids)  # with the partitions persisted
+        if not nanny_default:
+            rows.append((f"{label}, Dask alone (map_partitions encoding)", *beside_limit(dask_alone(ddf), limit,
+                                                                                         repeats), None))
         for packing in packings:
             with PeakRSS(pids) as peak:
-                seconds = write_seconds(ddf, packing, repeats)
-            rows.append((f"{label}, {packing}", seconds, (peak.largest - held) / 2**20))
+                seconds, ratio = beside_limit(write_job(ddf, packing), limit, repeats)
+            rows.append((f"{label}, {packing}", seconds, ratio, (peak.largest - held) / 2**20))
     return rows
 
 
@@ -339,7 +382,7 @@ def print_scaling(rows: list[tuple[str, float, float | None, str]]) -> None:
     print(f"{'':<64}{'seconds':>9}{'ratio':>8}  target")
     for label, seconds, ratio, target in rows:
         shown = f"{ratio:>8.2f}" if ratio is not None else f"{'':>8}"
-        print(f"{label:<64}{seconds:>9.2f}{shown}  {target}")
+        print(f"{label:<72}{seconds:>9.2f}{shown}  {target}")
 
 
 def storage_rows(count: int, shards: int, repeats: int) -> list[tuple[str, float, str]]:
@@ -383,12 +426,15 @@ def print_storage(rows: list[tuple[str, float, str]]) -> None:
 
 
 def print_table(title: str, rows: list[tuple], count: int, unit: str = "img/s") -> None:
+    """Rows of (label, seconds, ratio or None, RSS rise or None); a ratio of None is taken against
+    the first row's seconds."""
     base = rows[0][1]
     print(f"\n{title}")
-    print(f"{'':<64}{'seconds':>9}{unit:>10}{'ratio':>8}{'RSS rise MB':>13}")
-    for label, seconds, *peak in rows:
-        shown = f"{peak[0]:>13.0f}" if peak and peak[0] is not None else f"{'':>13}"
-        print(f"{label:<64}{seconds:>9.2f}{count / seconds:>10.0f}{base / seconds:>8.2f}{shown}")
+    print(f"{'':<72}{'seconds':>9}{unit:>10}{'ratio':>8}{'RSS rise MB':>13}")
+    for label, seconds, ratio, peak in rows:
+        shown = f"{peak:>13.0f}" if peak is not None else f"{'':>13}"
+        ratio = base / seconds if ratio is None else ratio
+        print(f"{label:<72}{seconds:>9.2f}{count / seconds:>10.0f}{ratio:>8.2f}{shown}")
 
 
 def main() -> None:
@@ -408,12 +454,15 @@ def main() -> None:
           f"{args.partitions} partitions, medians of {args.repeats}")
     images = _photographs(args.images)
 
-    rows = [("encode only (simplejpeg, no Dask, no tar): the limit", encode_limit(images, cores, args.repeats),
-             None)]
+    limit = limit_runner(images, cores)
+    rows = [("encode only (simplejpeg, no Dask, no tar): the limit", median_seconds(limit, args.repeats), 1.0, None)]
     threaded = frame(args.images, args.partitions).persist(scheduler="threads")
-    for packing in ("exact", "per_partition"):
-        with dask.config.set(scheduler="threads"):
-            rows.append((f"threaded scheduler, {packing}", write_seconds(threaded, packing, args.repeats), None))
+    with dask.config.set(scheduler="threads"):
+        rows.append(("threaded scheduler, Dask alone (map_partitions encoding)",
+                     *beside_limit(dask_alone(threaded), limit, args.repeats), None))
+        for packing in ("exact", "per_partition"):
+            rows.append((f"threaded scheduler, {packing}", *beside_limit(write_job(threaded, packing), limit,
+                                                                         args.repeats), None))
     rows += cluster_rows(images, args.partitions, args.repeats, workers=2, threads=1)
     rows += cluster_rows(images, args.partitions, args.repeats, workers=1, threads=2)
     rows += cluster_rows(images, args.partitions, args.repeats, workers=2, threads=1, packings=("exact",),
@@ -427,8 +476,8 @@ def main() -> None:
     with dask.config.set(scheduler="threads"):
         raw, through = passthrough_seconds(passthrough, encoded, args.repeats)
     print_table(f"Pass-through of the same images encoded ({megabytes:.0f} MB)",
-                [("raw sequential write + fsync of the same bytes", raw, None),
-                 ("accessor, exact, threaded scheduler", through, None)], int(megabytes), unit="MB/s")
+                [("raw sequential write + fsync of the same bytes", raw, None, None),
+                 ("accessor, exact, threaded scheduler", through, None, None)], int(megabytes), unit="MB/s")
     print_cpu(cpu_rows(images, encoded, args.partitions, cores))
     print_scaling(scaling_rows(args.images, args.repeats))
     print_memory(memory_rows(args.images // 2, args.partitions // 2, quick=args.quick))
