@@ -22,3 +22,13 @@ def test_the_benchmark_runs_quick(tmp_path):
     assert table.count("Dask alone") == 3  # threads, 2 x 1, 1 x 2: what Dask costs before the writer
     assert "bytes uploaded" in table and "requests per shard" in table and "peak bytes" in table
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
+
+
+def test_the_overhead_benchmark_runs(tmp_path):
+    pytest.importorskip("skimage")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_overhead.py"), "--images", "20", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+                          env={**os.environ, "IMGSINK_BENCH_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "encoding alone" in proc.stdout and "the writer's own work" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
