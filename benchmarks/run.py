@@ -379,7 +379,7 @@ def scaling_rows(count: int, repeats: int) -> list[tuple[str, float, float | Non
 
 def print_scaling(rows: list[tuple[str, float, float | None, str]]) -> None:
     print("\nScaling (threaded scheduler, exact packing; ratio = time against the row above)")
-    print(f"{'':<64}{'seconds':>9}{'ratio':>8}  target")
+    print(f"{'':<72}{'seconds':>9}{'ratio':>8}  target")
     for label, seconds, ratio, target in rows:
         shown = f"{ratio:>8.2f}" if ratio is not None else f"{'':>8}"
         print(f"{label:<72}{seconds:>9.2f}{shown}  {target}")
