@@ -17,6 +17,7 @@ from helpers import (
     failing_ddf,
     frame_ddf,
     gated_ddf,
+    job_options,
     race_for_the_lock,
     read_dataset,
 )
@@ -136,6 +137,41 @@ def test_a_job_that_failed_upstream_on_the_cluster_does_not_hold_the_directory(t
     frame_ddf(5, 0).imgsink.to_webdataset(str(out), key_column="key", compute=True)
     assert [k for k, _ in read_dataset(out)["samples"]] == [f"img{i:05d}" for i in range(5)]
     assert not (out / ".imgsink").exists() and verify_dataset(str(out)).ok
+
+
+def test_a_give_up_between_the_claims_writes_leaves_no_lock_behind(tmp_path, monkeypatch):
+    """The local computation fails while the claim runs, and the give-up cleans up (releases the
+    lock) between the claim taking the lock and rewriting it with its numbering. The rewrite
+    recreated the lock, and nothing released it: ``.imgsink`` stayed behind (seen once in CI, in
+    the threads case of the test below). The interleaving is forced here by running the give-up,
+    as the local scheduler's hook does, from inside ``update_lock``: no real timing can hit it
+    on demand. The claim must release the lock it rewrote and stop."""
+    from dask.base import tokenize
+
+    import dask_imgsink.job.claim as claim_module
+    from dask_imgsink.job.bag import _abort, register_job
+    from dask_imgsink.job.lock import ABORTED_LOCAL_JOBS
+
+    out = tmp_path / "out"
+    opts = job_options(frame_ddf(4, 0), out, key_column="key")
+    token = tokenize(*opts.token())
+    register_job(token, opts)
+    rewrite = claim_module.update_lock
+
+    def give_up_then_rewrite(*args, **kwargs):
+        _abort([token])
+        rewrite(*args, **kwargs)
+
+    monkeypatch.setattr(claim_module, "update_lock", give_up_then_rewrite)
+    try:
+        with pytest.raises(RuntimeError, match="was stopped"):
+            claim_module.claim_output(opts, token)
+    finally:
+        ABORTED_LOCAL_JOBS.discard(opts.job_id)
+    assert not (out / ".imgsink").exists()
+    monkeypatch.undo()
+    frame_ddf(4, 0).imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    assert verify_dataset(str(out)).ok
 
 
 @pytest.mark.parametrize("scheduler", [None, "threads", "sync"])

@@ -89,6 +89,20 @@ def _take_lock(fs, root: str, opts: WriteOptions, token: str) -> LockInfo:
     raise locked_error(opts.url, holder, "unknown", "the lock kept changing hands while this job tried to take it")
 
 
+def _let_go_if_stopped(fs, root: str, opts: WriteOptions, lock: LockInfo) -> None:
+    """If this process gave up on the job while its claim ran (its local computation failed),
+    free the directory and stop.
+
+    Checked after each write of the claim. The give-up sets its flag before it cleans up,
+    so either its clean-up sees what the claim wrote, or the claim sees the flag here: a
+    lock the claim rewrites after the clean-up released it is released again.
+    """
+    if aborted_here(opts.job_id):
+        release(fs, root, lock.run_id)
+        discard_staging(fs, root, opts.job_id)
+        raise RuntimeError(f"job {opts.job_id} was stopped: another of its tasks failed")
+
+
 def claim_output(opts: WriteOptions, token: str) -> Claim:
     """Take the output directory for the job (see the module docstring).
 
@@ -105,10 +119,7 @@ def claim_output(opts: WriteOptions, token: str) -> Claim:
         return Claim(opts.job_id, done.get("run_id", ""), done.get("first_shard", 0),
                      done.get("first_partition", 0), done=True)
     lock = _take_lock(fs, root, opts, token)
-    if aborted_here(opts.job_id):  # its local computation failed while this claim ran: let go at once
-        release(fs, root, lock.run_id)
-        discard_staging(fs, root, opts.job_id)
-        raise RuntimeError(f"job {opts.job_id} was stopped: another of its tasks failed")
+    _let_go_if_stopped(fs, root, opts, lock)
     if lock.numbering is None:
         try:
             index = check_output(fs, root, opts.url, opts.mode, shard_schema(opts.user_schema))
@@ -122,4 +133,5 @@ def claim_output(opts: WriteOptions, token: str) -> Claim:
             release(fs, root, lock.run_id)
             discard_staging(fs, root, opts.job_id)
             raise
+        _let_go_if_stopped(fs, root, opts, lock)  # after its last write: the lock rewritten above
     return Claim(opts.job_id, lock.run_id, lock.numbering["first_shard"], lock.numbering["first_partition"])
