@@ -215,16 +215,16 @@ def passthrough_seconds(ddf, blobs: list[bytes], repeats: int) -> tuple[float, f
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def cluster_rows(images, partitions: int, repeats: int, workers: int, threads: int,
+def cluster_rows(images, limit, partitions: int, repeats: int, workers: int, threads: int,
                  packings=("exact", "per_partition"), nanny_default: bool = False) -> list[tuple]:
     """Rows for a LocalCluster: ours (dask_imgsink.cluster.local_cluster), or with the nanny's default
     MALLOC_TRIM_THRESHOLD_ (64 KiB) to show what that setting costs. Each row's jobs alternate with
-    runs of the limit in this process (the cluster idle meanwhile); the first row is Dask alone."""
+    runs of ``limit`` (:func:`limit_runner`) in this process (the cluster idle meanwhile); the first
+    row is Dask alone."""
     label = f"LocalCluster {workers} proc x {threads} thread{'s' if threads > 1 else ''}"
     if nanny_default:
         label += " (nanny's malloc default)"
     start = LocalCluster if nanny_default else local_cluster
-    limit = limit_runner(images, os.cpu_count() or 1)
     rows = []
     with start(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
                silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
@@ -463,9 +463,9 @@ def main() -> None:
         for packing in ("exact", "per_partition"):
             rows.append((f"threaded scheduler, {packing}", *beside_limit(write_job(threaded, packing), limit,
                                                                          args.repeats), None))
-    rows += cluster_rows(images, args.partitions, args.repeats, workers=2, threads=1)
-    rows += cluster_rows(images, args.partitions, args.repeats, workers=1, threads=2)
-    rows += cluster_rows(images, args.partitions, args.repeats, workers=2, threads=1, packings=("exact",),
+    rows += cluster_rows(images, limit, args.partitions, args.repeats, workers=2, threads=1)
+    rows += cluster_rows(images, limit, args.partitions, args.repeats, workers=1, threads=2)
+    rows += cluster_rows(images, limit, args.partitions, args.repeats, workers=2, threads=1, packings=("exact",),
                          nanny_default=True)
     print_table("Encoding pixels (JPEG q92 4:2:0)", rows, len(images))
 
