@@ -32,3 +32,13 @@ def test_the_overhead_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "encoding alone" in proc.stdout and "the writer's own work" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
+
+
+def test_the_partitions_benchmark_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_partitions.py"), "--partitions", "4", "8",
+                           "--per", "3", "--repeats", "1", "--cluster"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+                          env={**os.environ, "IMGSINK_BENCH_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "threaded scheduler" in proc.stdout and "LocalCluster" in proc.stdout and "ms/partition" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # it cleaned up after itself

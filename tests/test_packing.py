@@ -148,12 +148,16 @@ def test_each_group_hands_on_only_the_runs_of_its_open_shard(tmp_path):
                for run in r.shards)
     carried, built = None, []
     for p in range(40):  # one group per partition: the longest chain
-        shards, carried = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts=opts, last=p == 39)
+        shards, carried, summaries = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts=opts,
+                                                    last=p == 39)
         built += shards
+        assert [r.partition for r in summaries] == [p]
         assert sum(run.num_images for run in carried.runs.values()) < 10 + 3
         assert all(p - 4 < q <= p for q in carried.runs)
-        assert [r.partition for r in carried.summaries] == list(range(p + 1))
-        assert all(run.run_blocks is None for r in carried.summaries for run in r.shards)  # summaries only
+        # the next plan starts from the open shard's writes, not from every write so far
+        window = [r.partition for r in carried.window.summaries]
+        assert window == sorted(carried.runs) and all(p - 4 < q <= p for q in window)
+        assert all(run.run_blocks is None for r in carried.window.summaries for run in r.shards)  # summaries only
     assert carried.runs == {}
     assert [index for index, _, _ in built] == list(range(12))
     assert [shard.num_images for _, shard, _ in built] == [10] * 12
@@ -173,8 +177,8 @@ def test_past_the_carry_budget_a_group_writes_the_open_shard_ahead_and_carries_n
         results = [PartitionWriter(opts)(frame, p, claim) for p, frame in enumerate(frames)]
         carried, shards = None, []
         for p in range(12):
-            done, carried = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts=opts,
-                                           last=p == 11, carry_bytes=budget)
+            done, carried, _ = assemble_group(carried, [results[p]], claim, range(p, p + 1), opts=opts,
+                                              last=p == 11, carry_bytes=budget)
             shards += done
             if budget == 0 and p < 11:
                 assert carried.runs == {}  # nothing but the head's place
@@ -317,3 +321,66 @@ def test_every_shard_is_built_by_exactly_one_group_for_any_sizes_and_limits(data
         last = i == len(groups) - 1
         built += shards_to_build(plan(group.stop), group, prefix=not last, last=last)
     assert sorted(built) == list(range(plan(len(counts)).num_shards))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_each_groups_window_plan_builds_the_job_plans_shards_for_any_keys_sizes_and_limits(data):
+    """A group plans only from the shard the group before left open (and the keys kept so far), not
+    from every partition before it. Over all groups, each shard of the job's plan is built once,
+    from the same rows, around the same duplicate keys left out: both policies, cut by count or
+    bytes, appending to a dataset that holds some of the keys (no I/O: plans only)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from dask_imgsink.job.packing import ShardPlan, plan_shards, shards_to_build
+    from dask_imgsink.job.results import PartitionResult
+    from dask_imgsink.job.unique import key_hashes
+    from dask_imgsink.job.window import first_window, next_window, plan_group
+
+    counts = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=12), label="images per partition")
+    rows = sum(counts)
+    keys = data.draw(st.lists(st.integers(0, 12), min_size=rows, max_size=rows), label="keys")
+    sizes = data.draw(st.lists(st.integers(1, 9), min_size=rows, max_size=rows), label="sample sizes, in KiB")
+    policy = data.draw(st.sampled_from(["dataset", "shard", None]), label="unique_keys (None: no key column)")
+    existing = data.draw(st.sets(st.integers(0, 12), max_size=4), label="keys already in the dataset")
+    per_tar = data.draw(st.integers(1, 6), label="images_per_tar")
+    cap = data.draw(st.none() | st.integers(0, 4), label="max bytes, in tar records")
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(counts) - 1) if len(counts) > 1 else st.nothing())))
+    groups = [range(a, b) for a, b in zip([0] + cuts, cuts + [len(counts)])]
+    opts = SimpleNamespace(key_column=policy and "key", unique_keys=policy or "dataset", images_per_tar=per_tar,
+                           max_shard_bytes=None if cap is None else cap * 10240 + 5120, on_error="skip",
+                           mode="append", url="memory://unused", storage_options=None)
+    claim = SimpleNamespace(first_shard=3, done=False)
+    existing_hashes = key_hashes([f"k{k}" for k in sorted(existing)]) if policy == "dataset" else None
+
+    results, start = [], 0
+    for p, n in enumerate(counts):
+        names = [f"k{k}" for k in keys[start:start + n]]
+        run = SimpleNamespace(num_images=n, sample_sizes=[s * 1024 for s in sizes[start:start + n]],
+                              run_keys=pa.array(names))
+        results.append(PartitionResult(p, n, [run] if n else [], [], key_hashes(names) if policy else None,
+                                       np.arange(n) if policy else None))
+        start += n
+
+    def where(plan: ShardPlan, shard: int) -> list[tuple[int, int, int]]:
+        return [(plan.runs[piece.run][0], piece.start, piece.stop) for piece in plan.pieces(shard)]
+
+    full = plan_shards(results, claim, opts, existing_hashes)
+    expected = {full.first_shard + s: where(full, s) for s in range(full.num_shards)}
+    built, window = [], first_window(claim)
+    for i, group in enumerate(groups):
+        last = i == len(groups) - 1
+        own = results[group.start:group.stop]
+        plan, log = plan_group(window, own, claim, opts, existing_hashes if i == 0 else None)
+        assert plan.failed is None
+        built += [(plan.first_shard + s, where(plan, s))
+                  for s in shards_to_build(plan, group, prefix=not last, last=last)]
+        window = next_window(plan, window, own, log)
+        # what the next group plans from: the writes holding the open shard's kept rows (and any
+        # wholly left out between them), never the prefix
+        holding = [r for r in window.summaries if len(window.dropped.get(r.partition, ())) < r.num_images]
+        assert len(holding) <= per_tar and (not window.summaries or window.summaries[0] in holding)
+    assert sorted(index for index, _ in built) == sorted(expected)
+    assert dict(built) == expected

@@ -4,7 +4,7 @@ The graph reads like ``to_parquet``'s: a claim task that takes the output
 directory (:mod:`~dask_imgsink.job.claim`), one picklable per-partition writer
 (:class:`~dask_imgsink.job.write.PartitionWriter`) holding the settings, then,
 for exact packing, a few assembly tasks (one per group of partitions, each
-handing the next the write summaries so far and the runs of its open shard),
+handing the next where its plan left off and the runs of its open shard),
 then one barrier task that commits, or, when a task failed, cleans up
 and raises its error. Task names start with ``imgsink-`` so progress
 bars and the dashboard show what runs. Nothing here knows image formats.
@@ -49,12 +49,12 @@ def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions
         failed.reraise()
 
 
-def _commit_exact_job(claim: Claim, carried: Carry | TaskFailed | None, assembled: list, num_partitions: int,
-                      existing_keys=None, *, opts: WriteOptions):
-    """The commit task of exact packing: the last assembly group carries every write's summary."""
+def _commit_exact_job(claim: Claim, carried: Carry | TaskFailed | None, assembled: list, summarized: list,
+                      num_partitions: int, existing_keys=None, *, opts: WriteOptions):
+    """The commit task of exact packing: each assembly group hands it its shards and its writes' summaries."""
     if isinstance(carried, TaskFailed):
         _raise_if_failed(first_failure(assembled) or carried, claim, opts)
-    summaries = carried.summaries if carried is not None else []  # None: no partitions, so no group
+    summaries = [summary for group in summarized for summary in group]
     return _commit_exact(claim, summaries, assembled, num_partitions, opts, existing_keys)
 
 
@@ -388,27 +388,32 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
 
     A write task's result holds its run's bytes; only its own assembly group
     receives it (and, for the rows of a shard still open at the group's end,
-    the next group), and Dask frees it once used. Each group hands the next the
-    small summaries of every write so far (each plan starts from them), so the
-    graph has one edge per partition, not one per partition and group.
+    the next group), and Dask frees it once used. Each group hands the next
+    where its plan left off (:mod:`.window`), and the commit the summaries of
+    its own writes, so the graph has one edge per partition, not one per
+    partition and group, and no group's work grows with the groups before it.
     """
     existing = None  # the dataset's keys, read once for every plan when appending with unique_keys="dataset"
     if needs_dataset_keys(opts):
         existing = f"imgsink-dataset-keys-{token}"
         graph[existing] = (partial(dataset_key_hashes, opts=opts), claim)
-    carried, built = None, []  # the first group starts from nothing
+    carried, built, summarized = None, [], []  # the first group starts from nothing
     groups = _assembly_groups(len(written))
     budget = carry_budget()
     for i, g in enumerate(groups):
         out = (f"imgsink-pack-shards-{token}", i)
         assemble = partial(assemble_group, opts=opts, last=i == len(groups) - 1, carry_bytes=budget)
-        graph[out] = (assemble, carried, written[g.start:g.stop], claim, g, existing)
+        # the dataset's keys go to the first group, which hands them on in its window's key log
+        graph[out] = (assemble, carried, written[g.start:g.stop], claim, g, existing if i == 0 else None)
         built.append((f"imgsink-shards-built-{token}", i))
         graph[built[-1]] = (operator.getitem, out, 0)
         carried = (f"imgsink-runs-carried-{token}", i)
         graph[carried] = (operator.getitem, out, 1)
+        summarized.append((f"imgsink-writes-summarized-{token}", i))
+        graph[summarized[-1]] = (operator.getitem, out, 2)
     commit = f"imgsink-commit-{token}"
-    graph[commit] = (partial(_commit_exact_job, opts=opts), claim, carried, built, len(written), existing)
+    graph[commit] = (partial(_commit_exact_job, opts=opts), claim, carried, built, summarized, len(written),
+                     existing)
     return commit
 
 

@@ -4,37 +4,28 @@ Each write task encodes its partition once into a *run*: its samples' tar bytes
 (one block per sample) and a small Arrow table of their offsets, sizes and
 metadata, kept in memory as the task's result (no file). Each assembly task (one
 per group of contiguous partitions, :func:`assemble_group`) waits only for its
-own write tasks and the group before it, which hands it a :class:`Carry`: the
-summaries of every write so far (counts, sizes, key hashes) and the runs of the
-shard still open. From the summaries it cuts the job's prefix into shards of
-``images_per_tar`` (:func:`plan_shards`), writes the shards whose *last* image is
-in its group from the samples' blocks (no re-encoding, each byte written once),
-and carries on the runs of its own open shard: at most one shard's rows plus a
-partition. So the shards of early partitions are written while later partitions
-still encode, and no task waits for the whole job but the commit.
+own write tasks and the group before it, which hands it a :class:`Carry`: where
+its plan left off (the shard still open, :mod:`.window`) and that shard's runs.
+From them and its own writes' summaries (counts, sizes, key hashes) it cuts
+shards of ``images_per_tar`` (:mod:`.plan`), writes the shards whose *last*
+image is in its group from the samples' blocks (no re-encoding, each byte
+written once), and carries on the runs of its own open shard: at most one
+shard's rows plus a partition. So the shards of early partitions are written
+while later partitions still encode, no task waits for the whole job but the
+commit, and each group's work does not grow with the partitions before it.
 """
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..core.tarshard import content_limit, continue_archive, write_archive
-from ..core.writer import (
-    LAYOUT_COLUMN,
-    ShardTarget,
-    SkippedRow,
-    WrittenShard,
-    format_counts,
-    write_idx,
-)
-from ..errors import BadRowError
+from ..core.tarshard import continue_archive, write_archive
+from ..core.writer import LAYOUT_COLUMN, ShardTarget, WrittenShard, format_counts, write_idx
 from ..format.dali import idx_line
 from ..format.layout import new_attempt_dir, staged
 from ..format.schema import shard_schema, write_parquet
@@ -44,242 +35,9 @@ from .cleanup import discard_staging
 from .head import Head, ahead_of, write_ahead
 from .lock import aborted_here
 from .options import WriteOptions
-from .results import PartitionResult, TaskFailed, cancelled, failure, first_failure
-from .unique import dataset_key_hashes, drop_duplicate_keys
-
-
-@dataclass
-class Piece:
-    """Rows ``[start, stop)`` of run ``run`` (an index into ``ShardPlan.runs``)."""
-
-    run: int
-    start: int
-    stop: int
-
-
-@dataclass
-class ShardPlan:
-    """The cut of all runs into shards; only counts and paths, O(partitions) in size.
-
-    ``dropped`` lists, per run, the rows left out as duplicate keys (see
-    :mod:`~dask_imgsink.job.unique`); shards are cut over the rows kept, so each
-    still holds exactly ``images_per_tar`` images. With ``max_shard_bytes``,
-    ``shard_starts`` holds where each shard begins (kept rows, in order): the
-    greedy cut of :func:`cut_shards`; without, shards start every ``images_per_tar``.
-    """
-
-    runs: list[tuple[int, WrittenShard]]  # (partition, run) for runs holding images
-    images_per_tar: int
-    first_shard: int
-    rows_in: int
-    skipped: list[SkippedRow] = field(default_factory=list)
-    run_starts: list[int] = field(default_factory=list)  # global kept row of each run's first kept image
-    failed: TaskFailed | None = None  # a write task failed: nothing to assemble
-    dropped: dict[int, list[int]] = field(default_factory=dict)  # run index -> its rows left out
-    shard_starts: list[int] | None = None  # cut by bytes: first kept row of each shard
-
-    @cached_property
-    def run_of(self) -> dict[int, int]:
-        """Partition -> index of its run in ``runs``."""
-        return {p: i for i, (p, _) in enumerate(self.runs)}
-
-    def kept(self, run: int) -> int:
-        """Images of run ``run`` that go into shards."""
-        return self.runs[run][1].num_images - len(self.dropped.get(run, ()))
-
-    @property
-    def num_images(self) -> int:
-        if not self.runs:
-            return 0
-        return self.run_starts[-1] + self.kept(len(self.runs) - 1)
-
-    @property
-    def num_shards(self) -> int:
-        if self.shard_starts is not None:
-            return len(self.shard_starts)
-        return -(-self.num_images // self.images_per_tar)
-
-    def _shard_range(self, shard: int) -> tuple[int, int]:
-        """Kept rows ``[start, stop)`` of shard ``shard``."""
-        if self.shard_starts is None:
-            n = self.images_per_tar
-            return shard * n, min((shard + 1) * n, self.num_images)
-        starts = self.shard_starts
-        return starts[shard], starts[shard + 1] if shard + 1 < len(starts) else self.num_images
-
-    def shards_ending_in(self, partition: int) -> list[int]:
-        """The shards (local indexes) whose last image is in ``partition``'s run."""
-        run = self.run_of.get(partition)
-        if run is None or not self.kept(run):
-            return []
-        lo = self.run_starts[run]
-        hi = lo + self.kept(run)
-        # shard s ends in [lo, hi) when its last row s_end - 1 is: s_end in (lo, hi]
-        return [s for s in range(self._shard_holding(lo), self._shard_holding(hi - 1) + 1)
-                if lo < self._shard_range(s)[1] <= hi]
-
-    def _shard_holding(self, row: int) -> int:
-        if self.shard_starts is None:
-            return row // self.images_per_tar
-        return bisect.bisect_right(self.shard_starts, row) - 1
-
-    def rows_before(self, partition: int) -> int:
-        """Kept rows in the runs of the partitions before ``partition``."""
-        total = 0
-        for run, (part, _) in enumerate(self.runs):
-            if part >= partition:
-                break
-            total = self.run_starts[run] + self.kept(run)
-        return total
-
-    def shard_left_before(self, partition: int) -> int | None:
-        """The shard that ends right before ``partition``'s rows but that an earlier group may have left.
-
-        A group whose plan covers a prefix of the job leaves its last shard unless
-        it is full by count: later rows may join it. When they do not (the next
-        sample would break ``max_shard_bytes``), that shard still ends in the
-        earlier group's partitions; the first group whose plan shows it closed
-        builds it.
-        """
-        before = self.rows_before(partition)
-        if before == 0:
-            return None
-        shard = self._shard_holding(before - 1)
-        if self._shard_range(shard)[1] != before or self.shard_is_full(shard):
-            return None  # it continues past ``partition`` (built where it ends), or it was full and built
-        return shard
-
-    def shard_is_full(self, shard: int) -> bool:
-        """Whether ``shard`` holds ``images_per_tar`` images."""
-        start, stop = self._shard_range(shard)
-        return stop - start == self.images_per_tar
-
-    def shard_is_complete(self, shard: int) -> bool:
-        """Whether more rows after this plan's could not join ``shard`` (it is not the last, or it is full)."""
-        return shard < self.num_shards - 1 or self.shard_is_full(shard)
-
-    def pieces(self, shard: int, skip: int = 0) -> list[Piece]:
-        """Where the kept rows of ``shard`` are, in order, leaving out its first ``skip``."""
-        start, stop = self._shard_range(shard)
-        return self._pieces(start + skip, stop)
-
-    def open_shard(self) -> int | None:
-        """The last shard if more rows could still join it (it is not full), else ``None``."""
-        final = self.num_shards - 1
-        return None if final < 0 or self.shard_is_full(final) else final
-
-    def _pieces(self, start: int, stop: int) -> list[Piece]:
-        pieces = []
-        run = bisect.bisect_right(self.run_starts, start) - 1
-        while start < stop:
-            while self.kept(run) == 0 or start >= self.run_starts[run] + self.kept(run):
-                run += 1
-            base = self.run_starts[run]
-            end = min(stop, base + self.kept(run))
-            pieces += self._row_ranges(run, start - base, end - base)
-            start = end
-            run += 1
-        return pieces
-
-    def _row_ranges(self, run: int, first: int, stop: int) -> list[Piece]:
-        """Kept images ``[first, stop)`` of ``run`` as contiguous row ranges, around its dropped rows."""
-        dropped = self.dropped.get(run)
-        if not dropped:
-            return [Piece(run, first, stop)]
-        pieces, row, kept = [], 0, 0
-        dropped_set = set(dropped)
-        start_row = None
-        while kept < stop:
-            if row not in dropped_set:
-                if kept >= first and start_row is None:
-                    start_row = row
-                kept += 1
-            elif start_row is not None:
-                pieces.append(Piece(run, start_row, row))
-                start_row = None
-            row += 1
-        if start_row is not None:
-            pieces.append(Piece(run, start_row, row))
-        return pieces
-
-
-def plan_shards(results: list[PartitionResult | TaskFailed], claim: Claim, opts: WriteOptions,
-                existing_keys: np.ndarray | None = None) -> ShardPlan:
-    """Cut the runs of all partitions, in partition order, into shards (duplicate keys left out first).
-
-    ``existing_keys``: the dataset's key hashes when appending (the job reads them
-    once, in its own task); read here when not given.
-    """
-    failed = first_failure(results)
-    if failed is not None:
-        return ShardPlan([], opts.images_per_tar, claim.first_shard, 0, failed=failed)
-    runs: list[tuple[int, WrittenShard]] = []
-    results = sorted(results, key=lambda r: r.partition)
-    for res in results:
-        runs += [(res.partition, run) for run in res.shards if run.num_images]
-    plan = ShardPlan(runs=runs, images_per_tar=opts.images_per_tar, first_shard=claim.first_shard,
-                     rows_in=sum(r.rows_in for r in results), skipped=[s for r in results for s in r.skipped])
-    try:
-        if existing_keys is None:
-            existing_keys = dataset_key_hashes(claim, opts)
-        drop_duplicate_keys(plan, [r for r in results if r.shards and r.num_images], opts, existing_keys)
-    except Exception as exc:
-        fs, root = resolve(opts.url, opts.storage_options)
-        if isinstance(exc, BadRowError) or committed_job(fs, root, opts.job_id) is None:
-            plan.failed = failure(exc, "the check for duplicate keys")
-            return plan
-        # Dask reran the plan after the job committed (its runs are gone): the commit returns what it wrote
-    total = 0
-    for i in range(len(runs)):
-        plan.run_starts.append(total)
-        total += plan.kept(i)
-    if opts.max_shard_bytes is not None:
-        plan.shard_starts = cut_shards(_kept_sizes(plan), opts.images_per_tar, opts.max_shard_bytes)
-    return plan
-
-
-def _kept_sizes(plan: ShardPlan) -> np.ndarray:
-    """The tar bytes of every kept sample, in row order."""
-    parts = []
-    for i, (_, run) in enumerate(plan.runs):
-        sizes = np.asarray(run.sample_sizes, dtype=np.int64)
-        dropped = plan.dropped.get(i)
-        parts.append(np.delete(sizes, dropped) if dropped else sizes)
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def cut_shards(sizes: np.ndarray, images_per_tar: int, max_shard_bytes: int) -> list[int]:
-    """Where each shard starts when samples of these tar ``sizes`` fill shards greedily, in order.
-
-    A shard takes samples while it has fewer than ``images_per_tar`` and its tar
-    stays within ``max_shard_bytes``; a sample larger than that alone gets a shard
-    of its own. Deterministic: every shard but the last is as full as the limits allow.
-    """
-    ends = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-    limit = content_limit(max_shard_bytes)
-    starts, start, total = [], 0, len(sizes)
-    while start < total:
-        starts.append(start)
-        by_bytes = int(np.searchsorted(ends, ends[start] + limit, side="right")) - 1
-        start = min(start + images_per_tar, total, max(by_bytes, start + 1))
-    return starts
-
-
-def shards_to_build(plan: ShardPlan, partitions: range, *, prefix: bool, last: bool) -> list[int]:
-    """The shards (local indexes) the assembly task of ``partitions`` builds; see :func:`assemble_shards`.
-
-    Over all groups of a job, every shard is built exactly once (``test_packing.py`` checks it
-    for any partition sizes, sample sizes and limits).
-    """
-    todo = [s for p in partitions for s in plan.shards_ending_in(p)
-            if not prefix or plan.shard_is_complete(s)]
-    left = plan.shard_left_before(partitions.start)
-    if left is not None and (not prefix or plan.shard_is_complete(left)):
-        todo.insert(0, left)
-    final = plan.num_shards - 1
-    if last and final >= 0 and final not in todo and not plan.shard_is_full(final):
-        todo.append(final)  # it ends in an earlier group, which left it open (a full one it built)
-    return todo
+from .plan import Piece, ShardPlan, cut_shards, plan_shards, shards_to_build  # noqa: F401 (re-exported)
+from .results import PartitionResult, TaskFailed, cancelled, failure
+from .window import PlanWindow, first_window, next_window, plan_group
 
 
 def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, runs: dict[int, WrittenShard], *,
@@ -352,56 +110,61 @@ def carried_runs(plan: ShardPlan, runs: dict[int, WrittenShard], last: bool,
     final = plan.open_shard()
     if final is None:
         return {}
-    open_from = plan._shard_range(final)[0] + ahead_of(head, plan.first_shard + final)[0]
+    open_from = plan.shard_start(final) + ahead_of(head, plan.first_shard + final)[0]
     needed = {part for run, (part, _) in enumerate(plan.runs)
               if plan.run_starts[run] + plan.kept(run) > open_from}
     return {part: run for part, run in runs.items() if part in needed}
 
 
 class Carry(NamedTuple):
-    """What one assembly group hands the next: the write summaries so far (every plan starts from
-    them), the runs of the shard still open at its end, and that shard's rows written ahead."""
+    """What one assembly group hands the next: where its plan left off (:class:`~.window.PlanWindow`:
+    the open shard's write summaries and the keys kept so far), the runs of that shard, and its
+    rows written ahead."""
 
-    summaries: list
+    window: PlanWindow
     runs: dict[int, WrittenShard]
     head: Head | None = None
 
 
+Built = list[tuple[int, WrittenShard, list[int]]]
+
+
 def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, partitions: range,
                    existing_keys: np.ndarray | None = None, *, opts: WriteOptions, last: bool,
-                   carry_bytes: int | None = None
-                   ) -> tuple[list[tuple[int, WrittenShard, list[int]]] | TaskFailed, Carry | TaskFailed]:
-    """One assembly task: plan from the write summaries up to ``partitions`` (a prefix of the job) and
-    build the shards ending there, from this group's write results (``own``, runs in memory) and the
-    runs ``carried`` from the group before (the rows of its open last shard). It waits only for its
-    own partitions and the group before, so it runs while later partitions encode.
+                   carry_bytes: int | None = None) -> tuple[Built | TaskFailed, Carry | TaskFailed, list]:
+    """One assembly task: plan the shard left open by the group before and this group's partitions,
+    and build the shards ending there, from this group's write results (``own``, runs in memory) and
+    the runs ``carried`` from the group before (the rows of its open last shard). It waits only for
+    its own partitions and the group before, so it runs while later partitions encode.
 
     Once the open shard's carried runs pass ``carry_bytes``, their rows are written ahead into
     its staged tar and only a :class:`~dask_imgsink.job.head.Head` is carried (local filesystems).
 
-    Returns the shards built and what to carry to the next group (or a :class:`TaskFailed` for
-    either, which the commit raises). The plan of a prefix agrees with the job's plan on every
-    complete shard: shards are cut greedily in row order, and a duplicate key is always the later copy.
+    Returns the shards built, what to carry to the next group (or a :class:`TaskFailed` for
+    either, which the commit raises), and the summaries of ``own`` (the commit plans from every
+    group's). A group's plan agrees with the job's plan on every shard it builds: shards are cut
+    greedily in row order, and a duplicate key is always the later copy.
     """
+    summaries = [summarize(result) for result in own]
     if isinstance(carried, TaskFailed):
-        return [], carried  # an earlier group failed; the commit raises its error
-    carried = carried or Carry([], {})  # None: the first group
-    summaries = [*carried.summaries, *map(summarize, own)]
-    plan = plan_shards(summaries, claim, opts, existing_keys)
+        return [], carried, summaries  # an earlier group failed; the commit raises its error
+    carried = carried or Carry(first_window(claim), {})  # None: the first group
+    plan, keys = plan_group(carried.window, summaries, claim, opts, existing_keys)
     runs = {**carried.runs, **runs_by_partition(own)}
     built = assemble_shards(plan, partitions, opts, runs, prefix=not last, last=last, head=carried.head)
     if isinstance(built, TaskFailed):
-        return built, built
+        return built, built, summaries
     final = None if last or plan.failed is not None else plan.open_shard()  # the shard left open, if any
     head = carried.head if final is not None and ahead_of(carried.head, plan.first_shard + final)[0] else None
     runs = carried_runs(plan, runs, last, head)
     if runs and carry_bytes is not None:
         written = _write_open_shard_ahead(plan, final, head, runs, opts, carry_bytes)
         if isinstance(written, TaskFailed):
-            return built, written
+            return built, written, summaries
         if written is not None:
             head, runs = written, {}
-    return built, Carry(summaries, runs, head)
+    window = next_window(plan, carried.window, summaries, keys)
+    return built, Carry(window, runs, head), summaries
 
 
 def _write_open_shard_ahead(plan: ShardPlan, final: int, head: Head | None, runs: dict[int, WrittenShard],

@@ -127,6 +127,141 @@ def _same_shard_duplicates(groups: list[np.ndarray], images_per_tar: int) -> lis
     return found
 
 
+# --------------------------------------------------------------------------- a group's check, from what came before
+
+
+class KeyLog:
+    """The hash of every key kept so far, with where its first copy is (partition, row; -1: in the dataset).
+
+    Held as sorted chunks, merged when one is no more than twice the size of the next:
+    adding ``n`` keys costs ``O(n log n)``, and looking up a group's keys
+    ``O(k log n)``, so the keys of a job of any size are checked group by group
+    in ``O(n log n)`` in all (re-sorting every key so far at every group was
+    ``O(groups x n log n)``). Immutable: :meth:`adding` returns a new log sharing
+    the old chunks, so a task Dask reruns from the same input finds it unchanged.
+    """
+
+    def __init__(self, chunks: tuple = ()) -> None:
+        self.chunks = chunks  # each (hashes (n, 2) sorted by (high, low), partitions, rows)
+
+    def __len__(self) -> int:
+        return sum(len(hashes) for hashes, _, _ in self.chunks)
+
+    def adding(self, hashes: np.ndarray, partitions: np.ndarray, rows: np.ndarray) -> KeyLog:
+        """This log with ``hashes`` added (their first copies at ``partitions``, ``rows``)."""
+        if not len(hashes):
+            return self
+        chunks = [*self.chunks, _sorted_chunk(hashes, partitions, rows)]
+        while len(chunks) > 1 and len(chunks[-2][0]) <= 2 * len(chunks[-1][0]):
+            newer, older = chunks.pop(), chunks.pop()
+            chunks.append(_sorted_chunk(*(np.concatenate(pair) for pair in zip(older, newer))))
+        return KeyLog(tuple(chunks))
+
+    def first_copies(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The partition and row of each hash's first copy; partition -2 where the key is new."""
+        partitions = np.full(len(hashes), -2, np.int64)
+        rows = np.zeros(len(hashes), np.int64)
+        for known, known_partitions, known_rows in self.chunks:
+            lo = np.searchsorted(known[:, 0], hashes[:, 0], "left")
+            hi = np.searchsorted(known[:, 0], hashes[:, 0], "right")
+            for q in np.flatnonzero(hi > lo):  # the high 64 bits match: a duplicate, or (rarely) only those bits
+                same = np.flatnonzero(known[lo[q]:hi[q], 1] == hashes[q, 1])
+                if len(same):
+                    partitions[q], rows[q] = known_partitions[lo[q] + same[0]], known_rows[lo[q] + same[0]]
+        return partitions, rows
+
+
+def _sorted_chunk(hashes: np.ndarray, partitions: np.ndarray, rows: np.ndarray) -> tuple:
+    order = np.lexsort((hashes[:, 1], hashes[:, 0]))
+    return hashes[order], np.asarray(partitions, np.int64)[order], np.asarray(rows, np.int64)[order]
+
+
+def dataset_log(existing: np.ndarray | None) -> KeyLog:
+    """A log holding the keys already in the dataset (``existing``, when appending), before the job's."""
+    if existing is None or not len(existing):
+        return KeyLog()
+    minus_one = np.full(len(existing), -1, np.int64)
+    return KeyLog().adding(existing, minus_one, minus_one)
+
+
+class _NewRows:
+    """The rows of a group's new runs, in order: their hashes, and each one's run and partition row."""
+
+    def __init__(self, results: list) -> None:
+        self.results = results
+        self.hashes = np.concatenate([r.key_hashes for r in results]) if results else np.zeros((0, 2), np.uint64)
+        self.starts = np.cumsum([0] + [len(r.key_hashes) for r in results])
+        self.partitions = np.repeat([r.partition for r in results], np.diff(self.starts)).astype(np.int64)
+        self.rows = (np.concatenate([np.asarray(r.written_rows, np.int64) for r in results]) if results
+                     else np.zeros(0, np.int64))
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(index of the result, row in its run) of row ``position``."""
+        i = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return i, position - int(self.starts[i])
+
+
+def drop_new_duplicates(plan, first_new_run: int, new_results: list, opts, keys: KeyLog | None,
+                        open_shard: tuple[np.ndarray, np.ndarray, list, int, int] | None = None) -> KeyLog | None:
+    """Leave out the duplicate keys among a group's new runs, decided from the rows before them only.
+
+    ``plan.runs[first_new_run:]`` are the runs of ``new_results``. ``unique_keys="dataset"``:
+    ``keys`` holds every key kept before them; returns it with theirs added.
+    ``"shard"``: ``open_shard`` is (hashes, sizes, their (partition, row)s, count, bytes) of the
+    kept rows of the shard still open before them. Same decisions as :func:`drop_duplicate_keys`
+    over the whole prefix: a row is decided by the rows before it.
+    """
+    if opts.key_column is None:
+        return keys
+    new = _NewRows(new_results)
+    if opts.unique_keys == "dataset":
+        found = _dataset_duplicates(new, keys)
+    else:
+        found = _open_shard_duplicates(new, plan, first_new_run, opts, open_shard)
+    left_out = set()
+    for position, first in found:
+        result, run_row = new.locate(position)
+        _leave_out(plan, first_new_run + result, run_row, int(new.partitions[position]), int(new.rows[position]),
+                   first, opts)
+        left_out.add(position)
+    if opts.unique_keys != "dataset":
+        return keys
+    kept = np.array([i not in left_out for i in range(len(new.hashes))], dtype=bool)
+    return keys.adding(new.hashes[kept], new.partitions[kept], new.rows[kept])
+
+
+def _dataset_duplicates(new: _NewRows, keys: KeyLog) -> list[tuple[int, tuple[int, int]]]:
+    """(position, first copy) of each new row whose key was kept before it, in row order."""
+    partitions, rows = keys.first_copies(new.hashes)
+    found = {int(i): (int(partitions[i]), int(rows[i])) for i in np.flatnonzero(partitions != -2)}
+    for group in duplicate_groups(new.hashes):
+        head = int(group[0])
+        first = found.get(head, (int(new.partitions[head]), int(new.rows[head])))
+        found.update((int(p), first) for p in group[1:])
+    return sorted(found.items())
+
+
+def _open_shard_duplicates(new: _NewRows, plan, first_new_run: int, opts,
+                           open_shard) -> list[tuple[int, tuple[int, int]]]:
+    """(position, first copy) of each new row whose key is already in its shard: the shards are
+    walked from the one still open, cut by count (and bytes) as :func:`~dask_imgsink.job.packing.cut_shards` cuts."""
+    hashes, sizes, places, count, content = open_shard
+    in_shard = {h.tobytes(): place for h, place in zip(hashes, places)}
+    limit = None if opts.max_shard_bytes is None else content_limit(opts.max_shard_bytes)
+    new_sizes = [size for _, run in plan.runs[first_new_run:] for size in run.sample_sizes]
+    found = []
+    for position, size in enumerate(new_sizes):
+        if count and (count >= opts.images_per_tar or (limit is not None and content + size > limit)):
+            in_shard, count, content = {}, 0, 0  # this row starts the next shard
+        key = new.hashes[position].tobytes()
+        if key in in_shard:
+            found.append((position, in_shard[key]))
+            continue
+        in_shard[key] = (int(new.partitions[position]), int(new.rows[position]))
+        count, content = count + 1, content + size
+    return found
+
+
 # --------------------------------------------------------------------------- the job's check
 
 
@@ -196,15 +331,29 @@ def drop_duplicate_keys(plan, results: list, opts, existing: np.ndarray | None) 
     for dup in found:
         run, run_row = where.run_row(dup.position)
         partition, row = where.partition_row(dup.position)
-        key = _run_key(plan.runs[run][1], run_row)
-        reason = where.reason(dup)
-        if opts.unique_keys == "shard":
-            reason += "; both would land in one shard, where WebDataset readers would merge the two samples"
-        if opts.on_error == "raise":
-            raise BadRowError(reason, fix=DUPLICATE_FIX, partition=partition, row=row, key=key,
-                              column=opts.key_column)
-        plan.skipped.append(SkippedRow(partition, row, key, reason, opts.key_column))
-        plan.dropped.setdefault(run, []).append(run_row)
+        first = (-1, -1) if dup.first < 0 else where.partition_row(dup.first)
+        _leave_out(plan, run, run_row, partition, row, first, opts)
+
+
+def _duplicate_reason(first: tuple[int, int], policy: str) -> str:
+    """Why a row is left out whose key's first copy is at ``first`` (partition, row; partition -1: in the dataset)."""
+    if first[0] < 0:
+        reason = "the key is already in the dataset this job appends to"
+    else:
+        reason = f"the key is used twice (first at partition {first[0]}, row {first[1]})"
+    if policy == "shard":
+        reason += "; both would land in one shard, where WebDataset readers would merge the two samples"
+    return reason
+
+
+def _leave_out(plan, run: int, run_row: int, partition: int, row: int, first: tuple[int, int], opts) -> None:
+    """Leave row ``run_row`` of ``plan``'s run ``run`` out as a duplicate key (recorded), or raise for it."""
+    key = _run_key(plan.runs[run][1], run_row)
+    reason = _duplicate_reason(first, opts.unique_keys)
+    if opts.on_error == "raise":
+        raise BadRowError(reason, fix=DUPLICATE_FIX, partition=partition, row=row, key=key, column=opts.key_column)
+    plan.skipped.append(SkippedRow(partition, row, key, reason, opts.key_column))
+    plan.dropped.setdefault(run, []).append(run_row)
 
 
 DUPLICATE_FIX = ("make keys unique, e.g. ddf = ddf.drop_duplicates(subset='key'); on_error='skip' leaves "
@@ -231,10 +380,7 @@ class _Locator:
 
     def reason(self, dup: Duplicate) -> str:
         """Why ``dup`` is left out, naming the first copy."""
-        if dup.first < 0:
-            return "the key is already in the dataset this job appends to"
-        partition, row = self.partition_row(dup.first)
-        return f"the key is used twice (first at partition {partition}, row {row})"
+        return _duplicate_reason((-1, -1) if dup.first < 0 else self.partition_row(dup.first), "dataset")
 
 
 def cross_partition_duplicate(results: list, opts) -> BadRowError | None:
