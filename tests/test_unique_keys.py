@@ -140,3 +140,31 @@ def test_a_worker_without_simplejpeg_fails_the_job_at_the_client(tmp_path):
             client.compute(ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key",
                                                      on_error="skip")).result(timeout=120)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_key_log_finds_every_first_copy_across_many_merges():
+    """A job's key log, added to group by group (chunks merged as they grow), finds the first copy of
+    every key seen, including keys equal in their high 64 bits only, and nothing else; adding never
+    changes an earlier log (Dask may rerun a group from it)."""
+    import numpy as np
+
+    from dask_imgsink.job.unique import dataset_log
+
+    rng = np.random.default_rng(7)
+    log, first, logs = dataset_log(np.array([[5, 6]], np.uint64)), {(5, 6): (-1, -1)}, []
+    for group in range(300):
+        hashes = rng.integers(0, 2**63, (int(rng.integers(0, 12)), 2), dtype=np.uint64)
+        if group == 70 and len(hashes):
+            hashes[0] = [5, 7]  # the high bits of the dataset's key, other low bits
+        hashes = np.array([h for h in hashes if tuple(h) not in first], np.uint64).reshape(-1, 2)
+        rows = np.arange(len(hashes))
+        logs.append((log, dict(first)))
+        log = log.adding(hashes, np.full(len(hashes), group), rows)
+        first.update({tuple(int(x) for x in h): (group, int(r)) for h, r in zip(hashes, rows)})
+    assert len(log.chunks) <= 2 * np.log2(len(first)) + 2
+    queries = np.array([*first, (5, 8), (1, 2)], np.uint64)
+    partitions, rows = log.first_copies(queries)
+    assert list(zip(partitions.tolist(), rows.tolist())) == [*first.values(), (-2, 0), (-2, 0)]
+    old_log, old_first = logs[150]
+    partitions, _ = old_log.first_copies(queries)
+    assert (partitions != -2).sum() == len(old_first)
