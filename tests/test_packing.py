@@ -384,3 +384,46 @@ def test_each_groups_window_plan_builds_the_job_plans_shards_for_any_keys_sizes_
         assert len(holding) <= per_tar and (not window.summaries or window.summaries[0] in holding)
     assert sorted(index for index, _ in built) == sorted(expected)
     assert dict(built) == expected
+
+
+@pytest.mark.parametrize("packing, key_column, mode, waits", [
+    ("exact", "key", "error", False), ("exact", None, "overwrite", False), ("exact", "key", "append", False),
+    ("exact", None, "append", True),  # generated keys are numbered after the dataset's partitions
+    ("per_partition", "key", "error", True),  # it stages files: only the directory's holder may
+])
+def test_write_tasks_wait_for_the_claim_only_when_they_need_it(tmp_path, packing, key_column, mode, waits):
+    from dask.core import get_dependencies
+
+    ddf = frame_ddf(20, 0, npartitions=4)
+    ddf = ddf if key_column else ddf.drop(columns="key")
+    bag = ddf.imgsink.to_webdataset(str(tmp_path / "out"), images_per_tar=8, key_column=key_column,
+                                    packing=packing, mode=mode)
+    graph = dict(bag.__dask_graph__())
+    claim = next(k for k in graph if str(k).startswith("imgsink-claim"))
+    writes = [k for k in graph if isinstance(k, tuple) and k[0].startswith("imgsink-encode-write")]
+    assert len(writes) == 4
+    assert all((claim in get_dependencies(graph, k)) == waits for k in writes)
+    if not waits:  # the claim still comes before anything is staged: every assembly group waits for it
+        groups = [k for k in graph if isinstance(k, tuple) and k[0].startswith("imgsink-pack-shards")]
+        assert groups and all(claim in get_dependencies(graph, k) for k in groups)
+
+
+def test_write_tasks_run_where_their_small_partitions_are(client, tmp_path):
+    """Many small partitions on 2 workers: each write task runs on the worker holding its partition.
+    When write tasks waited for the claim, both workers held it after the first fetch, so both were
+    candidates for every task and Dask sent a small partition to the less busy one (383 of 1,000
+    moved, each fetch waiting on a worker whose thread held the GIL)."""
+    frame = frame_ddf(1000, 0, npartitions=200)
+    with dask.config.set({"dataframe.convert-string": False}):
+        persisted = client.persist(frame)
+    wait_for = persisted.imgsink.to_webdataset(str(tmp_path / "out"), images_per_tar=100, key_column="key")
+
+    def fetched(dask_worker) -> list:
+        return [key for entry in dask_worker.transfer_incoming_log for key in entry["keys"]]
+
+    before = {w: len(keys) for w, keys in client.run(fetched).items()}
+    wait_for.compute()
+    moved = [key for w, keys in client.run(fetched).items() for key in keys[before[w]:]]
+    inputs = [key for key in moved if not str(key[0] if isinstance(key, tuple) else key).startswith("imgsink-")]
+    assert len(inputs) <= 20, inputs[:10]  # Dask may still steal some tasks (81 of 200 moved before)
+    assert verify_dataset(str(tmp_path / "out")).ok

@@ -39,7 +39,7 @@ from .output import check_output
 from .packing import Carry, assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize  # noqa: F401
 from .results import TaskFailed, failure, first_failure
 from .unique import cross_partition_duplicate, dataset_key_hashes, needs_dataset_keys
-from .write import PartitionWriter, check_image_dtype, check_label_dtype
+from .write import PartitionWriter, check_image_dtype, check_label_dtype, writes_need_claim
 
 
 def _raise_if_failed(failed: TaskFailed | None, claim: Claim, opts: WriteOptions) -> None:
@@ -426,8 +426,9 @@ def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     graph: dict = {claim: (claim_output, opts, token)}
     writer = PartitionWriter(opts)
     written = [(f"imgsink-encode-write-{token}", i) for i in range(len(parts))]
+    write_claim = claim if writes_need_claim(opts) else None  # else the assembly groups wait for it
     for i, (key, part) in enumerate(zip(written, parts)):
-        graph[key] = (writer, part.key, i, claim)
+        graph[key] = (writer, part.key, i, write_claim)
     if opts.packing == "exact":
         final = _exact_packing_tasks(graph, written, claim, opts, token)
     else:

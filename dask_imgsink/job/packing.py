@@ -36,8 +36,9 @@ from .head import Head, ahead_of, write_ahead
 from .lock import aborted_here
 from .options import WriteOptions
 from .plan import Piece, ShardPlan, cut_shards, plan_shards, shards_to_build  # noqa: F401 (re-exported)
-from .results import PartitionResult, TaskFailed, cancelled, failure
+from .results import PartitionResult, TaskFailed, cancelled, failure, first_failure
 from .window import PlanWindow, first_window, next_window, plan_group
+from .write import mark_failed
 
 
 def assemble_shards(plan: ShardPlan, partitions: range, opts: WriteOptions, runs: dict[int, WrittenShard], *,
@@ -146,6 +147,9 @@ def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, 
     greedily in row order, and a duplicate key is always the later copy.
     """
     summaries = [summarize(result) for result in own]
+    own_failure = first_failure(own)
+    if own_failure is not None and not own_failure.cancelled and not claim.done and not aborted_here(opts.job_id):
+        mark_failed(opts)  # the job's write tasks not yet started stop early (they may not wait for the claim)
     if isinstance(carried, TaskFailed):
         return [], carried, summaries  # an earlier group failed; the commit raises its error
     carried = carried or Carry(first_window(claim), {})  # None: the first group
