@@ -23,7 +23,8 @@ from distributed import Client, LocalCluster
 from helpers import claimed_job, file_bytes, frame_ddf, gated_ddf, make_ddf, read_dataset
 
 import dask_imgsink.core.encode as encode_module
-from dask_imgsink.job.packing import assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize
+from dask_imgsink.job.packing import assemble_group, assemble_shards, runs_by_partition, summarize
+from dask_imgsink.job.plan import plan_shards
 from dask_imgsink.job.write import PartitionWriter
 from dask_imgsink.read.verify import verify_dataset
 
@@ -299,7 +300,7 @@ def test_every_shard_is_built_by_exactly_one_group_for_any_sizes_and_limits(data
     """The groups' prefix plans together build each shard of the job's plan once (no I/O: plans only)."""
     from types import SimpleNamespace
 
-    from dask_imgsink.job.packing import ShardPlan, cut_shards, shards_to_build
+    from dask_imgsink.job.plan import ShardPlan, cut_shards, shards_to_build
 
     counts = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=10), label="images per partition")
     sizes = data.draw(st.lists(st.integers(1, 9), min_size=sum(counts), max_size=sum(counts)), label="sample sizes")
@@ -334,7 +335,7 @@ def test_each_groups_window_plan_builds_the_job_plans_shards_for_any_keys_sizes_
 
     import pyarrow as pa
 
-    from dask_imgsink.job.packing import ShardPlan, plan_shards, shards_to_build
+    from dask_imgsink.job.plan import ShardPlan, plan_shards, shards_to_build
     from dask_imgsink.job.results import PartitionResult
     from dask_imgsink.job.unique import key_hashes
     from dask_imgsink.job.window import first_window, next_window, plan_group

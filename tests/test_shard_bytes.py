@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import dask_imgsink  # noqa: F401
 from dask_imgsink import ImageBatch, ImageObject, ImageWriterStage, verify_dataset
 from dask_imgsink.core.tarshard import archive_size, content_limit
-from dask_imgsink.job.packing import cut_shards
+from dask_imgsink.job.plan import cut_shards
 from dask_imgsink.job.unique import find_duplicates, key_hashes
 
 CAP = 64 * 1024

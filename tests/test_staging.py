@@ -41,7 +41,8 @@ TESTS = Path(__file__).parent
 
 def _stage_without_commit(ddf, out, **options):
     """Run a job's claim, writes and assembly in this process, as if it were stopped before its commit."""
-    from dask_imgsink.job.packing import assemble_shards, plan_shards, runs_by_partition
+    from dask_imgsink.job.packing import assemble_shards, runs_by_partition
+    from dask_imgsink.job.plan import plan_shards
     from dask_imgsink.job.write import PartitionWriter
 
     opts, claim = claimed_job(ddf, out, key_column="key", images_per_tar=4, **options)

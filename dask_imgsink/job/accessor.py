@@ -36,7 +36,8 @@ from .head import carry_budget
 from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
-from .packing import Carry, assemble_group, assemble_shards, plan_shards, runs_by_partition, summarize  # noqa: F401
+from .packing import Carry, assemble_group, assemble_shards, runs_by_partition, summarize  # noqa: F401
+from .plan import plan_shards
 from .results import TaskFailed, failure, first_failure
 from .unique import cross_partition_duplicate, dataset_key_hashes, needs_dataset_keys
 from .write import PartitionWriter, check_image_dtype, check_label_dtype, writes_need_claim

@@ -35,7 +35,7 @@ from .cleanup import discard_staging
 from .head import Head, ahead_of, write_ahead
 from .lock import aborted_here
 from .options import WriteOptions
-from .plan import Piece, ShardPlan, cut_shards, plan_shards, shards_to_build  # noqa: F401 (re-exported)
+from .plan import Piece, ShardPlan, shards_to_build
 from .results import PartitionResult, TaskFailed, cancelled, failure, first_failure
 from .window import PlanWindow, first_window, next_window, plan_group
 from .write import mark_failed

@@ -144,9 +144,6 @@ class KeyLog:
     def __init__(self, chunks: tuple = ()) -> None:
         self.chunks = chunks  # each (hashes (n, 2) sorted by (high, low), partitions, rows)
 
-    def __len__(self) -> int:
-        return sum(len(hashes) for hashes, _, _ in self.chunks)
-
     def adding(self, hashes: np.ndarray, partitions: np.ndarray, rows: np.ndarray) -> KeyLog:
         """This log with ``hashes`` added (their first copies at ``partitions``, ``rows``)."""
         if not len(hashes):
@@ -188,7 +185,6 @@ class _NewRows:
     """The rows of a group's new runs, in order: their hashes, and each one's run and partition row."""
 
     def __init__(self, results: list) -> None:
-        self.results = results
         self.hashes = np.concatenate([r.key_hashes for r in results]) if results else np.zeros((0, 2), np.uint64)
         self.starts = np.cumsum([0] + [len(r.key_hashes) for r in results])
         self.partitions = np.repeat([r.partition for r in results], np.diff(self.starts)).astype(np.int64)

@@ -59,7 +59,7 @@ def plan_group(window: PlanWindow, own: list, claim: Claim, opts: WriteOptions,
 
     Local row 0 is the first row of the window's open shard, and local shard 0
     that shard: every shard this plan cuts is numbered, filled and cut as in the
-    job's plan (:func:`~.packing.plan_shards` over every partition).
+    job's plan (:func:`~.plan.plan_shards` over every partition).
     """
     failed = first_failure([window.failed, *own] if window.failed else own)
     if failed is not None:
