@@ -2,12 +2,15 @@
 
 Headers are plain USTAR (no PAX extension headers, which DALI's and wids' tar
 readers reject), with fixed mtime, uid, gid, owner names and mode, so the same
-members give byte-identical archives. Nothing is buffered beyond one member.
+members give byte-identical archives. Nothing is buffered beyond a few MiB of
+whole members, written to plain local files with few system calls
+(:func:`write_blocks`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 import pickle
@@ -152,8 +155,7 @@ def write_archive(fileobj: BinaryIO, blocks: list[bytes]) -> tuple[int, str]:
         content += len(block)
     blocks = [*blocks, bytes(archive_size(content) - content)]  # end-of-archive marker and record padding
     digest = run_beside(_sha256_of, blocks)
-    for block in blocks:
-        fileobj.write(block)
+    write_blocks(fileobj, blocks)
     return archive_size(content), digest.result()
 
 
@@ -164,16 +166,65 @@ def write_members_at(path: str, offset: int, blocks: list, *, end: bool = False)
 
     Writes at a known offset are idempotent: writing the same blocks again (a rerun) changes nothing.
     """
+    for block in blocks:
+        if len(block) % BLOCK:
+            raise ValueError("member blocks must be whole 512-byte blocks")
     with open(path, "r+b" if os.path.exists(path) else "wb") as out:
         out.seek(offset)
-        for block in blocks:
-            if len(block) % BLOCK:
-                raise ValueError("member blocks must be whole 512-byte blocks")
-            out.write(block)
-            offset += len(block)
+        write_blocks(out, blocks)
+        offset += sum(map(len, blocks))
         if end:
-            out.truncate()
+            out.truncate(offset)
     return offset
+
+
+#: Most buffers one ``os.writev`` call takes (Linux's ``IOV_MAX``).
+_IOV_MAX = 1024
+
+
+def write_blocks(fileobj: BinaryIO, blocks: list) -> None:
+    """Write ``blocks`` (bytes-like) to ``fileobj`` in order, from its current position.
+
+    A plain local file (Python's own, or fsspec's local file without compression)
+    gets them gathered into ``os.writev`` calls of up to 1,024 buffers: measured here
+    (800 samples of 73 kB into a new file), one ``write`` per sample took 26-28 us of
+    CPU per sample and ``writev`` 15-16, as a growing file pays per call. Any other
+    file object (an object store's, a wrapper whose ``write`` does more) gets one
+    ``write`` per block.
+    """
+    plain = _plain_file(fileobj)
+    if plain is None:
+        for block in blocks:
+            fileobj.write(block)
+        return
+    plain.flush()  # what Python's buffer holds goes first
+    _writev_all(plain.fileno(), blocks)
+
+
+def _plain_file(fileobj) -> io.BufferedIOBase | io.FileIO | None:
+    """``fileobj``'s underlying plain local file, or ``None`` if its writes must go through its ``write``."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    if type(fileobj) is LocalFileOpener:
+        fileobj = fileobj.f
+    if type(fileobj) in (io.BufferedWriter, io.BufferedRandom, io.FileIO) and hasattr(os, "writev"):
+        return fileobj
+    return None
+
+
+def _writev_all(fd: int, blocks: list) -> None:
+    """``os.writev`` every byte of ``blocks``, resuming after a short write."""
+    pending = list(blocks)
+    start = 0
+    while start < len(pending):
+        written = os.writev(fd, pending[start:start + _IOV_MAX])
+        while start < len(pending):
+            size = memoryview(pending[start]).nbytes
+            if written < size:
+                pending[start] = memoryview(pending[start]).cast("B")[written:]
+                break
+            written -= size
+            start += 1
 
 
 def continue_archive(path: str, head_size: int, blocks: list) -> tuple[int, str]:
@@ -223,12 +274,33 @@ class TarShardWriter:
         self._f = fileobj
         self._hash = hashlib.sha256() if checksum else None
         self.position = 0
+        # a plain local file takes members together, in few system calls (write_blocks); any other
+        # file object (an object store's, a run's list of blocks) takes each as it comes
+        self._gather = _plain_file(fileobj) is not None
+        self._pending: list = []
+        self._pending_bytes = 0
+
+    #: Bytes (or members) held for a plain local file before they go to it together.
+    PENDING_BYTES = 4 * 2**20
+    PENDING_BLOCKS = 64
 
     def _write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
         if self._hash is not None:
             self._hash.update(data)
         self.position += len(data)
+        if not self._gather:
+            self._f.write(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= self.PENDING_BYTES or len(self._pending) >= self.PENDING_BLOCKS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the members held so far to the file."""
+        if self._pending:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            write_blocks(self._f, pending)
 
     def add(self, name: str, data: bytes) -> tuple[int, int]:
         """Append a member; return ``(data_offset, size)`` of its data in the archive."""
@@ -246,6 +318,7 @@ class TarShardWriter:
         """Write the end-of-archive marker and pad to a whole record; return the size."""
         total = archive_size(self.position)
         self._write(bytes(total - self.position))
+        self.flush()
         return total
 
     @property
