@@ -10,7 +10,8 @@ measures, for one partition of real photographs (512x512, JPEG q92 4:2:0):
   the process, the SHA-256 helper thread included;
 - the per-byte work any checksummed writer does, each on its own: SHA-256 of every
   byte, XXH3-64 of every sample, the write of every byte into the page cache (a
-  fresh file in a folder removed afterwards, as a job's shards are here).
+  fresh file in a folder removed afterwards, as a job's shards are here; gathered
+  into ``os.writev`` calls, the cheapest plain write, as the writer's own are).
 
 Inside the job, each ``encode_image`` call's thread CPU is summed too (the writer's
 reference to it is wrapped here, for this measurement only), so the job's CPU splits
@@ -31,6 +32,7 @@ import dask
 import dask.dataframe as dd
 import pandas as pd
 from bench_encode import photographs
+from measure import write_gathered
 from run import scratch
 
 import dask_imgsink  # noqa: F401
@@ -96,9 +98,8 @@ def main() -> None:
             sample_checksum(blob)
 
     def page_cache() -> None:
-        with scratch() as folder, open(f"{folder}/shard.tar", "wb") as out:
-            for blob in encoded:
-                out.write(blob)
+        with scratch() as folder:
+            write_gathered(f"{folder}/shard.tar", encoded)
 
     clock = EncodeClock()
     kinds = {"encoding alone": alone, "job, exact": job("exact"), "job, per_partition": job("per_partition"),

@@ -10,6 +10,22 @@ import time
 import psutil
 
 
+def write_gathered(path: str, blobs: list[bytes], fsync: bool = False) -> None:
+    """Write ``blobs`` to a new file at ``path`` in ``os.writev`` calls of 1,024 buffers: the cheapest
+    plain write of many buffers (about half the CPU of one ``write`` each here), so baselines and
+    ceilings built on it are not flattered."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for start in range(0, len(blobs), 1024):
+            chunk = blobs[start:start + 1024]
+            if os.writev(fd, chunk) != sum(map(len, chunk)):
+                raise OSError(f"short write to {path}")
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of ``repeats`` calls of ``fn``."""
     times = []

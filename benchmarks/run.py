@@ -61,7 +61,7 @@ import psutil
 from bench_encode import photographs
 from bench_s3 import commit_figures, disk_ratio, s3_transfer
 from distributed import Client, LocalCluster, wait
-from measure import PeakRSS, median_seconds
+from measure import PeakRSS, median_seconds, write_gathered
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink.cluster import local_cluster
@@ -191,11 +191,8 @@ def paired_write_seconds(first, second, repeats: int) -> tuple[float, float]:
 
 def raw_write_seconds(blobs: list[bytes], repeats: int) -> float:
     def run():
-        with scratch() as folder, open(f"{folder}/raw", "wb") as f:
-            for blob in blobs:
-                f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
+        with scratch() as folder:
+            write_gathered(f"{folder}/raw", blobs, fsync=True)
     return median_seconds(run, repeats)
 
 
@@ -324,9 +321,8 @@ def cpu_rows(images, encoded: list[bytes], partitions: int, threads: int) -> lis
     for blob in encoded:
         digest.update(blob)
         sample_checksum(blob)
-    with scratch() as folder, open(f"{folder}/raw", "wb") as f:
-        for blob in encoded:
-            f.write(blob)
+    with scratch() as folder:
+        write_gathered(f"{folder}/raw", encoded)
     per_byte = time.process_time() - start
     rows = [("encode only: CPU seconds", encode_cpu),
             ("SHA-256 + XXH3 + page-cache write of the encoded bytes: CPU seconds", per_byte),
