@@ -42,3 +42,15 @@ def test_the_partitions_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "threaded scheduler" in proc.stdout and "LocalCluster" in proc.stdout and "ms/partition" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
+
+
+def test_the_timeline_benchmark_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_timeline.py"), "--images", "40", "--partitions", "4",
+                           "--repeats", "1", "--timeline"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+                          env={**os.environ, "IMGSINK_BENCH_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in ("the limit", "task time, imgsink-encode-write", "task time, imgsink-pack-shards",
+                 "moving results between workers", "tail: last encoding task", "3P@"):
+        assert line in proc.stdout, proc.stdout
+    assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
