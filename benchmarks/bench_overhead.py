@@ -11,7 +11,10 @@ measures, for one partition of real photographs (512x512, JPEG q92 4:2:0):
 - the per-byte work any checksummed writer does, each on its own: SHA-256 of every
   byte, XXH3-64 of every sample, the write of every byte into the page cache (a
   fresh file in a folder removed afterwards, as a job's shards are here; gathered
-  into ``os.writev`` calls, the cheapest plain write, as the writer's own are).
+  into ``os.writev`` calls, the cheapest plain write, as the writer's own are);
+- the same write over a file the page cache already holds: no new pages. The two
+  page-cache rows differ by what new pages cost, which on this project's machine
+  moves from run to run (a virtual machine that hands freed memory back to its host).
 
 Inside the job, each ``encode_image`` call's thread CPU is summed too (the writer's
 reference to it is wrapped here, for this measurement only), so the job's CPU splits
@@ -101,11 +104,17 @@ def main() -> None:
         with scratch() as folder:
             write_gathered(f"{folder}/shard.tar", encoded)
 
+    def page_cache_again(folder: str):
+        def run() -> None:  # over the same file: its pages stay in the page cache, no new ones
+            write_gathered(f"{folder}/again.tar", encoded, truncate=False)
+        return run
+
     clock = EncodeClock()
     kinds = {"encoding alone": alone, "job, exact": job("exact"), "job, per_partition": job("per_partition"),
              "SHA-256 of every byte": sha256, "XXH3-64 of every sample": xxh3,
              "page-cache write of every byte": page_cache}
-    with dask.config.set(scheduler="sync"):
+    with dask.config.set(scheduler="sync"), scratch() as kept:
+        kinds["page-cache write, over a file already cached"] = page_cache_again(kept)
         for fn in kinds.values():
             fn()  # warm up
         cpu: dict[str, list[float]] = {name: [] for name in kinds}
