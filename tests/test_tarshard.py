@@ -147,6 +147,9 @@ def test_gathered_writes_resume_after_a_short_write(tmp_path, monkeypatch):
     with open(tmp_path / "a.tar", "wb") as out:
         write_blocks(out, blocks)
     assert (tmp_path / "a.tar").read_bytes() == b"".join(bytes(b) for b in blocks)
+    monkeypatch.setattr(tarshard.os, "writev", lambda fd, buffers: 0)  # a file that takes nothing: an error, no loop
+    with open(tmp_path / "b.tar", "wb") as out, pytest.raises(OSError, match="wrote nothing"):
+        write_blocks(out, blocks)
 
 
 def test_a_file_object_that_does_more_than_store_gets_each_block_through_its_own_write(tmp_path):

@@ -9,6 +9,7 @@ whole members, written to plain local files with few system calls
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import itertools
@@ -217,7 +218,10 @@ def _writev_all(fd: int, blocks: list) -> None:
     pending = list(blocks)
     start = 0
     while start < len(pending):
-        written = os.writev(fd, pending[start:start + _IOV_MAX])
+        chunk = pending[start:start + _IOV_MAX]
+        written = os.writev(fd, chunk)
+        if written == 0 and any(memoryview(b).nbytes for b in chunk):
+            raise OSError(errno.EIO, "writev wrote nothing")  # never loop on a file that takes no bytes
         while start < len(pending):
             size = memoryview(pending[start]).nbytes
             if written < size:
