@@ -6,14 +6,13 @@ LocalCluster (2 processes x 1 thread by default), each job paired with a run of
 the limit just before it (as ``run.py`` does):
 
 - the task time of each kind of task (``imgsink-encode-write``: encoding and the
-  run or the shard's bytes; ``imgsink-pack-shards`` and ``imgsink-shards-built``: the
-  assembly groups of exact packing, planning and writing their shards; the commit), and the time Dask spent moving results between workers;
+  run or the shard's bytes; ``imgsink-pack-shards``: the assembly groups of exact
+  packing; the commit), and the time Dask spent moving results between workers;
 - for each worker, its busy time (tasks computing) and its idle time;
 - the *tail*: the seconds from the end of the last encoding task to the job's result.
 
 Medians over ``--repeats`` jobs; ``--timeline`` also prints one job's tasks in
-order on each worker (``12`` is partition 12's write task, ``3P`` assembly group 3
-planning, ``3B`` its build).
+order on each worker (``12`` is partition 12's write task, ``3P`` assembly group 3).
 
 Usage: ``python benchmarks/bench_timeline.py [--images 5000] [--partitions 24] [--repeats 4]
 [--packing exact] [--workers 2 --threads 1] [--timeline]``.
@@ -42,8 +41,7 @@ def _kind(key) -> str:
 
 def _label(key) -> str:
     index = key[1] if isinstance(key, tuple) and len(key) > 1 else ""
-    suffix = {"imgsink-pack-shards": "P", "imgsink-shards-built": "B"}.get(_kind(key), "")
-    return f"{index}{suffix}"
+    return f"{index}P" if _kind(key) == "imgsink-pack-shards" else str(index)
 
 
 def one_job(client: Client, job) -> tuple[float, dict]:
@@ -111,11 +109,10 @@ def _print(args, runs: list) -> None:
     print(f"  {'tail: last encoding task to the result':<42}{med(r[2]['tail'] for r in runs):>8.2f} s")
     if args.timeline:
         parts = runs[-1][2]
-        print("one job's tasks on each worker (partition's write task; nP: assembly group n plans, nB: it builds),"
-              " seconds from its start:")
+        print("one job's tasks on each worker (partition's write task; nP: assembly group n), seconds from its start:")
         for worker, spans in parts["order"].items():
             shown = [f"{_label(k)}@{a - parts['start']:.2f}-{b - parts['start']:.2f}" for a, b, k in spans
-                     if _kind(k) in ("imgsink-encode-write", "imgsink-pack-shards", "imgsink-shards-built")]
+                     if _kind(k) in ("imgsink-encode-write", "imgsink-pack-shards")]
             print(f"  {worker}: {' '.join(shown)}")
 
 

@@ -50,7 +50,7 @@ def test_the_timeline_benchmark_runs(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
                           env={**os.environ, "IMGSINK_BENCH_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ("the limit", "task time, imgsink-encode-write", "task time, imgsink-shards-built",
+    for line in ("the limit", "task time, imgsink-encode-write", "task time, imgsink-pack-shards",
                  "moving results between workers", "tail: last encoding task", "3P@"):
         assert line in proc.stdout, proc.stdout
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself

@@ -409,42 +409,6 @@ def test_write_tasks_wait_for_the_claim_only_when_they_need_it(tmp_path, packing
         assert groups and all(claim in get_dependencies(graph, k) for k in groups)
 
 
-def test_each_groups_shards_are_built_off_the_chain_of_plans(tmp_path):
-    """A group's planning task hands the next group what it needs before any shard is built: the
-    next group's planning waits for the group's planning, never for its build, so the builds of
-    several groups (each group's SHA-256s and writes) run at once while the chain goes on."""
-    from dask.core import get_deps
-
-    bag = frame_ddf(40, 0, npartitions=8).imgsink.to_webdataset(str(tmp_path / "out"), images_per_tar=3,
-                                                                key_column="key")
-    graph = dict(bag.__dask_graph__())
-    dependencies, _ = get_deps(graph)
-
-    def upstream(key) -> set:
-        seen, todo = set(), [key]
-        while todo:
-            for dep in dependencies[todo.pop()]:
-                if dep not in seen:
-                    seen.add(dep)
-                    todo.append(dep)
-        return seen
-
-    plans = sorted(k for k in graph if isinstance(k, tuple) and k[0].startswith("imgsink-pack-shards"))
-    builds = sorted(k for k in graph if isinstance(k, tuple) and k[0].startswith("imgsink-shards-built"))
-    assert len(plans) == len(builds) >= 3
-    for plan, build in zip(plans, builds):
-        assert dependencies[build] == {plan}  # a build needs only its own group's plan (and the runs it holds)
-        assert not any(b in upstream(later) for later in plans for b in builds)  # no plan waits for a build
-    staged = lambda: sorted(p.name for p in (tmp_path / "out").rglob("*.tar*"))  # noqa: E731
-    dask.get(graph, plans[1])  # the first two groups planned, the claim taken: no shard written yet
-    assert staged() == []
-    dask.get(graph, builds[0])
-    assert staged() and all(name.startswith("shard-") for name in staged())
-    tasks = bag.compute()
-    assert sum(t.metadata["num_images"] for t in tasks) == 40
-    assert verify_dataset(str(tmp_path / "out")).ok
-
-
 def test_write_tasks_run_where_their_small_partitions_are(client, tmp_path):
     """Many small partitions on 2 workers: each write task runs on the worker holding its partition.
     When write tasks waited for the claim, both workers held it after the first fetch, so both were

@@ -36,7 +36,7 @@ from .head import carry_budget
 from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
 from .output import check_output
-from .packing import Carry, assemble_group, assemble_shards, build_group, plan_group_task, runs_by_partition, summarize  # noqa: F401,E501
+from .packing import Carry, assemble_group, assemble_shards, runs_by_partition, summarize  # noqa: F401
 from .plan import plan_shards
 from .results import TaskFailed, failure, first_failure
 from .unique import cross_partition_duplicate, dataset_key_hashes, needs_dataset_keys
@@ -393,8 +393,6 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
     where its plan left off (:mod:`.window`), and the commit the summaries of
     its own writes, so the graph has one edge per partition, not one per
     partition and group, and no group's work grows with the groups before it.
-    Each group's shards are written by its own build task, which the chain
-    does not wait for: builds of several groups run at once.
     """
     existing = None  # the dataset's keys, read once for every plan when appending with unique_keys="dataset"
     if needs_dataset_keys(opts):
@@ -405,11 +403,11 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
     budget = carry_budget()
     for i, g in enumerate(groups):
         out = (f"imgsink-pack-shards-{token}", i)
-        plan = partial(plan_group_task, opts=opts, last=i == len(groups) - 1, carry_bytes=budget)
+        assemble = partial(assemble_group, opts=opts, last=i == len(groups) - 1, carry_bytes=budget)
         # the dataset's keys go to the first group, which hands them on in its window's key log
-        graph[out] = (plan, carried, written[g.start:g.stop], claim, g, existing if i == 0 else None)
-        built.append((f"imgsink-shards-built-{token}", i))  # the group's shards, written off the chain
-        graph[built[-1]] = (partial(build_group, opts=opts), (operator.getitem, out, 0))
+        graph[out] = (assemble, carried, written[g.start:g.stop], claim, g, existing if i == 0 else None)
+        built.append((f"imgsink-shards-built-{token}", i))
+        graph[built[-1]] = (operator.getitem, out, 0)
         carried = (f"imgsink-runs-carried-{token}", i)
         graph[carried] = (operator.getitem, out, 1)
         summarized.append((f"imgsink-writes-summarized-{token}", i))

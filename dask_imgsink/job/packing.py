@@ -7,11 +7,10 @@ per group of contiguous partitions, :func:`assemble_group`) waits only for its
 own write tasks and the group before it, which hands it a :class:`Carry`: where
 its plan left off (the shard still open, :mod:`.window`) and that shard's runs.
 From them and its own writes' summaries (counts, sizes, key hashes) it cuts
-shards of ``images_per_tar`` (:mod:`.plan`) and carries on the runs of its own
-open shard (at most one shard's rows plus a partition); its build task
-(:func:`build_group`) then writes the shards whose *last* image is in its group
-from the samples' blocks (no re-encoding, each byte written once), while later
-groups plan. So the shards of early partitions are written
+shards of ``images_per_tar`` (:mod:`.plan`), writes the shards whose *last*
+image is in its group from the samples' blocks (no re-encoding, each byte
+written once), and carries on the runs of its own open shard: at most one
+shard's rows plus a partition. So the shards of early partitions are written
 while later partitions still encode, no task waits for the whole job but the
 commit, and each group's work does not grow with the partitions before it.
 """
@@ -131,79 +130,45 @@ class Carry(NamedTuple):
 Built = list[tuple[int, WrittenShard, list[int]]]
 
 
-class ToBuild(NamedTuple):
-    """What one assembly group's build task needs: the group's plan and the runs its shards take."""
-
-    plan: ShardPlan
-    partitions: range
-    runs: dict[int, WrittenShard]
-    last: bool
-    head: Head | None
-
-
 def assemble_group(carried: Carry | TaskFailed | None, own: list, claim: Claim, partitions: range,
                    existing_keys: np.ndarray | None = None, *, opts: WriteOptions, last: bool,
                    carry_bytes: int | None = None) -> tuple[Built | TaskFailed, Carry | TaskFailed, list]:
-    """One assembly group, planned and built in one call (:func:`plan_group_task`, then
-    :func:`build_group`): the shards built, what to carry to the next group, and the summaries of ``own``."""
-    to_build, carry, summaries = plan_group_task(carried, own, claim, partitions, existing_keys, opts=opts,
-                                                 last=last, carry_bytes=carry_bytes)
-    built = build_group(to_build, opts=opts)
-    return built, (built if isinstance(built, TaskFailed) and not isinstance(carry, TaskFailed) else carry), summaries
-
-
-def plan_group_task(carried: Carry | TaskFailed | None, own: list, claim: Claim, partitions: range,
-                    existing_keys: np.ndarray | None = None, *, opts: WriteOptions, last: bool,
-                    carry_bytes: int | None = None) -> tuple[ToBuild | TaskFailed | None, Carry | TaskFailed, list]:
-    """One assembly group's planning task: plan the shard left open by the group before and this
-    group's partitions, and hand the next group what it needs, before any shard is built. It waits
-    only for its own partitions and the group before, so it runs while later partitions encode; the
-    group's :func:`build_group` task then writes its shards while the next groups plan.
+    """One assembly task: plan the shard left open by the group before and this group's partitions,
+    and build the shards ending there, from this group's write results (``own``, runs in memory) and
+    the runs ``carried`` from the group before (the rows of its open last shard). It waits only for
+    its own partitions and the group before, so it runs while later partitions encode.
 
     Once the open shard's carried runs pass ``carry_bytes``, their rows are written ahead into
     its staged tar and only a :class:`~dask_imgsink.job.head.Head` is carried (local filesystems).
 
-    Returns what the build needs (``None``: nothing to build, as after an earlier failure), what to
-    carry to the next group (or a :class:`TaskFailed`, which the commit raises), and the summaries of
-    ``own`` (the commit plans from every group's). A group's plan agrees with the job's plan on every
-    shard it builds: shards are cut greedily in row order, and a duplicate key is always the later copy.
+    Returns the shards built, what to carry to the next group (or a :class:`TaskFailed` for
+    either, which the commit raises), and the summaries of ``own`` (the commit plans from every
+    group's). A group's plan agrees with the job's plan on every shard it builds: shards are cut
+    greedily in row order, and a duplicate key is always the later copy.
     """
     summaries = [summarize(result) for result in own]
     own_failure = first_failure(own)
     if own_failure is not None and not own_failure.cancelled and not claim.done and not aborted_here(opts.job_id):
         mark_failed(opts)  # the job's write tasks not yet started stop early (they may not wait for the claim)
     if isinstance(carried, TaskFailed):
-        return None, carried, summaries  # an earlier group failed; the commit raises its error
+        return [], carried, summaries  # an earlier group failed; the commit raises its error
     carried = carried or Carry(first_window(claim), {})  # None: the first group
     plan, keys = plan_group(carried.window, summaries, claim, opts, existing_keys)
     runs = {**carried.runs, **runs_by_partition(own)}
-    to_build = ToBuild(plan, partitions, runs, last, carried.head)
+    built = assemble_shards(plan, partitions, opts, runs, prefix=not last, last=last, head=carried.head)
+    if isinstance(built, TaskFailed):
+        return built, built, summaries
     final = None if last or plan.failed is not None else plan.open_shard()  # the shard left open, if any
     head = carried.head if final is not None and ahead_of(carried.head, plan.first_shard + final)[0] else None
     runs = carried_runs(plan, runs, last, head)
     if runs and carry_bytes is not None:
         written = _write_open_shard_ahead(plan, final, head, runs, opts, carry_bytes)
         if isinstance(written, TaskFailed):
-            return to_build, written, summaries
+            return built, written, summaries
         if written is not None:
             head, runs = written, {}
     window = next_window(plan, carried.window, summaries, keys)
-    return to_build, Carry(window, runs, head), summaries
-
-
-def build_group(to_build: ToBuild | TaskFailed | None, *, opts: WriteOptions) -> Built | TaskFailed:
-    """One assembly group's build task: write the shards whose last image is in its partitions, from
-    the runs its planning task gathered (see :func:`assemble_shards`). A failure here (an I/O
-    error, say) marks the job failed, so its write tasks not yet started stop early."""
-    if to_build is None:
-        return []
-    if isinstance(to_build, TaskFailed):
-        return to_build
-    built = assemble_shards(to_build.plan, to_build.partitions, opts, to_build.runs, prefix=not to_build.last,
-                            last=to_build.last, head=to_build.head)
-    if isinstance(built, TaskFailed) and not built.cancelled and not aborted_here(opts.job_id):
-        mark_failed(opts)
-    return built
+    return built, Carry(window, runs, head), summaries
 
 
 def _write_open_shard_ahead(plan: ShardPlan, final: int, head: Head | None, runs: dict[int, WrittenShard],
