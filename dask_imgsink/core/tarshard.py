@@ -19,6 +19,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from fsspec.implementations.local import LocalFileOpener
+
 from .pool import run_beside
 
 BLOCK = 512
@@ -204,8 +206,6 @@ def write_blocks(fileobj: BinaryIO, blocks: list) -> None:
 
 def _plain_file(fileobj) -> io.BufferedIOBase | io.FileIO | None:
     """``fileobj``'s underlying plain local file, or ``None`` if its writes must go through its ``write``."""
-    from fsspec.implementations.local import LocalFileOpener
-
     if type(fileobj) is LocalFileOpener:
         fileobj = fileobj.f
     if type(fileobj) in (io.BufferedWriter, io.BufferedRandom, io.FileIO) and hasattr(os, "writev"):
