@@ -13,6 +13,8 @@ from dask_imgsink.core.tarshard import (
     BLOCK,
     RECORD,
     RunBlocks,
+    SampleBlock,
+    SampleBytes,
     TarShardWriter,
     member_bytes,
     member_header,
@@ -183,3 +185,85 @@ def test_a_shard_writer_on_a_plain_file_writes_the_same_archive_as_on_any_other(
         assert writer.close() == size
     assert (tmp_path / "a.tar").read_bytes() == raw
     assert writer.sha256 == hashlib.sha256(raw).hexdigest()
+
+
+def _samples(count: int) -> list[SampleBlock]:
+    return [SampleBlock.build([(f"s{i:03d}.jpg", bytes([i % 256]) * (5000 + 977 * i)), (f"s{i:03d}.txt", b"cap")])
+            for i in range(count)]
+
+
+def test_a_sample_holds_its_bytes_data_as_given_and_copies_any_other_buffer():
+    """No copy of an image's bytes is made to lay out its sample (a run used to hold its
+    partition's images twice); a buffer its owner can still change is copied once, so a
+    sample never changes after its checksum is taken."""
+    jpeg = b"\xff\xd8" + bytes(70_000) + b"\xff\xd9"
+    block = SampleBlock.build([("k.jpg", jpeg), ("k.txt", b"a cat")])
+    assert any(piece is jpeg for piece in block.data.pieces)
+    assert bytes(block.data) == member_bytes("k.jpg", jpeg) + member_bytes("k.txt", b"a cat")
+    assert len(block.data) == len(bytes(block.data)) and len(block.data) % BLOCK == 0
+    assert block.sizes == (len(jpeg), 5) and block.data_offsets == (BLOCK, len(member_bytes("k.jpg", jpeg)) + BLOCK)
+    changing = bytearray(b"abc" * 1000)
+    held = SampleBlock.build([("m.jpg", changing), ("m.cls", memoryview(b"7"))])
+    changing[:3] = b"xyz"
+    assert bytes(held.data) == member_bytes("m.jpg", b"abc" * 1000) + member_bytes("m.cls", b"7")
+
+
+def test_a_samples_checksum_from_its_pieces_is_that_of_its_joined_bytes():
+    from dask_imgsink.format.checksums import pieces_checksum, sample_checksum
+
+    for block in _samples(5):
+        assert pieces_checksum(block.data.pieces) == sample_checksum(bytes(block.data))
+
+
+def test_sample_bytes_pickle_their_large_pieces_out_of_band_and_write_the_same_archive(tmp_path):
+    import sys
+
+    samples = [block.data for block in _samples(20)]
+    run = RunBlocks(samples)
+    buffers = []
+    stream = pickle.dumps(run, protocol=5, buffer_callback=buffers.append)
+    assert [b.raw().nbytes for b in buffers] == [5000 + 977 * i for i in range(20)]  # each image out of band
+    assert len(stream) < 20 * 4 * BLOCK + 2000  # headers and padding in band
+    received = pickle.loads(stream, buffers=[bytearray(b.raw()) for b in buffers])  # as off the wire
+    assert isinstance(received, RunBlocks) and received == samples
+    assert pickle.loads(pickle.dumps(received, protocol=4)) == samples  # views pickle in band too
+    assert sys.getsizeof(samples[3]) > len(samples[3])  # what Dask counts a result held in memory as
+    joined = [bytes(s) for s in samples]
+    expected = io.BytesIO()
+    write_archive(expected, joined)
+    for blocks in (samples, received):
+        out = io.BytesIO()
+        assert write_archive(out, blocks) == write_archive(io.BytesIO(), joined)
+        assert out.getvalue() == expected.getvalue()
+        with open(tmp_path / "a.tar", "wb") as plain:
+            write_archive(plain, blocks)
+        assert (tmp_path / "a.tar").read_bytes() == expected.getvalue()
+    end = write_members_at(str(tmp_path / "b.tar"), BLOCK, samples[:4], end=True)
+    assert (tmp_path / "b.tar").read_bytes() == bytes(BLOCK) + b"".join(joined[:4]) and end == BLOCK + sum(
+        map(len, joined[:4]))
+
+
+def test_a_shard_writer_writes_samples_alike_to_a_plain_file_a_stream_and_a_run(tmp_path):
+    blocks = _samples(150)
+    stream = io.BytesIO()
+    streamed = TarShardWriter(stream)
+    starts = [streamed.add_sample(b) for b in blocks]
+    streamed.close()
+    with open(tmp_path / "a.tar", "wb") as out:
+        plain = TarShardWriter(out)
+        assert [plain.add_sample(b) for b in blocks] == starts
+        plain.close()
+    assert (tmp_path / "a.tar").read_bytes() == stream.getvalue() and plain.sha256 == streamed.sha256
+
+    class Run(list):
+        takes_samples = True
+
+        def write(self, data):
+            self.append(data)
+
+    run = Run()
+    kept = TarShardWriter(run, checksum=False)
+    assert [kept.add_sample(b) for b in blocks] == starts
+    assert all(type(s) is SampleBytes for s in run) and len(run) == len(blocks)
+    with tarfile.open(fileobj=io.BytesIO(stream.getvalue())) as tf:
+        assert tf.extractfile("s149.jpg").read() == bytes([149]) * (5000 + 977 * 149)

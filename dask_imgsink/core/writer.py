@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from ..errors import BadRowError, MissingDependencyError, RowProblem
-from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sample_checksum, sha256_hex
+from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, pieces_checksum, sha256_hex
 from ..format.dali import idx_bytes, idx_line, sample_layout
 from ..format.members import (
     JSON_EXT,
@@ -34,7 +34,7 @@ from ..storage import remove_quietly
 from .encode import EncodedImage, EncodeOptions, encode_image
 from .keys import check_key
 from .pool import map_ordered
-from .tarshard import RunBlocks, SampleBlock, TarShardWriter, content_limit
+from .tarshard import RunBlocks, SampleBlock, SampleBytes, TarShardWriter, content_limit
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -99,7 +99,7 @@ class WrittenShard:
     idx_sha256: str = ""
     formats: dict[str, int] = field(default_factory=dict)
     sample_sizes: list[int] | None = None  # a run's samples' tar bytes, in order (exact packing cuts by them)
-    run_blocks: list[bytes | memoryview] | None = None  # a run's samples' tar bytes, one block per sample, in order (RunBlocks)
+    run_blocks: list[SampleBytes] | None = None  # a run's samples' tar bytes, one block per sample, in order (RunBlocks)
     run_index: pa.Table | None = None  # a run's one row per sample (the shard schema + LAYOUT_COLUMN)
     run_keys: pa.Array | None = None  # a run's keys, kept when its bytes are dropped (to name duplicates)
 
@@ -137,16 +137,18 @@ class PreparedSample:
 def prepare_sample(key: str, image: EncodedImage, extra: list[tuple[str, bytes]]) -> PreparedSample:
     """Lay out a sample's members (image first) and take the block's checksum."""
     block = SampleBlock.build([(f"{key}.{image.extension}", image.data), *extra])
-    return PreparedSample(key, image, block, sample_checksum(block.data))
+    return PreparedSample(key, image, block, pieces_checksum(block.data.pieces))
 
 
 class _Blocks:
     """A write-only file that keeps the blocks written (each sample's immutable bytes), copying none."""
 
+    takes_samples = True  # TarShardWriter hands it each sample's SampleBytes whole
+
     def __init__(self) -> None:
         self.blocks = RunBlocks()  # moved between workers without copies
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | SampleBytes) -> int:
         self.blocks.append(data)
         return len(data)
 

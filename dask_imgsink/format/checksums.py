@@ -29,6 +29,14 @@ def sample_checksum(data: bytes | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+def pieces_checksum(pieces) -> str:
+    """:func:`sample_checksum` of the bytes ``pieces`` make when joined, without joining them."""
+    hasher = xxhash.xxh3_64()
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
 def new_sample_hasher():
     """An incremental hasher giving the same digest as :func:`sample_checksum`."""
     return xxhash.xxh3_64()
