@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import threading
 import time
 import tracemalloc
@@ -20,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import webdataset as wds
 from distributed import Client, LocalCluster
-from helpers import claimed_job, file_bytes, frame_ddf, gated_ddf, make_ddf, read_dataset
+from helpers import claimed_job, file_bytes, frame_ddf, gated_ddf, make_ddf, make_frame, read_dataset
 
 import dask_imgsink.core.encode as encode_module
 from dask_imgsink.job.packing import assemble_group, assemble_shards, runs_by_partition, summarize
@@ -163,6 +164,63 @@ def test_each_group_hands_on_only_the_runs_of_its_open_shard(tmp_path):
     assert [index for index, _, _ in built] == list(range(12))
     assert [shard.num_images for _, shard, _ in built] == [10] * 12
     assert built[1][2] == [3, 4, 5, 6]  # shard 1 holds rows 10-19: partitions 3 to 6
+
+
+def test_dask_counts_write_results_and_carries_by_the_bytes_they_hold(client, tmp_path):
+    """Dask sizes task results with dask.sizeof (sys.getsizeof for a dataclass: a 56-byte write
+    result holding a whole run). Wrong sizes misplace assembly groups and hide runs from a worker's
+    memory accounting, so what it spills under pressure; the sizes must be the bytes held."""
+    from dask.sizeof import sizeof
+
+    frames = [_noise_partition(p, 6) for p in range(4)]
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frames[0], npartitions=1)
+    opts, claim = claimed_job(ddf, tmp_path / "out", key_column="key", images_per_tar=10)
+    results = [PartitionWriter(opts)(frame, p, claim) for p, frame in enumerate(frames)]
+    run_bytes = [run.tar_bytes for r in results for run in r.shards]
+    assert min(run_bytes) > 6 * 5_000  # each run holds its six JPEGs of noise (about 10 kB each)
+    for result, held in zip(results, run_bytes):
+        assert held <= sizeof(result) <= held * 1.1 + 20_000
+        assert sizeof(summarize(result)) < 20_000  # the run's bytes dropped: what the commit gets
+    _, carried, _ = assemble_group(None, results[:2], claim, range(0, 2), opts=opts, last=False)
+    held = sum(run.tar_bytes for run in carried.runs.values())
+    assert held > 0 and held <= sizeof(carried) <= held * 1.1 + 50_000  # the open shard's runs
+    assert sizeof(carried.window.keys) >= 12 * 16  # every key kept so far: 16-byte hashes
+
+    # and a worker holding a write result counts it in its managed memory (a real LocalCluster)
+    before = sum(client.run(lambda dask_worker: dask_worker.state.nbytes).values())
+    future = client.submit(PartitionWriter(opts), frames[3], 3, claim, pure=False)
+    assert future.result().num_images == 6
+    after = sum(client.run(lambda dask_worker: dask_worker.state.nbytes).values())
+    assert after - before >= run_bytes[3]
+    del future
+
+
+@pytest.mark.parametrize("images", ["array", "png"])
+def test_runs_spilled_to_disk_under_memory_pressure_make_the_same_dataset(tmp_path, images):
+    """Runs are task results so that Dask can spill them under memory pressure: here every result
+    larger than 200 kB goes to the worker's disk the moment it is stored (and pass-through runs
+    hold the partition's own bytes, which are spilled too). The dataset is the same, byte for byte."""
+    sizes = [150, 90, 160, 120]
+    reference = tmp_path / "reference"
+    with dask.config.set(scheduler="threads"):
+        make_ddf("from_map", sizes, tmp_path, images).imgsink.to_webdataset(
+            str(reference), key_column="key", text_column="caption", images_per_tar=100, compute=True)
+    spill_at_once = {"distributed.worker.memory.target": 0.0002, "distributed.worker.memory.spill": False,
+                     "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": False}
+    out = tmp_path / "out"
+    with dask.config.set(spill_at_once), LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GB", dashboard_address=None,
+            silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        make_ddf("from_map", sizes, tmp_path, images).imgsink.to_webdataset(
+            str(out), key_column="key", text_column="caption", images_per_tar=100, compute=True)
+        written = client.run(lambda dask_worker: dask_worker.data.cumulative_metrics[("disk-write", "bytes")])
+    starts = np.cumsum([0, *sizes[:-1]])
+    partition_bytes = sum(len(pickle.dumps(make_frame(n, start, images), protocol=5)) for n, start in zip(sizes, starts))
+    run_bytes = sum(p.stat().st_size for p in reference.glob("*.tar"))
+    assert sum(written.values()) >= partition_bytes + run_bytes  # the partitions and the runs went through the disk
+    assert file_bytes(out) == file_bytes(reference)
+    assert verify_dataset(str(out)).ok
 
 
 def test_past_the_carry_budget_a_group_writes_the_open_shard_ahead_and_carries_no_runs(tmp_path):
