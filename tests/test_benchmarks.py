@@ -54,3 +54,15 @@ def test_the_timeline_benchmark_runs(tmp_path):
                  "moving results between workers", "tail: last encoding task", "3P@"):
         assert line in proc.stdout, proc.stdout
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
+
+
+def test_the_passthrough_benchmark_runs(tmp_path):
+    pytest.importorskip("skimage")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_passthrough.py"), "--images", "40",
+                           "--partitions", "4", "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+                          env={**os.environ, "IMGSINK_BENCH_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "raw wall" in proc.stdout and "job sys" in proc.stdout and proc.stdout.count("\n") == 5, proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("medians")
+    assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
