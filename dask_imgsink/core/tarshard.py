@@ -10,7 +10,6 @@ whole members, written to plain local files with few system calls
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import itertools
 import os
@@ -21,6 +20,7 @@ from typing import BinaryIO, Iterator
 
 from fsspec.implementations.local import LocalFileOpener
 
+from ..format.checksums import Sha256InChunks
 from .pool import run_beside
 
 BLOCK = 512
@@ -198,7 +198,7 @@ class RunBlocks(list):
 
 
 def _sha256_of(blocks) -> str:
-    digest = hashlib.sha256()
+    digest = Sha256InChunks()
     for block in buffers_of(blocks):
         digest.update(block)
     return digest.hexdigest()
@@ -335,7 +335,7 @@ class TarShardWriter:
 
     def __init__(self, fileobj: BinaryIO, checksum: bool = True) -> None:
         self._f = fileobj
-        self._hash = hashlib.sha256() if checksum else None
+        self._hash = Sha256InChunks() if checksum else None
         self.position = 0
         # a plain local file takes members together, in few system calls (write_blocks); a file object
         # with ``takes_samples`` (a run's list of blocks) each sample's SampleBytes whole; any other (an

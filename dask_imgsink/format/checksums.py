@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import xxhash
 
@@ -44,3 +45,57 @@ def new_sample_hasher():
 
 def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class Sha256InChunks:
+    """SHA-256 of buffers fed one at a time, hashed in chunks of about 4 MiB.
+
+    ``hashlib`` lets other threads run while it hashes a buffer of 2 kB or more,
+    and takes the GIL back after each. Beside a thread running Python, each
+    take-back waits up to the interpreter's switch interval (5 ms): hashing 500
+    images of 70 kB one update each took 2.5 s beside a Python loop, against
+    20 ms alone, and 66 ms in 4 MiB chunks. So buffers smaller than a chunk are
+    copied into one first (a copy that holds the GIL, about 0.4 ms per chunk), in
+    a buffer kept per thread between hashers, so no new memory is touched per shard.
+    """
+
+    CHUNK = 4 * 2**20
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._chunk: memoryview | None = None
+        self._used = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        size = memoryview(data).nbytes
+        if size >= self.CHUNK // 2:
+            self._flush()
+            self._digest.update(data)
+            return
+        if self._chunk is None:
+            self._chunk = _spare_chunk(self.CHUNK)
+        elif self._used + size > self.CHUNK:
+            self._flush()
+        self._chunk[self._used:self._used + size] = memoryview(data).cast("B")
+        self._used += size
+
+    def _flush(self) -> None:
+        if self._used:
+            self._digest.update(self._chunk[:self._used])
+            self._used = 0
+
+    def hexdigest(self) -> str:
+        """The hex SHA-256 of every byte fed so far (more may follow)."""
+        self._flush()
+        if self._chunk is not None:
+            _SPARE.__dict__.setdefault("chunks", []).append(self._chunk)
+            self._chunk = None
+        return self._digest.hexdigest()
+
+
+_SPARE = threading.local()  # each thread's chunk buffers not in use
+
+
+def _spare_chunk(size: int) -> memoryview:
+    chunks = _SPARE.__dict__.get("chunks")
+    return chunks.pop() if chunks else memoryview(bytearray(size))
