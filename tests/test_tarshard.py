@@ -317,3 +317,23 @@ def test_hashing_a_shard_does_not_wait_on_the_gil_for_every_image():
         busy.join()
     assert digest == hashlib.sha256(b"".join(bytes(b) for b in blocks)).hexdigest()
     assert seconds < 0.6  # 300 take-backs at the switch interval would be 1.5 s
+
+
+def test_sha256_in_chunks_keeps_a_few_spare_chunks_per_thread():
+    import threading
+
+    from dask_imgsink.format import checksums
+
+    def finish_many():
+        hashers = [checksums.Sha256InChunks() for _ in range(5)]
+        for hasher in hashers:
+            hasher.update(b"x" * 5000)
+        for hasher in hashers:
+            hasher.hexdigest()
+        return len(checksums._SPARE.__dict__.get("chunks", []))
+
+    kept = []
+    thread = threading.Thread(target=lambda: kept.append(finish_many()))
+    thread.start()
+    thread.join()
+    assert kept == [checksums._MOST_SPARE]  # five chunks used at once, two kept for the next hashers

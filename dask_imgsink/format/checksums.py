@@ -88,12 +88,15 @@ class Sha256InChunks:
         """The hex SHA-256 of every byte fed so far (more may follow)."""
         self._flush()
         if self._chunk is not None:
-            _SPARE.__dict__.setdefault("chunks", []).append(self._chunk)
+            spare = _SPARE.__dict__.setdefault("chunks", [])
+            if len(spare) < _MOST_SPARE:
+                spare.append(self._chunk)
             self._chunk = None
         return self._digest.hexdigest()
 
 
 _SPARE = threading.local()  # each thread's chunk buffers not in use
+_MOST_SPARE = 2  # kept per thread (a hasher may end on another thread than it began)
 
 
 def _spare_chunk(size: int) -> memoryview:
