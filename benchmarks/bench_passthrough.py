@@ -3,7 +3,7 @@
 ``run.py`` prints the pass-through row as one ratio of wall times. Here each job
 of the accessor (exact packing, threaded scheduler, the images already encoded
 as JPEG) is paired with a raw sequential write + fsync of the same bytes just
-before it (``os.writev``, as in ``run.py``), and each prints its wall time, the
+before it (``raw_write`` of ``run.py``), and each prints its wall time, the
 process's user and system CPU seconds, and its minor page faults (new anonymous
 memory). On this project's machine the job's system time moves from run to run
 far more than the raw write's (a virtual machine that hands freed memory back to
@@ -21,8 +21,7 @@ import statistics
 import time
 
 import dask
-from measure import write_gathered
-from run import frame, scratch, write_job
+from run import frame, raw_write, write_job
 
 
 def measured(fn) -> dict[str, float]:
@@ -44,16 +43,12 @@ def main() -> None:
     ddf = frame(args.images, args.partitions, encoded=True).persist(scheduler="threads")
     blobs = list(ddf["image"].compute(scheduler="threads"))
 
-    def raw() -> None:
-        with scratch() as folder:
-            write_gathered(f"{folder}/raw", blobs, fsync=True)
-
     job = write_job(ddf, "exact")
     pairs = []
     with dask.config.set(scheduler="threads"):
         job()  # warm up: imports and pools
         for _ in range(args.repeats):
-            pairs.append((measured(raw), measured(job)))
+            pairs.append((measured(lambda: raw_write(blobs)), measured(job)))
     megabytes = sum(map(len, blobs)) / 1e6
     print(f"{args.images} photographs encoded ({megabytes:.0f} MB) in {args.partitions} partitions, "
           f"{os.cpu_count()} cores; each job after a raw write of the same bytes")

@@ -189,11 +189,14 @@ def paired_write_seconds(first, second, repeats: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def raw_write(blobs: list[bytes]) -> None:
+    """The pass-through baseline: a sequential write + fsync of ``blobs`` to a new file (removed after)."""
+    with scratch() as folder:
+        write_gathered(f"{folder}/raw", blobs, fsync=True)
+
+
 def raw_write_seconds(blobs: list[bytes], repeats: int) -> float:
-    def run():
-        with scratch() as folder:
-            write_gathered(f"{folder}/raw", blobs, fsync=True)
-    return median_seconds(run, repeats)
+    return median_seconds(lambda: raw_write(blobs), repeats)
 
 
 def passthrough_seconds(ddf, blobs: list[bytes], repeats: int) -> tuple[float, float]:

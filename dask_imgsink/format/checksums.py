@@ -32,7 +32,7 @@ def sample_checksum(data: bytes | memoryview) -> str:
 
 def pieces_checksum(pieces) -> str:
     """:func:`sample_checksum` of the bytes ``pieces`` make when joined, without joining them."""
-    hasher = xxhash.xxh3_64()
+    hasher = new_sample_hasher()
     for piece in pieces:
         hasher.update(piece)
     return hasher.hexdigest()
