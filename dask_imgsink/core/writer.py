@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import closing
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import pyarrow as pa
 
 from ..errors import BadRowError, MissingDependencyError, RowProblem
-from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, pieces_checksum, sha256_hex
+from ..format.checksums import pieces_checksum, sha256_hex
 from ..format.dali import idx_bytes, idx_line, sample_layout
 from ..format.members import (
     JSON_EXT,
@@ -29,7 +28,7 @@ from ..format.members import (
     label_member,
     text_member,
 )
-from ..format.schema import WRITER_FIELDS, write_parquet
+from ..format.schema import WRITER_COLUMNS, WRITER_FIELDS, write_parquet
 from ..storage import remove_quietly
 from .encode import EncodedImage, EncodeOptions, encode_image
 from .keys import check_key
@@ -124,8 +123,7 @@ class SkippedRow:
     column: str | None = None
 
 
-@dataclass(frozen=True)
-class PreparedSample:
+class PreparedSample(NamedTuple):
     """One row ready to write: its image's facts and its members as one block of tar bytes."""
 
     key: str
@@ -161,13 +159,18 @@ class _OpenShard:
     target: ShardTarget
     handle: Any
     tar: TarShardWriter
-    records: dict[str, list] = field(default_factory=lambda: {f.name: [] for f in WRITER_FIELDS})
+    records: list[tuple] = field(default_factory=list)  # each sample's values of WRITER_FIELDS, in order
     meta_rows: list[int] = field(default_factory=list)
     layouts: list[str] = field(default_factory=list)
 
     @property
     def count(self) -> int:
         return len(self.meta_rows)
+
+    def column(self, name: str) -> list:
+        """The values of the writer's column ``name``, one per sample."""
+        position = WRITER_COLUMNS.index(name)
+        return [record[position] for record in self.records]
 
 
 class ShardRoller:
@@ -198,15 +201,10 @@ class ShardRoller:
         shard = self._shard_with_room(len(sample.block.data))
         start = shard.tar.add_sample(sample.block)
         block, image = sample.block, sample.image
-        rec = shard.records
-        for name, value in (
-            ("key", sample.key), ("tar_file", shard.target.tar_file), ("member", block.names[0]),
-            ("offset", start + block.data_offsets[0]), ("size", block.sizes[0]),
-            ("sample_offset", start), ("sample_size", len(block.data)),
-            (SAMPLE_CHECKSUM_COLUMN, sample.checksum), ("format", image.format),
-            ("width", image.width), ("height", image.height), ("channels", image.channels),
-        ):
-            rec[name].append(value)
+        shard.records.append((  # in WRITER_FIELDS' order
+            sample.key, shard.target.tar_file, block.names[0], start + block.data_offsets[0], block.sizes[0],
+            start, len(block.data), sample.checksum, image.format, image.width, image.height, image.channels,
+        ))
         shard.meta_rows.append(row)
         layout = sample_layout(block.names, block.data_offsets, block.sizes)
         shard.layouts.append(layout if shard.target.run else idx_line(start, layout))
@@ -239,8 +237,8 @@ class ShardRoller:
         table = self._table(shard)
         if shard.target.run:
             self.shards.append(WrittenShard(shard.target, shard.count, shard.tar.position,
-                                            formats=format_counts(shard.records["format"]),
-                                            sample_sizes=shard.records["sample_size"],
+                                            formats=format_counts(shard.column("format")),
+                                            sample_sizes=shard.column("sample_size"),
                                             run_blocks=shard.handle.blocks, run_index=table))
             return
         try:
@@ -251,7 +249,7 @@ class ShardRoller:
         parquet_size, parquet_sha = write_parquet(table, self.fs, shard.target.parquet_path)
         tar_sha = shard.tar.sha256 if self.checksums else ""
         written = WrittenShard(shard.target, shard.count, size, tar_sha, parquet_size, parquet_sha,
-                               formats=format_counts(shard.records["format"]))
+                               formats=format_counts(shard.column("format")))
         if shard.target.idx_path is not None:
             self.created.append(shard.target.idx_path)
             written.idx_bytes, written.idx_sha256 = write_idx(self.fs, shard.target.idx_path, shard.layouts)
@@ -261,7 +259,8 @@ class ShardRoller:
 
     def _table(self, shard: _OpenShard) -> pa.Table:
         """The shard's Parquet table: the writer's columns, the user's metadata, a run's layouts."""
-        columns = [pa.array(shard.records[f.name], f.type) for f in WRITER_FIELDS]
+        values = list(zip(*shard.records)) or [()] * len(WRITER_FIELDS)  # column by column
+        columns = [pa.array(column, f.type) for column, f in zip(values, WRITER_FIELDS)]
         fields = list(WRITER_FIELDS)
         if self.meta is not None:
             taken = self.meta.take(pa.array(shard.meta_rows, pa.int64()))
@@ -376,14 +375,27 @@ def _nothing_to_encode(images: Sequence[Any], options: EncodeOptions) -> bool:
 _ENCODED_TYPES = (bytes, bytearray, memoryview, dict)
 
 
-def _call_now(fn: Callable[[int], Any], item: int) -> Future:
-    """``fn(item)`` run here, as a done future (what :func:`~dask_imgsink.core.pool.map_ordered` yields)."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(item))
-    except Exception as exc:
-        future.set_exception(exc)
-    return future
+class _Done:
+    """The outcome of one call run here, read as a done future's (``result()`` returns or raises).
+
+    Like :class:`concurrent.futures.Future` as :func:`~dask_imgsink.core.pool.map_ordered`
+    yields it, without the lock and condition a future makes: a pass-through row is a
+    few microseconds of Python, and a future cost about a tenth of them.
+    """
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, fn: Callable[[int], Any], item: int) -> None:
+        self._error: Exception | None = None
+        try:
+            self._value = fn(item)
+        except Exception as exc:
+            self._value, self._error = None, exc
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def write_rows(
@@ -452,7 +464,7 @@ def write_rows(
     skipped: list[SkippedRow] = []
     try:
         if _nothing_to_encode(rows.images, options):
-            prepared = (_call_now(prepare, i) for i in range(len(rows)))  # in this thread: no pool round trips
+            prepared = (_Done(prepare, i) for i in range(len(rows)))  # in this thread: no pool round trips
         else:
             prepared = map_ordered(prepare, range(len(rows)), encode_threads)
         # closed even when this raises: a traceback holds this frame, and an open map_ordered

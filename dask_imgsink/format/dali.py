@@ -21,6 +21,8 @@ VERSION = "v1.2"
 
 def sample_layout(names: Sequence[str], data_offsets: Sequence[int], sizes: Sequence[int]) -> str:
     """A sample's members as ``name:offset:size`` relative to the sample's start, comma-separated."""
+    if len(names) == 1:  # most samples (an image alone): no generator, no join
+        return f"{names[0]}:{data_offsets[0]}:{sizes[0]}"
     return ",".join(f"{n}:{o}:{s}" for n, o, s in zip(names, data_offsets, sizes))
 
 
