@@ -160,7 +160,8 @@ class SampleBlock(NamedTuple):
     Built on an encoder thread, so the writer thread only writes it. The
     bytes do not depend on where the sample lands in a shard: a checksum of
     :attr:`data` stays valid when exact packing copies the sample into another shard.
-    A named tuple: one is made per image, and a frozen dataclass took several times as long to make.
+    A named tuple: one is made per image, and a frozen dataclass of four fields took 2.5 times as long
+    to make (560 against 220 ns here).
     """
 
     data: SampleBytes
