@@ -94,10 +94,39 @@ def test_the_stage_caps_its_tars_too(tmp_path):
     assert len(tars) > 1 and all(archive_size(0) < len(open(t, "rb").read()) <= CAP for t in tars)
 
 
-def test_max_shard_bytes_is_checked_strictly(tmp_path):
+@pytest.mark.parametrize("size, error", [
+    (2.5, ValueError), (True, TypeError), (0, ValueError), (-1, ValueError), ("1 banana", ValueError),
+    ("-5MB", ValueError), ([1000], TypeError),
+])
+def test_max_shard_bytes_that_is_not_a_size_is_refused_at_call_time(tmp_path, size, error):
     ddf = _ddf(_images([8]), 1)
-    with pytest.raises(TypeError, match="max_shard_bytes"):
-        ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", max_shard_bytes=1e9)
+    with pytest.raises(error, match="max_shard_bytes"):
+        ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", max_shard_bytes=size)
+    with pytest.raises(error, match="max_shard_bytes"):
+        ImageWriterStage(str(tmp_path / "stage"), max_shard_bytes=size)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_max_shard_bytes_takes_a_size_string_or_a_whole_float_as_dask_and_webdataset_write_them(tmp_path, packing):
+    images = _images([20, 60, 30, 90, 40, 10, 70, 50, 25, 80, 35, 15])
+    cap, cuts = 32 * 1024, []
+    for n, size in enumerate((cap, "32KiB", "32 KiB", float(cap))):
+        out = tmp_path / f"{packing}-{n}"
+        _ddf(images, 3).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=5, max_shard_bytes=size,
+                                              packing=packing, compute=True)
+        index = json.loads((out / "_index.json").read_text())
+        assert index["jobs"][-1]["options"]["max_shard_bytes"] == cap  # recorded as the bytes it means
+        assert all(e["filesize"] <= cap for e in index["shardlist"])
+        cuts.append([e["nsamples"] for e in index["shardlist"]])
+    assert all(cut == cuts[0] for cut in cuts) and len(cuts[0]) > 3  # more shards than the count alone makes (3)
+    assert ImageWriterStage(str(tmp_path / "stage"), max_shard_bytes="32KiB").max_shard_bytes == cap
+
+
+@pytest.mark.parametrize("budget", [-1, "-1", "lots", 2.5, True])
+def test_a_carry_budget_that_is_not_a_size_is_refused_where_the_graph_is_built(tmp_path, budget):
+    with dask.config.set({"imgsink.carry-bytes": budget}), pytest.raises(ValueError, match="imgsink.carry-bytes"):
+        _ddf(_images([8]), 1).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key")
 
 
 @settings(max_examples=200, deadline=None)

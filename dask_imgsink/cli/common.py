@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import json
 
+from ..core.argcheck import check_byte_size
+
 
 class UsageError(Exception):
     """A command line that cannot be run as given (exit code 2)."""
@@ -24,15 +26,11 @@ def positive_int(text: str) -> int:
 
 def byte_size(text: str) -> int:
     """An argparse type: a size in bytes, as ``1000000``, ``500MB`` or ``1GiB``."""
-    from dask.utils import parse_bytes
-
     try:
-        value = parse_bytes(text)
-    except (ValueError, TypeError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500MB, 1GiB, 1000000)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text!r}")
-    return value
+        return check_byte_size("size", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size of at least 1 byte (e.g. 500MB, 1GiB, "
+                                         "1000000)") from None
 
 
 def storage_options(pairs: list[str] | None) -> dict | None:

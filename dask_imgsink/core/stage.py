@@ -26,7 +26,7 @@ from ..format.layout import (
     staged,
 )
 from ..storage import is_local, join, publish, remove_empty_dir, remove_quietly, resolve
-from .argcheck import check_bool, check_choice, check_int
+from .argcheck import check_bool, check_byte_size, check_choice, check_int
 from .encode import EncodeOptions
 from .stage_metadata import MetadataSchema, batch_fingerprint
 from .tasks import FileGroupTask, ImageBatch
@@ -43,8 +43,9 @@ class ImageWriterStage:
         Local path or fsspec URL; created if missing.
     images_per_tar : int, default 1000
         At most this many images per tar.
-    max_shard_bytes : int, optional
-        Also close a tar before a sample that would make it larger than this.
+    max_shard_bytes : int or str, optional
+        Also close a tar before a sample that would make it larger than this
+        many bytes: an integer, or a size string such as ``"500MB"`` or ``"1GiB"``.
     verbose : bool, default False
         Log each shard written at INFO level.
     deterministic_name : bool, default True
@@ -87,12 +88,12 @@ class ImageWriterStage:
     metadata_schema: Mapping[str, pa.DataType] | pa.Schema | None = field(default=None, repr=False)
     dali_index: bool = field(default=True, repr=False)
     on_error: str = field(default="raise", repr=False)
-    max_shard_bytes: int | None = field(default=None, repr=False)
+    max_shard_bytes: int | str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_int("images_per_tar", self.images_per_tar, low=1)
         check_choice("on_error", self.on_error, ON_ERROR_CHOICES)
-        check_int("max_shard_bytes", self.max_shard_bytes, low=1, optional=True)
+        self.max_shard_bytes = check_byte_size("max_shard_bytes", self.max_shard_bytes, optional=True)
         for name in ("verbose", "deterministic_name", "remove_image_data", "dali_index"):
             check_bool(name, getattr(self, name))
         check_int("encode_threads", self.encode_threads, low=1, optional=True)

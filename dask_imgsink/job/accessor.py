@@ -109,7 +109,7 @@ def to_webdataset(
     image_column: str = "image",
     key_column: str | None = None,
     images_per_tar: int = 1000,
-    max_shard_bytes: int | None = None,
+    max_shard_bytes: int | str | None = None,
     image_format: str = "jpeg",
     quality: int = 92,
     text_column: str | None = None,
@@ -159,9 +159,11 @@ def to_webdataset(
         the dataset.
     images_per_tar : int, default 1000
         Images per shard.
-    max_shard_bytes : int, optional
+    max_shard_bytes : int or str, optional
         Also close a shard before a sample that would make its tar larger than
-        this many bytes (whichever limit comes first). With exact packing every
+        this many bytes (whichever limit comes first): an integer, or a size
+        string as Dask reads them (``"500MB"``, ``"1GiB"``). ``images_per_tar``
+        still applies: to cap shards by bytes alone, raise it too. With exact packing every
         shard but the last is as full as both limits allow. A sample larger than
         the limit on its own gets a shard of its own; the index marks that shard
         ``"oversized": true`` and the commit logs a warning.

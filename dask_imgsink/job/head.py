@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import dask
-from dask.utils import parse_bytes
 import pyarrow as pa
 
+from ..core.argcheck import check_byte_size
 from ..core.tarshard import write_members_at
 from ..format.layout import new_attempt_dir, staged
 from ..storage import is_local, resolve
@@ -40,7 +40,11 @@ def carry_budget() -> int | None:
     """The carry budget: ``dask.config`` ``imgsink.carry-bytes`` (bytes, or a string such as
     ``"64 MiB"``; ``None``: never write ahead), read where the graph is built."""
     value = dask.config.get(CARRY_BYTES_KEY, DEFAULT_CARRY_BYTES)
-    return None if value is None else parse_bytes(value)
+    try:
+        return check_byte_size(f"dask config {CARRY_BYTES_KEY}", value, low=0, optional=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{exc} (the bytes of an open shard's runs an assembly group carries before "
+                         "it writes them ahead; None carries every run)") from None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from ..core.argcheck import check_bool, check_choice, check_int
+from ..core.argcheck import check_bool, check_byte_size, check_choice, check_int
 from ..core.encode import EncodeOptions
 from ..s3copy import obstore_setting
 from .output import MODE_CHOICES
@@ -48,7 +48,7 @@ class WriteOptions:
     dataset_name: str
     unique_keys: str = "dataset"
     dali_index: bool = True
-    max_shard_bytes: int | None = None
+    max_shard_bytes: int | str | None = None  # an int once checked
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: the fewest files in each worker's share of the commit's copies on S3 (``imgsink.commit-spread-files``)
     commit_spread_files: int | None = field(default_factory=spread_files_setting)
@@ -57,7 +57,9 @@ class WriteOptions:
 
     def __post_init__(self) -> None:
         check_int("images_per_tar", self.images_per_tar, low=1)
-        check_int("max_shard_bytes", self.max_shard_bytes, low=1, optional=True)
+        # a size string ("1GB") becomes its bytes here, so every later step and the index see an int
+        object.__setattr__(self, "max_shard_bytes", check_byte_size("max_shard_bytes", self.max_shard_bytes,
+                                                                   optional=True))
         check_bool("deterministic_name", self.deterministic_name)
         check_bool("dali_index", self.dali_index)
         check_choice("unique_keys", self.unique_keys, UNIQUE_KEYS_CHOICES)
