@@ -24,6 +24,7 @@ from distributed import Client, LocalCluster
 from helpers import claimed_job, file_bytes, frame_ddf, gated_ddf, make_ddf, make_frame, read_dataset
 
 import dask_imgsink.core.encode as encode_module
+from dask_imgsink.core.tarshard import hex_digest
 from dask_imgsink.job.packing import assemble_group, assemble_shards, runs_by_partition, summarize
 from dask_imgsink.job.plan import plan_shards
 from dask_imgsink.job.write import PartitionWriter
@@ -244,7 +245,7 @@ def test_past_the_carry_budget_a_group_writes_the_open_shard_ahead_and_carries_n
                 assert carried.head.rows == (3 * (p + 1)) % 25 and carried.head.shard == (3 * (p + 1)) // 25
                 assert carried.head.size == os.path.getsize(carried.head.path)
         assert carried.runs == {} and carried.head is None
-        built[budget] = [(i, Path(s.target.tar_path).read_bytes(), s.tar_sha256, s.num_images, sources,
+        built[budget] = [(i, Path(s.target.tar_path).read_bytes(), hex_digest(s.tar_sha256), s.num_images, sources,
                           Path(s.target.parquet_path).read_bytes(), Path(s.target.idx_path).read_bytes())
                          for i, s, sources in shards]
     assert [b[3] for b in built[0]] == [25, 11]

@@ -164,4 +164,4 @@ def test_a_write_that_fails_midway_is_no_longer_counted_as_an_encoding_caller(tm
         write_rows(rows, fs=fsspec.filesystem("file"), target_for=target, images_per_tar=100,
                    options=EncodeOptions(), encode_threads=2, partition=4)
     assert caught.value.__traceback__ is not None and caught.value.row == 30  # the frames are still held
-    assert pool._per_process(("callers", 2), lambda: None).count == 0
+    assert pool.per_process(("callers", 2), lambda: None).count == 0

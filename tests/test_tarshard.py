@@ -6,16 +6,22 @@ import hashlib
 import io
 import pickle
 import tarfile
+import threading
 
 import pytest
 
+import dask_imgsink.core.tarshard as tarshard
+from dask_imgsink.core.pool import run_beside
 from dask_imgsink.core.tarshard import (
     BLOCK,
     RECORD,
+    PendingDigest,
     RunBlocks,
     SampleBlock,
     SampleBytes,
     TarShardWriter,
+    archive_size,
+    hex_digest,
     member_bytes,
     member_header,
     write_archive,
@@ -337,3 +343,53 @@ def test_sha256_in_chunks_keeps_a_few_spare_chunks_per_thread():
     thread.start()
     thread.join()
     assert kept == [checksums._MOST_SPARE]  # five chunks used at once, two kept for the next hashers
+
+
+def _archive_blocks(count: int, size: int) -> list[bytes]:
+    return [member_bytes(f"s{i}.bin", bytes([i % 251]) * size) for i in range(count)]
+
+
+def test_an_archive_left_pending_is_written_whole_and_its_digest_pickles_as_the_hex_string(tmp_path):
+    blocks = _archive_blocks(20, 5000)
+    path = tmp_path / "shard.tar"
+    with open(path, "wb") as out:
+        size, digest = write_archive(out, blocks, wait=False)
+    assert isinstance(digest, PendingDigest)  # the writer went on without waiting for the hash
+    data = path.read_bytes()
+    assert len(data) == size and hex_digest(digest) == hashlib.sha256(data).hexdigest()
+    moved = pickle.loads(pickle.dumps(digest))  # as Dask moves a result to another process or spills it
+    assert type(moved) is str and moved == hashlib.sha256(data).hexdigest()
+    assert hex_digest(moved) == moved
+    with open(tmp_path / "waited.tar", "wb") as out:
+        assert write_archive(out, blocks) == (size, moved)  # the default waits, as before
+
+
+def test_archives_left_pending_never_hold_more_than_the_budget(tmp_path, monkeypatch):
+    """A writer whose hashes would pass PENDING_HASH_BYTES waits for the oldest first, so pending
+    hashes keep at most that much of the runs alive; an archive larger than the budget is hashed
+    while it is written, as with wait=True."""
+    one = archive_size(sum(map(len, _archive_blocks(8, 5000))))
+    monkeypatch.setattr(tarshard, "PENDING_HASH_BYTES", 2 * one)
+    helper_free = threading.Event()
+    run_beside(helper_free.wait, 30)  # the helper thread is busy: every hash stays pending
+    returned = []
+
+    def write(n: int) -> None:
+        with open(tmp_path / f"{n}.tar", "wb") as out:
+            returned.append((n, write_archive(out, _archive_blocks(8, 5000), wait=False)))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+            thread.join(timeout=0.5 if thread is not threads[-1] else 1.0)
+        assert sorted(n for n, _ in returned) == [0, 1]  # two fit the budget; the third waits for the helper
+    finally:
+        helper_free.set()  # never leave this process's helper thread blocked
+    threads[-1].join(timeout=30)
+    assert sorted(n for n, _ in returned) == [0, 1, 2]
+    for n, (size, digest) in returned:
+        assert hex_digest(digest) == hashlib.sha256((tmp_path / f"{n}.tar").read_bytes()).hexdigest()
+    with open(tmp_path / "large.tar", "wb") as out:
+        _, digest = write_archive(out, _archive_blocks(40, 5000), wait=False)  # over the budget alone
+    assert type(digest) is str and digest == hashlib.sha256((tmp_path / "large.tar").read_bytes()).hexdigest()

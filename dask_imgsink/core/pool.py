@@ -16,8 +16,8 @@ stage, the last partition of a job). A caller counts until its iterator is
 closed or exhausted, so callers close it even when they fail (``write_rows``).
 Handing each image to a pool thread and back costs two thread wake-ups and GIL
 hand-offs per image: about 9 % of a job on a LocalCluster of 2 x 1 threads,
-4-6 % under the threaded scheduler (``benchmarks/run.py``; the README's
-side-by-side table).
+4-6 % under the threaded scheduler (``benchmarks/run.py``; the side-by-side
+table in ``benchmarks/HISTORY.md``).
 """
 
 from __future__ import annotations
@@ -101,10 +101,10 @@ class _Callers:
 
 def _process_pool(name: str, size: int) -> ThreadPoolExecutor:
     """This process's pool ``name`` of ``size`` threads, created once."""
-    return _per_process((name, size), lambda: ThreadPoolExecutor(size, thread_name_prefix=f"imgsink-{name}-{size}"))
+    return per_process((name, size), lambda: ThreadPoolExecutor(size, thread_name_prefix=f"imgsink-{name}-{size}"))
 
 
-def _per_process(key: tuple[str, int], make: Callable[[], Any]) -> Any:
+def per_process(key: tuple[str, int], make: Callable[[], Any]) -> Any:
     """What ``make()`` made for ``key`` in this process (again in a forked child, which inherits no threads)."""
     global _POOLS_PID
     with _LOCK:
@@ -153,7 +153,7 @@ def map_ordered(
         or the exception ``fn`` raised.
     """
     size = _pool_size(threads)
-    callers = _per_process(("callers", size), lambda: _Callers(size))
+    callers = per_process(("callers", size), lambda: _Callers(size))
     window = window or 4 * size
     pending: deque[Future] = deque()
     callers.enter()

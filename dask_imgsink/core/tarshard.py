@@ -15,12 +15,15 @@ import itertools
 import os
 import pickle
 import tarfile
+import threading
+from collections import deque
+from concurrent.futures import Future
 from typing import BinaryIO, Iterator, NamedTuple
 
 from fsspec.implementations.local import LocalFileOpener
 
 from ..format.checksums import Sha256InChunks
-from .pool import run_beside
+from .pool import per_process, run_beside
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar's default record size; tarfile pads the same way
@@ -209,21 +212,76 @@ def _sha256_of(blocks) -> str:
     return digest.hexdigest()
 
 
-def write_archive(fileobj: BinaryIO, blocks: list[bytes]) -> tuple[int, str]:
+class PendingDigest:
+    """An archive's SHA-256 still being taken on this process's helper thread.
+
+    :meth:`hexdigest` waits for it. Pickled (as Dask pickles a result it moves to
+    another process or spills to disk), it waits too and becomes the plain hex
+    string, so only the process that took it ever holds one.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future) -> None:
+        self._future = future
+
+    def hexdigest(self) -> str:
+        return self._future.result()
+
+    def __reduce__(self):
+        return str, (self.hexdigest(),)
+
+
+def hex_digest(digest: str | PendingDigest) -> str:
+    """The hex SHA-256 ``digest`` holds, waiting for it if it is still being taken."""
+    return digest if isinstance(digest, str) else digest.hexdigest()
+
+
+#: Bytes of archives whose SHA-256 a process may leave pending (:func:`write_archive`):
+#: what those hashes keep alive of the runs until they are done.
+PENDING_HASH_BYTES = 64 * 2**20
+
+
+def _sha256_left_pending(blocks: list, size: int) -> PendingDigest | None:
+    """Start hashing ``blocks`` (``size`` bytes) on the helper thread, to be waited for later,
+    once this process's pending hashes leave room for them; ``None`` if they never fit."""
+    if size > PENDING_HASH_BYTES:
+        return None
+    pending, lock = per_process(("pending-hashes", 0), lambda: (deque(), threading.Lock()))
+    while True:
+        with lock:
+            while pending and pending[0][0].done():
+                pending.popleft()
+            if sum(held for _, held in pending) + size <= PENDING_HASH_BYTES:
+                future = run_beside(_sha256_of, blocks)
+                pending.append((future, size))
+                return PendingDigest(future)
+            oldest = pending[0][0]
+        oldest.result()  # outside the lock: the helper runs hashes in order, so this one ends first
+
+
+def write_archive(fileobj: BinaryIO, blocks: list[bytes], *, wait: bool = True) -> tuple[int, str | PendingDigest]:
     """Write an archive of whole-member ``blocks`` (such as samples of other archives); return its size and SHA-256.
 
     The SHA-256 is taken on a helper thread while this one writes: both release
-    the GIL, so the two overlap instead of adding up.
+    the GIL, so the two overlap instead of adding up. With ``wait=False`` it may
+    be returned still pending (a :class:`PendingDigest`), so the caller goes on
+    while the helper hashes; a process leaves at most :data:`PENDING_HASH_BYTES`
+    of archives pending, and waits for the oldest past that.
     """
     content = 0
     for block in blocks:
         if len(block) % BLOCK:
             raise ValueError("member blocks must be whole 512-byte blocks")
         content += len(block)
-    blocks = [*blocks, bytes(archive_size(content) - content)]  # end-of-archive marker and record padding
+    size = archive_size(content)
+    blocks = [*blocks, bytes(size - content)]  # end-of-archive marker and record padding
+    if not wait and (pending := _sha256_left_pending(blocks, size)) is not None:
+        write_blocks(fileobj, blocks)
+        return size, pending
     digest = run_beside(_sha256_of, blocks)
     write_blocks(fileobj, blocks)
-    return archive_size(content), digest.result()
+    return size, digest.result()
 
 
 def write_members_at(path: str, offset: int, blocks: list, *, end: bool = False) -> int:

@@ -33,7 +33,14 @@ from ..storage import remove_quietly
 from .encode import EncodedImage, EncodeOptions, encode_image
 from .keys import check_key
 from .pool import map_ordered
-from .tarshard import RunBlocks, SampleBlock, SampleBytes, TarShardWriter, content_limit
+from .tarshard import (
+    PendingDigest,
+    RunBlocks,
+    SampleBlock,
+    SampleBytes,
+    TarShardWriter,
+    content_limit,
+)
 
 logger = logging.getLogger("dask_imgsink")
 
@@ -91,7 +98,7 @@ class WrittenShard:
     target: ShardTarget
     num_images: int
     tar_bytes: int
-    tar_sha256: str = ""
+    tar_sha256: str | PendingDigest = ""  # an assembled shard's may still be pending until its commit
     parquet_bytes: int = 0
     parquet_sha256: str = ""
     idx_bytes: int = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import posixpath
+from dataclasses import replace
 from functools import partial
 from typing import Mapping, Sequence
 
@@ -25,6 +26,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ..core.argcheck import check_bool, check_optional_str
 from ..core.encode import DEFAULT_MAX_PIXELS, EncodeOptions
 from ..core.pool import default_encode_threads
+from ..core.tarshard import hex_digest
 from ..core.tasks import FileGroupTask
 from ..format.schema import default_metadata_columns, read_from_dataset, shard_schema, user_schema_from_meta
 from ..storage import resolve
@@ -66,8 +68,9 @@ def _commit_exact(claim: Claim, summaries: list, assembled: list, num_partitions
     shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
     if not claim.done:
         _check_every_shard_built([i for i, _, _ in shards], plan, opts)
-    return commit_job(claim, [(s, parts) for _, s, parts in shards], plan.rows_in, plan.skipped,
-                      num_partitions, opts)
+    # an assembly group hands its shards on without waiting for their SHA-256s: taken here
+    shards = [(replace(s, tar_sha256=hex_digest(s.tar_sha256)), parts) for _, s, parts in shards]
+    return commit_job(claim, shards, plan.rows_in, plan.skipped, num_partitions, opts)
 
 
 def _check_every_shard_built(built: list[int], plan, opts: WriteOptions) -> None:

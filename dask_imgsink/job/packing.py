@@ -201,7 +201,7 @@ def _assemble_one(fs, attempt: str, runs: dict[int, WrittenShard], plan: ShardPl
         sources = sorted({*head.sources, *sources})
     else:
         with fs.open(target.tar_path, "wb") as out:
-            size, tar_sha256 = write_archive(out, blocks)
+            size, tar_sha256 = write_archive(out, blocks, wait=False)  # the commit takes the digest
     moved = pa.concat_tables(tables)
     layouts = moved.column(LAYOUT_COLUMN).to_pylist()
     table = pa.Table.from_arrays(moved.drop_columns([LAYOUT_COLUMN]).columns, schema=shard_schema(opts.user_schema))
