@@ -58,7 +58,7 @@ def check_byte_size(name: str, value: Any, *, low: int = 1, optional: bool = Fal
         except (ValueError, TypeError):
             raise ValueError(f"{name}={value!r} is not a size: give bytes as an integer, or a string "
                              "such as '500MB' or '1GiB'") from None
-    elif isinstance(value, float) and not isinstance(value, bool):
+    elif isinstance(value, float):
         if not value.is_integer():
             raise ValueError(f"{name}={value!r} is not a whole number of bytes")
         size = int(value)
