@@ -17,8 +17,9 @@
 Usage: ``python benchmarks/bench_s3.py [--shards 400 [2000 10000 ...]] [--latency 0.02] [--repeats 1]
 [--clients both|obstore|s3fs] [--spread both|on|off]``
 (``run.py`` prints the same rows in its table). With several ``--shards`` sizes it
-commits each size in turn and ends with how the commit scales: wall time, requests
-and the server's CPU per shard, size by size (a commit that scales keeps them flat).
+commits each size in turn and ends with how the commit scales, size by size: wall
+time and requests per shard, and the server's and our client's CPU per request (a
+commit that scales keeps them flat).
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def print_scaling(scaling: list[tuple[int, dict]]) -> None:
               f"{f['seconds']:>9.2f}{1000 * f['seconds'] / shards:>10.2f}{f['per_shard']:>11.3f}"
               f"{1000 * f['cpu']['server'] / f['requests']:>19.2f}{f['client_ms_per_request']:>19.2f}"
               f"{f['waited_alone']:>12}")
+
 
 if __name__ == "__main__":
     main()
