@@ -65,11 +65,11 @@ def _commit_exact(claim: Claim, summaries: list, assembled: list, num_partitions
                   existing_keys=None):
     plan = plan_shards(summaries, claim, opts, existing_keys)
     _raise_if_failed(plan.failed or first_failure(assembled), claim, opts)
-    shards = sorted((item for part in assembled for item in part), key=lambda t: t[0])
+    built = sorted((item for part in assembled for item in part), key=lambda t: t[0])
     if not claim.done:
-        _check_every_shard_built([i for i, _, _ in shards], plan, opts)
+        _check_every_shard_built([i for i, _, _ in built], plan, opts)
     # an assembly group hands its shards on without waiting for their SHA-256s: taken here
-    shards = [(replace(s, tar_sha256=hex_digest(s.tar_sha256)), parts) for _, s, parts in shards]
+    shards = [(replace(s, tar_sha256=hex_digest(s.tar_sha256)), parts) for _, s, parts in built]
     return commit_job(claim, shards, plan.rows_in, plan.skipped, num_partitions, opts)
 
 
