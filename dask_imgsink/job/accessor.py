@@ -354,14 +354,21 @@ def _check_output_early(fs, root: str, opts: WriteOptions) -> None:
 MAX_GROUP_PARTITIONS = 8
 
 
-def _cluster_threads() -> int:
-    """Threads of the active Client's workers, or the CPUs of this process without one."""
+def _client_nthreads() -> dict | None:
+    """The active Client's workers and their threads, or ``None`` without a Client."""
     try:
         from distributed import get_client
 
-        return sum(get_client().nthreads().values())
+        client = get_client()
     except (ImportError, ValueError):
-        return default_encode_threads()
+        return None
+    return client.nthreads() if client.status == "running" else None  # a closed Client runs nothing
+
+
+def _cluster_threads() -> int:
+    """Threads of the active Client's workers, or the CPUs of this process without one."""
+    nthreads = _client_nthreads()
+    return default_encode_threads() if nthreads is None else sum(nthreads.values())
 
 
 def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[range]:
@@ -405,7 +412,7 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
         graph[existing] = (partial(dataset_key_hashes, opts=opts), claim)
     carried, built, summarized = None, [], []  # the first group starts from nothing
     groups = _assembly_groups(len(written))
-    budget = carry_budget()
+    budget = carry_budget(workers=len(_client_nthreads() or {None: 1}))
     for i, g in enumerate(groups):
         out = (f"imgsink-pack-shards-{token}", i)
         assemble = partial(assemble_group, opts=opts, last=i == len(groups) - 1, carry_bytes=budget)

@@ -31,15 +31,22 @@ from .lock import aborted_here
 from .options import WriteOptions
 from .results import TaskFailed, cancelled, failure
 
-#: Bytes of an open shard's runs an assembly group may carry before it writes them ahead.
+#: Bytes of an open shard's runs an assembly group may carry before it writes them ahead,
+#: by default, on one worker or without a Client.
 DEFAULT_CARRY_BYTES = 64 * 2**20
+#: The same on a cluster of several workers. Dask places each group where most of its
+#: inputs' bytes are, so carried runs pull the next group to the worker holding them; that
+#: worker, busy assembling, falls behind, and the other holds its runs of later groups meanwhile.
+DEFAULT_CARRY_BYTES_SEVERAL_WORKERS = 0
 CARRY_BYTES_KEY = "imgsink.carry-bytes"
 
 
-def carry_budget() -> int | None:
+def carry_budget(workers: int = 1) -> int | None:
     """The carry budget: ``dask.config`` ``imgsink.carry-bytes`` (bytes, or a string such as
-    ``"64 MiB"``; ``None``: never write ahead), read where the graph is built."""
-    value = dask.config.get(CARRY_BYTES_KEY, DEFAULT_CARRY_BYTES)
+    ``"64 MiB"``; ``None``: never write ahead), read where the graph is built; unset, it
+    depends on the number of ``workers`` that will run the job."""
+    default = DEFAULT_CARRY_BYTES if workers <= 1 else DEFAULT_CARRY_BYTES_SEVERAL_WORKERS
+    value = dask.config.get(CARRY_BYTES_KEY, default)
     try:
         return check_byte_size(f"dask config {CARRY_BYTES_KEY}", value, low=0, optional=True)
     except (TypeError, ValueError) as exc:
