@@ -66,3 +66,15 @@ def test_the_passthrough_benchmark_runs(tmp_path):
     assert "raw wall" in proc.stdout and "job sys" in proc.stdout and proc.stdout.count("\n") == 5, proc.stdout
     assert proc.stdout.splitlines()[-1].startswith("medians")
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
+
+
+def test_the_carry_benchmark_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_carry.py"), "--images", "40", "--partitions", "4",
+                           "--repeats", "2", "--settings", "threads", "2x1"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+                          env={**os.environ, "IMGSINK_BENCH_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = proc.stdout.splitlines()[1:]
+    assert len(rows) == 4 and all("ratio to the limit median" in row for row in rows), proc.stdout
+    assert sum("RSS rise" in row for row in rows) == 2  # memory on the cluster only: one process on threads
+    assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
