@@ -298,12 +298,16 @@ def test_the_carry_budget_defaults_to_zero_on_a_cluster_of_several_workers(tmp_p
         assert _group_carry_budgets(write()) == {None}
 
 
-def test_without_a_client_the_carry_budget_is_64_mib(tmp_path):
-    from dask_imgsink.job.head import DEFAULT_CARRY_BYTES
-
+def test_on_one_worker_or_without_a_client_the_carry_budget_is_64_mib(tmp_path):
+    """One process: nothing moves between workers. A cluster with no worker yet (adaptive) will
+    have several."""
     ddf = make_ddf("from_pandas", [3] * 20, tmp_path)
-    assert _group_carry_budgets(ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key")) == {
-        DEFAULT_CARRY_BYTES} == {64 * 2**20}
+    write = partial(ddf.imgsink.to_webdataset, str(tmp_path / "out"), key_column="key")
+    assert _group_carry_budgets(write()) == {64 * 2**20}
+    for workers, budget in [(1, 64 * 2**20), (0, 0)]:
+        with LocalCluster(n_workers=workers, threads_per_worker=2, processes=False, dashboard_address=None,
+                          silence_logs=logging.ERROR) as cluster, Client(cluster):
+            assert _group_carry_budgets(write()) == {budget}
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 24, 200, 5000])

@@ -412,7 +412,8 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
         graph[existing] = (partial(dataset_key_hashes, opts=opts), claim)
     carried, built, summarized = None, [], []  # the first group starts from nothing
     groups = _assembly_groups(len(written))
-    budget = carry_budget(workers=len(_client_nthreads() or {None: 1}))
+    nthreads = _client_nthreads()  # an adaptive cluster may have no worker yet: it will have several
+    budget = carry_budget(several_workers=nthreads is not None and len(nthreads) != 1)
     for i, g in enumerate(groups):
         out = (f"imgsink-pack-shards-{token}", i)
         assemble = partial(assemble_group, opts=opts, last=i == len(groups) - 1, carry_bytes=budget)

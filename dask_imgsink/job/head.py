@@ -41,11 +41,11 @@ DEFAULT_CARRY_BYTES_SEVERAL_WORKERS = 0
 CARRY_BYTES_KEY = "imgsink.carry-bytes"
 
 
-def carry_budget(workers: int = 1) -> int | None:
+def carry_budget(several_workers: bool = False) -> int | None:
     """The carry budget: ``dask.config`` ``imgsink.carry-bytes`` (bytes, or a string such as
     ``"64 MiB"``; ``None``: never write ahead), read where the graph is built; unset, it
-    depends on the number of ``workers`` that will run the job."""
-    default = DEFAULT_CARRY_BYTES if workers <= 1 else DEFAULT_CARRY_BYTES_SEVERAL_WORKERS
+    depends on whether ``several_workers`` will run the job."""
+    default = DEFAULT_CARRY_BYTES_SEVERAL_WORKERS if several_workers else DEFAULT_CARRY_BYTES
     value = dask.config.get(CARRY_BYTES_KEY, default)
     try:
         return check_byte_size(f"dask config {CARRY_BYTES_KEY}", value, low=0, optional=True)
