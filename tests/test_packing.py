@@ -310,17 +310,28 @@ def test_on_one_worker_or_without_a_client_the_carry_budget_is_64_mib(tmp_path):
             assert _group_carry_budgets(write()) == {budget}
 
 
+def test_groups_of_a_job_of_few_large_partitions_hold_four_and_of_many_small_ones_eight():
+    """A group's runs meet on the worker that assembles it: four partitions' runs lowered the
+    largest worker's peak on twice the memory row's job (48 partitions, README *Memory*); past
+    64 partitions, groups of eight keep the group tasks few (500 partitions of 10 images)."""
+    from dask_imgsink.job.accessor import _assembly_groups, group_cap
+
+    assert [group_cap(n) for n in (1, 48, 64, 65, 500)] == [4, 4, 4, 8, 8]
+    assert [len(g) for g in _assembly_groups(48, 2)] == [4] * 11 + [2, 1, 1]
+    assert max(len(g) for g in _assembly_groups(500, 2)) == 8
+
+
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 17, 24, 200, 5000])
 @pytest.mark.parametrize("threads", [1, 2, 64])
 def test_assembly_groups_cover_every_partition_once_in_order(n, threads):
-    from dask_imgsink.job.accessor import MAX_GROUP_PARTITIONS, _assembly_groups
+    from dask_imgsink.job.accessor import _assembly_groups, group_cap
 
     groups = _assembly_groups(n, threads)
     assert [p for g in groups for p in g] == list(range(n))
-    assert all(0 < len(g) <= MAX_GROUP_PARTITIONS for g in groups)  # few runs wait for their group
+    assert all(0 < len(g) <= group_cap(n) for g in groups)  # few runs wait for their group
     if n:
         assert len(groups[-1]) == 1  # the tail after the last partition is its own shards only
-        assert len(groups) <= max(2 * threads, -(-n // MAX_GROUP_PARTITIONS)) + 3 + int(np.log2(n))
+        assert len(groups) <= max(2 * threads, -(-n // group_cap(n))) + 3 + int(np.log2(n))
 
 
 def test_shards_of_early_partitions_are_assembled_while_later_ones_still_encode(tmp_path):

@@ -350,8 +350,18 @@ def _check_output_early(fs, root: str, opts: WriteOptions) -> None:
     check_output(fs, root, opts.url, opts.mode, shard_schema(opts.user_schema))
 
 
-#: Most partitions in one assembly group: a group's runs wait in memory until its last one is encoded.
-MAX_GROUP_PARTITIONS = 8
+#: Most partitions in one assembly group: a group's runs wait in memory until its last one is
+#: encoded, and meet on the worker that assembles it (half of them arriving from other workers).
+MAX_GROUP_PARTITIONS = 4
+#: The same in a job of more than :data:`MANY_PARTITIONS` partitions, where the partitions are
+#: likely small and each group task's fixed cost counts (500 partitions of 10 images).
+MAX_GROUP_PARTITIONS_MANY = 8
+MANY_PARTITIONS = 64
+
+
+def group_cap(num_partitions: int) -> int:
+    """Most partitions in one assembly group of a job of ``num_partitions`` partitions."""
+    return MAX_GROUP_PARTITIONS if num_partitions <= MANY_PARTITIONS else MAX_GROUP_PARTITIONS_MANY
 
 
 def _client_nthreads() -> dict | None:
@@ -377,8 +387,8 @@ def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[ra
     Assembly writes bytes; it needs about as many tasks as there are threads to
     run them, not one per partition (most partitions of a filtered DataFrame
     start no shard, and each task costs a scheduler round trip): two per thread,
-    of at most :data:`MAX_GROUP_PARTITIONS` partitions each, so the runs waiting
-    for their group stay few whatever the job's size. The last group is split in
+    of at most :func:`group_cap` partitions each, so the runs waiting for their
+    group stay few whatever the job's size. The last group is split in
     halves down to one partition: what is left to write once the last partition
     is encoded (the tail, when cores idle) is only the shards that end in it.
     """
@@ -386,7 +396,7 @@ def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[ra
         return []
     threads = threads or _cluster_threads()
     tasks = max(1, min(num_partitions, 2 * threads))
-    size = min(-(-num_partitions // tasks), MAX_GROUP_PARTITIONS)
+    size = min(-(-num_partitions // tasks), group_cap(num_partitions))
     groups = [range(start, min(start + size, num_partitions)) for start in range(0, num_partitions, size)]
     last = groups.pop()
     while len(last) > 1:
