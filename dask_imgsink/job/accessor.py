@@ -375,9 +375,9 @@ def _client_nthreads() -> dict | None:
     return client.nthreads() if client.status == "running" else None  # a closed Client runs nothing
 
 
-def _cluster_threads() -> int:
-    """Threads of the active Client's workers, or the CPUs of this process without one."""
-    nthreads = _client_nthreads()
+def _cluster_threads(nthreads: dict | None) -> int:
+    """Threads of the Client's workers (``nthreads``, from :func:`_client_nthreads`), or the
+    CPUs of this process without a Client."""
     return default_encode_threads() if nthreads is None else sum(nthreads.values())
 
 
@@ -394,7 +394,7 @@ def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[ra
     """
     if num_partitions == 0:
         return []
-    threads = threads or _cluster_threads()
+    threads = threads or _cluster_threads(_client_nthreads())
     tasks = max(1, min(num_partitions, 2 * threads))
     size = min(-(-num_partitions // tasks), group_cap(num_partitions))
     groups = [range(start, min(start + size, num_partitions)) for start in range(0, num_partitions, size)]
@@ -421,8 +421,9 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
         existing = f"imgsink-dataset-keys-{token}"
         graph[existing] = (partial(dataset_key_hashes, opts=opts), claim)
     carried, built, summarized = None, [], []  # the first group starts from nothing
-    groups = _assembly_groups(len(written))
-    nthreads = _client_nthreads()  # an adaptive cluster may have no worker yet: it will have several
+    nthreads = _client_nthreads()  # asked of the scheduler once, for the groups and the budget
+    groups = _assembly_groups(len(written), _cluster_threads(nthreads))
+    # an adaptive cluster may have no worker yet: it will have several
     budget = carry_budget(several_workers=nthreads is not None and len(nthreads) != 1)
     for i, g in enumerate(groups):
         out = (f"imgsink-pack-shards-{token}", i)
