@@ -298,6 +298,27 @@ def test_the_carry_budget_defaults_to_zero_on_a_cluster_of_several_workers(tmp_p
         assert _group_carry_budgets(write()) == {None}
 
 
+def test_a_local_scheduler_named_beside_a_client_gets_the_one_process_settings(tmp_path, client):
+    """``dask.config.set(scheduler="threads")`` (or ``compute_kwargs={"scheduler": "sync"}``) runs the
+    job in this process even while a Client is active: its groups and carry budget are this
+    process's, not the cluster's. Naming the Client, or "distributed", keeps the cluster's."""
+    ddf = make_ddf("from_pandas", [3] * 20, tmp_path)
+    write = partial(ddf.imgsink.to_webdataset, str(tmp_path / "out"), key_column="key")
+    assert len(client.nthreads()) == 2
+    for named in ("threads", "sync", "processes"):
+        with dask.config.set(scheduler=named):
+            assert _group_carry_budgets(write()) == {64 * 2**20}, named
+    for named in ("distributed", client):
+        with dask.config.set(scheduler=named):
+            assert _group_carry_budgets(write()) == {0}
+    from dask_imgsink.job import accessor
+
+    assert accessor._client_nthreads("sync") is None
+    assert accessor._client_nthreads(client) == client.nthreads()
+    tasks = write(compute=True, compute_kwargs={"scheduler": "sync"})
+    assert sum(t.metadata["num_images"] for t in tasks) == 60
+
+
 def test_on_one_worker_or_without_a_client_the_carry_budget_is_64_mib(tmp_path):
     """One process: nothing moves between workers. A cluster with no worker yet (adaptive) will
     have several."""

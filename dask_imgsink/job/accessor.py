@@ -18,6 +18,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Mapping, Sequence
 
+import dask
 import pyarrow as pa
 from dask.base import tokenize
 from dask.dataframe.extensions import register_dataframe_accessor
@@ -269,10 +270,11 @@ def to_webdataset(
         dataset_name=dataset_name,
     )
     check_bool("compute", compute)
-    bag = _build_graph(ddf, opts)
+    compute_kwargs = compute_kwargs or {}
+    bag = _build_graph(ddf, opts, compute_kwargs.get("scheduler") if compute else None)
     if not compute:
         return bag
-    return bag.compute(**(compute_kwargs or {}))
+    return bag.compute(**compute_kwargs)
 
 
 def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per_tar, max_shard_bytes,
@@ -364,14 +366,29 @@ def group_cap(num_partitions: int) -> int:
     return MAX_GROUP_PARTITIONS if num_partitions <= MANY_PARTITIONS else MAX_GROUP_PARTITIONS_MANY
 
 
-def _client_nthreads() -> dict | None:
-    """The active Client's workers and their threads, or ``None`` without a Client."""
-    try:
-        from distributed import get_client
+_DISTRIBUTED_NAMES = ("distributed", "dask.distributed")
 
-        client = get_client()
-    except (ImportError, ValueError):
-        return None
+
+def _client_nthreads(scheduler=None) -> dict | None:
+    """The workers and threads of the Client that will run the job, or ``None`` if this process will.
+
+    ``scheduler`` is ``compute``'s argument when the job is computed at once; without it,
+    Dask's ``scheduler`` config. As in ``dask.base.get_scheduler``, a local scheduler named
+    there ("threads", "sync", ...) runs the job here even while a Client is active, a Client
+    named there runs it, and otherwise the active Client does.
+    """
+    named = scheduler if scheduler is not None else dask.config.get("scheduler", None)
+    if "Client" in type(named).__name__ and hasattr(named, "nthreads"):  # as dask.base.get_scheduler tells
+        client = named
+    elif named is not None and not (isinstance(named, str) and named.lower() in _DISTRIBUTED_NAMES):
+        return None  # a local scheduler, an Executor or a function of yours
+    else:
+        try:
+            from distributed import get_client
+
+            client = get_client()
+        except (ImportError, ValueError):
+            return None
     return client.nthreads() if client.status == "running" else None  # a closed Client runs nothing
 
 
@@ -406,7 +423,8 @@ def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[ra
     return [*groups, last]
 
 
-def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOptions, token: str) -> str:
+def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOptions, token: str,
+                         scheduler=None) -> str:
     """Add the assembly groups, chained by what they carry, and the commit; return the commit's key.
 
     A write task's result holds its run's bytes; only its own assembly group
@@ -421,7 +439,7 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
         existing = f"imgsink-dataset-keys-{token}"
         graph[existing] = (partial(dataset_key_hashes, opts=opts), claim)
     carried, built, summarized = None, [], []  # the first group starts from nothing
-    nthreads = _client_nthreads()  # asked of the scheduler once, for the groups and the budget
+    nthreads = _client_nthreads(scheduler)  # asked of the scheduler once, for the groups and the budget
     groups = _assembly_groups(len(written), _cluster_threads(nthreads))
     # an adaptive cluster may have no worker yet: it will have several
     budget = carry_budget(several_workers=nthreads is not None and len(nthreads) != 1)
@@ -442,8 +460,11 @@ def _exact_packing_tasks(graph: dict, written: list, claim: str, opts: WriteOpti
     return commit
 
 
-def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
-    """The job's tasks, as a plain task graph (built in about a millisecond, whatever the partitions)."""
+def _build_graph(ddf, opts: WriteOptions, scheduler=None) -> WriteBag:
+    """The job's tasks, as a plain task graph (built in about a millisecond, whatever the partitions).
+
+    ``scheduler``: ``compute``'s, when the job is computed at once (see :func:`_client_nthreads`).
+    """
     token = tokenize(*opts.token())
     register_job(token, opts)
     parts = ddf.to_delayed(optimize_graph=True)
@@ -455,7 +476,7 @@ def _build_graph(ddf, opts: WriteOptions) -> WriteBag:
     for i, (key, part) in enumerate(zip(written, parts)):
         graph[key] = (writer, part.key, i, write_claim)
     if opts.packing == "exact":
-        final = _exact_packing_tasks(graph, written, claim, opts, token)
+        final = _exact_packing_tasks(graph, written, claim, opts, token, scheduler)
     else:
         final = f"imgsink-commit-{token}"
         graph[final] = (partial(_commit_per_partition, opts=opts), claim, written, len(parts))
