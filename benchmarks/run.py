@@ -15,6 +15,9 @@ pairs, so the machine's drift over minutes moves both sides alike):
 - the accessor, exact and per-partition packing, under the threaded scheduler
   and on LocalClusters of 2 processes x 1 thread and 1 process x 2 threads, with
   the DataFrame persisted in worker memory first, spread evenly over the workers (so only the writer is timed);
+- the worker allocator setting: 2 x 1 exact packing on a cluster of ours (glibc's trim
+  threshold 16 MiB) against a plain LocalCluster (the nanny's 64 KiB), both clusters up
+  at once and their jobs alternated;
 - pass-through of the same images already encoded, exact packing, against a
   raw sequential write + fsync of the same bytes to the same disk;
 - where the CPU goes: the encoder's CPU; the per-byte work a checksummed writer
@@ -51,7 +54,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import date
 
 import dask
@@ -216,29 +219,52 @@ def passthrough_seconds(ddf, blobs: list[bytes], repeats: int) -> tuple[float, f
 
 
 def cluster_rows(images, limit, partitions: int, repeats: int, workers: int, threads: int,
-                 packings=("exact", "per_partition"), nanny_default: bool = False) -> list[tuple]:
-    """Rows for a LocalCluster: ours (dask_imgsink.cluster.local_cluster), or with the nanny's default
-    MALLOC_TRIM_THRESHOLD_ (64 KiB) to show what that setting costs. Each row's jobs alternate with
-    runs of ``limit`` (:func:`limit_runner`) in this process (the cluster idle meanwhile); the first
-    row is Dask alone."""
+                 packings=("exact", "per_partition")) -> list[tuple]:
+    """Rows for a LocalCluster of ours (dask_imgsink.cluster.local_cluster). Each row's jobs alternate
+    with runs of ``limit`` (:func:`limit_runner`) in this process (the cluster idle meanwhile); the
+    first row is Dask alone."""
     label = f"LocalCluster {workers} proc x {threads} thread{'s' if threads > 1 else ''}"
-    if nanny_default:
-        label += " (nanny's malloc default)"
-    start = LocalCluster if nanny_default else local_cluster
     rows = []
-    with start(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
-               silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with local_cluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=None,
+                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         ddf = spread_frame(client, len(images), partitions)
         pids = list(client.run(os.getpid).values())
         held = max(psutil.Process(p).memory_info().rss for p in pids)  # with the partitions persisted
-        if not nanny_default:
-            rows.append((f"{label}, Dask alone (map_partitions encoding)", *beside_limit(dask_alone(ddf), limit,
-                                                                                         repeats), None))
+        rows.append((f"{label}, Dask alone (map_partitions encoding)", *beside_limit(dask_alone(ddf), limit,
+                                                                                     repeats), None))
         for packing in packings:
             with PeakRSS(pids) as peak:
                 seconds, ratio = beside_limit(write_job(ddf, packing), limit, repeats)
             rows.append((f"{label}, {packing}", seconds, ratio, (peak.largest - held) / 2**20))
     return rows
+
+
+def allocator_rows(images, limit, partitions: int, repeats: int) -> list[tuple]:
+    """2 x 1 exact packing on a cluster of ours (glibc's trim threshold 16 MiB) against a plain
+    ``LocalCluster`` (the nanny's 64 KiB), both up at once, their jobs alternated, each after a run
+    of ``limit``: the machine's speed drifts by 10-20 % over minutes, and one cluster measured
+    after the other read 0.62 against 0.77 on the same code (2026-11-27) where 32 alternated
+    jobs read 0.72 against 0.71."""
+    settings = (("LocalCluster 2 proc x 1 thread, exact, ours (trim threshold 16 MiB)", local_cluster),
+                ("same, the nanny's default (64 KiB), jobs alternated with the row above", LocalCluster))
+    with ExitStack() as stack:
+        jobs = []
+        for label, start in settings:  # local_cluster sets the variable only while its workers start
+            cluster = stack.enter_context(start(n_workers=2, threads_per_worker=1, processes=True,
+                                                dashboard_address=None, silence_logs=logging.ERROR))
+            client = stack.enter_context(Client(cluster, set_as_default=False))
+            with client.as_current():
+                ddf = spread_frame(client, len(images), partitions)
+            jobs.append((label, client, write_job(ddf, "exact")))
+        times: dict[str, list] = {label: [] for label, _, _ in jobs}
+        for turn in range(repeats + 1):  # the first turn warms up (imports and pools in every process)
+            for label, client, job in jobs:
+                with client.as_current():
+                    limit_seconds, seconds = median_seconds(limit, 1), median_seconds(job, 1)
+                if turn:
+                    times[label].append((seconds, limit_seconds / seconds))
+    return [(label, statistics.median(s for s, _ in runs), statistics.median(r for _, r in runs), None)
+            for label, runs in times.items()]
 
 
 def memory_rows(count: int, partitions: int, quick: bool = False) -> list[tuple[str, float, float, float]]:
@@ -464,8 +490,7 @@ def main() -> None:
                                                                          args.repeats), None))
     rows += cluster_rows(images, limit, args.partitions, args.repeats, workers=2, threads=1)
     rows += cluster_rows(images, limit, args.partitions, args.repeats, workers=1, threads=2)
-    rows += cluster_rows(images, limit, args.partitions, args.repeats, workers=2, threads=1, packings=("exact",),
-                         nanny_default=True)
+    rows += allocator_rows(images, limit, args.partitions, args.repeats)
     print_table("Encoding pixels (JPEG q92 4:2:0)", rows, len(images))
 
     options = EncodeOptions()

@@ -20,6 +20,7 @@ def test_the_benchmark_runs_quick(tmp_path):
     table = proc.stdout
     assert "cores" in table and "encode only" in table and "per_partition" in table and "raw sequential" in table
     assert table.count("Dask alone") == 3  # threads, 2 x 1, 1 x 2: what Dask costs before the writer
+    assert "the nanny's default (64 KiB), jobs alternated" in table  # the allocator rows, paired
     assert "bytes uploaded" in table and "requests per shard" in table and "peak bytes" in table
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
 
