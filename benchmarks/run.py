@@ -36,7 +36,10 @@ pairs, so the machine's drift over minutes moves both sides alike):
   job against the dataset's size.
 
 Peak RSS is how far the largest resident set of any worker process (psutil, sampled
-every 10 ms) rose during the writes above what it was with the partitions persisted.
+every 10 ms) rose during a row's timed writes above what it was before them, with the
+partitions persisted and one untimed job run (a first job's imports and pools are not
+the writer's memory). It includes partitions Dask copied between workers to balance
+them; the memory table takes those out in its last column.
 
 Usage: ``python benchmarks/run.py [--quick] [--images 4000] [--partitions 24] [--repeats 3]``.
 ``--quick`` (800 images, 1 repeat) runs in under two minutes; CI runs it as a smoke
@@ -93,11 +96,13 @@ def limit_runner(images, threads: int):
     return run
 
 
-def beside_limit(job, limit, repeats: int) -> tuple[float, float]:
+def beside_limit(job, limit, repeats: int, warm_up: bool = True) -> tuple[float, float]:
     """Median seconds of ``job`` and the median of its ratios to the limit, each run of ``job``
     paired with a run of ``limit`` just before it (the machine's speed drifts by 10-20 % over
-    minutes here, so a limit measured once at the start misstates later rows)."""
-    job()  # warm up: imports and pools in every process
+    minutes here, so a limit measured once at the start misstates later rows). ``warm_up``: run
+    ``job`` once first (imports and pools in every process), untimed."""
+    if warm_up:
+        job()
     times, ratios = [], []
     for _ in range(repeats):
         limit_seconds = median_seconds(limit, 1)
@@ -229,12 +234,14 @@ def cluster_rows(images, limit, partitions: int, repeats: int, workers: int, thr
                        silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         ddf = spread_frame(client, len(images), partitions)
         pids = list(client.run(os.getpid).values())
-        held = max(psutil.Process(p).memory_info().rss for p in pids)  # with the partitions persisted
         rows.append((f"{label}, Dask alone (map_partitions encoding)", *beside_limit(dask_alone(ddf), limit,
                                                                                      repeats), None))
         for packing in packings:
+            job = write_job(ddf, packing)
+            job()  # warm up outside the peak: a first job's imports and pools are not the writer's memory
+            held = max(psutil.Process(p).memory_info().rss for p in pids)
             with PeakRSS(pids) as peak:
-                seconds, ratio = beside_limit(write_job(ddf, packing), limit, repeats)
+                seconds, ratio = beside_limit(job, limit, repeats, warm_up=False)
             rows.append((f"{label}, {packing}", seconds, ratio, (peak.largest - held) / 2**20))
     return rows
 
