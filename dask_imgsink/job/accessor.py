@@ -398,8 +398,8 @@ def _cluster_threads(nthreads: dict | None) -> int:
     return default_encode_threads() if nthreads is None else sum(nthreads.values())
 
 
-def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[range]:
-    """Contiguous groups of partitions, one assembly task each.
+def _assembly_groups(num_partitions: int, threads: int) -> list[range]:
+    """Contiguous groups of partitions, one assembly task each, for ``threads`` threads running the job.
 
     Assembly writes bytes; it needs about as many tasks as there are threads to
     run them, not one per partition (most partitions of a filtered DataFrame
@@ -411,7 +411,6 @@ def _assembly_groups(num_partitions: int, threads: int | None = None) -> list[ra
     """
     if num_partitions == 0:
         return []
-    threads = threads or _cluster_threads(_client_nthreads())
     tasks = max(1, min(num_partitions, 2 * threads))
     size = min(-(-num_partitions // tasks), group_cap(num_partitions))
     groups = [range(start, min(start + size, num_partitions)) for start in range(0, num_partitions, size)]
