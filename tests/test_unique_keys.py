@@ -46,6 +46,28 @@ def test_a_duplicate_in_one_exact_shard_is_skipped_and_recorded_and_shards_stay_
     assert data["index"]["totals"] == {"rows": 12, "images": 11, "skipped": 1, "shards": 3}
 
 
+@pytest.mark.parametrize("npartitions", [1, 2])
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_a_row_left_out_does_not_take_its_key_wherever_the_partitions_split(tmp_path, npartitions, packing):
+    """Row 2 has a bad image and rows 3 and 4 repeat its key: row 3 is the key's first written
+    row and is kept, row 4 is the repeat. Before, one partition left out rows 2, 3 and 4 (the
+    key counted as taken by row 2, which was never written) and two partitions kept row 3."""
+    keys = ["k0", "k1", "kx", "kx", "kx", "k5"]
+    pdf = make_frame(len(keys))
+    pdf["key"] = pd.Series(keys, dtype=object)
+    pdf.loc[2, "image"] = "not an image"
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(pdf, npartitions=npartitions, sort=False)  # 2 partitions: rows 0-2 and 3-5
+    out = tmp_path / "out"
+    ddf.imgsink.to_webdataset(str(out), key_column="key", text_column="caption", packing=packing,
+                              on_error="skip", compute=True)
+    samples = read_dataset(out)["samples"]
+    assert [k for k, _ in samples] == ["k0", "k1", "kx", "k5"]
+    assert samples[2][1]["txt"] == b"caption number 3"  # row 3's sample, not row 4's
+    assert _errors(out)[["row", "key"]].values.tolist() == (
+        [[2, "kx"], [4, "kx"]] if npartitions == 1 else [[2, "kx"], [1, "kx"]])
+
+
 def test_unique_keys_dataset_leaves_out_copies_in_other_shards_too(tmp_path):
     keys = [f"k{i}" for i in range(10)]
     keys[9] = "k0"  # shard 2 repeats a key of shard 0

@@ -313,27 +313,46 @@ def write_idx(fs, path: str, lines: Sequence[str]) -> tuple[int, str]:
 
 
 def _check_keys(raw_keys: Sequence[Any], column: str) -> tuple[list[str | None], dict[int, RowProblem]]:
-    """Validate every key; return the keys (``None`` where bad) and each bad row's problem."""
+    """Validate every key; return the keys (``None`` where bad) and each bad key's problem.
+
+    A repeated key is not decided here: see :class:`_FirstWritten`."""
     keys: list[str | None] = []
     problems: dict[int, RowProblem] = {}
-    seen: dict[str, int] = {}
     for i, raw in enumerate(raw_keys):
         try:
-            key = check_key(raw)
+            keys.append(check_key(raw))
         except RowProblem as problem:
             problems[i] = RowProblem(problem.reason, problem.fix, column)
             keys.append(None)
-            continue
-        if key in seen:
-            problems[i] = RowProblem(
-                f"the key is used twice (rows {seen[key]} and {i} of this partition)",
-                "make keys unique, e.g. ddf.drop_duplicates(subset='key')",
-                column,
-            )
-        else:
-            seen[key] = i
-        keys.append(key)
     return keys, problems
+
+
+class _FirstWritten:
+    """The row each key of a partition was first written from: a later row with the key is a bad row.
+
+    Only written rows count. A row left out for any reason (a bad image, a bad
+    value) does not take its key, so the next good row with it is written, as
+    it is when the two rows are in different partitions (exact packing drops
+    repeats across partitions from the keys of written rows): which rows are
+    written never depends on where the partitions split. A repeat is encoded
+    before it is found to be one (whether the row before it is written is known
+    only then); repeats are rare.
+    """
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.rows: dict[str, int] = {}
+
+    def repeat(self, key: str, row: int) -> RowProblem | None:
+        """The problem of writing ``row`` with ``key``, if an earlier row was written with it."""
+        first = self.rows.get(key)
+        if first is None:
+            return None
+        return RowProblem(f"the key is used twice (rows {first} and {row} of this partition)",
+                          "make keys unique, e.g. ddf.drop_duplicates(subset='key')", self.column)
+
+    def taken(self, key: str, row: int) -> None:
+        self.rows[key] = row
 
 
 def _in_column(column: str | None, make: Callable[[], Any]) -> Any:
@@ -468,6 +487,7 @@ def write_rows(
         return prepare_sample(keys[i], image, _extra_members(rows, i, keys[i], meta_rows))
 
     roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, verbose, shard_checksums, max_shard_bytes)
+    written = _FirstWritten(rows.column("key"))
     skipped: list[SkippedRow] = []
     try:
         if _nothing_to_encode(rows.images, options):
@@ -484,6 +504,8 @@ def write_rows(
                         sample = fut.result()
                     except RowProblem as exc:
                         problem = exc
+                if problem is None:
+                    problem = written.repeat(keys[i], i)
                 if problem is not None:
                     shown_key = keys[i] if keys[i] is not None else str(rows.keys[i])
                     if on_error == "raise":
@@ -491,6 +513,7 @@ def write_rows(
                                           key=shown_key, column=problem.column)
                     skipped.append(SkippedRow(partition, i, shown_key, problem.reason, problem.column))
                     continue
+                written.taken(keys[i], i)
                 roller.add(i, sample)
         return roller.close(), skipped
     except BaseException:
