@@ -7,6 +7,10 @@ code, and both promise the same thing: shards filled in row order, each closed a
 whichever limit comes first, bad rows and later copies of a key left out. So the
 shards of any partitioning, packed exactly, must hold byte for byte the samples of
 the same rows written as one partition per partition — and the same metadata.
+
+The rows mix pixel arrays, PNG bytes passed through and bad images, captions and
+metadata values with nulls, and repeated keys; the shards are capped by count and by
+bytes, and the open shard is carried whole or written ahead.
 """
 
 from __future__ import annotations
@@ -21,18 +25,29 @@ import pandas as pd
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import make_image
+from helpers import make_image, png_bytes
 
 from dask_imgsink.read.verify import verify_dataset
 
 BAD_IMAGE = np.zeros((0, 4, 3), np.uint8)  # a row error: refused, and left out under on_error="skip"
+ROW = st.tuples(st.sampled_from(["array", "png", "bad"]),  # the image: pixels, PNG bytes passed through, or bad
+                st.none() | st.sampled_from(["a cat", "", "é 🐈"]),  # the caption (key.txt; None: no member)
+                st.none() | st.floats(-1e3, 1e3, allow_nan=False),  # a float metadata column with nulls
+                st.none() | st.sampled_from(["x", "yy"]))  # a string metadata column with nulls
 
 
-def _frame(keys: list[int], bad: set[int]) -> pd.DataFrame:
-    images = [BAD_IMAGE if i in bad else make_image(i, 24, 32) for i in range(len(keys))]
+def _image(i: int, kind: str):
+    if kind == "bad":
+        return BAD_IMAGE
+    return make_image(i, 24, 32) if kind == "array" else png_bytes(make_image(i, 24, 32))
+
+
+def _frame(keys: list[int], rows: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame({"key": pd.Series([f"k{k:03d}" for k in keys], dtype=object),
-                         "image": pd.Series(images, dtype=object),
-                         "score": [float(i) for i in range(len(keys))]})
+                         "image": pd.Series([_image(i, r[0]) for i, r in enumerate(rows)], dtype=object),
+                         "caption": pd.Series([r[1] for r in rows], dtype=object),
+                         "score": pd.Series([r[2] for r in rows], dtype="float64"),
+                         "tag": pd.Series([r[3] for r in rows], dtype=object)})
 
 
 def _same(part: pd.DataFrame) -> pd.DataFrame:
@@ -47,31 +62,31 @@ def _partitioned(frame: pd.DataFrame, sizes: list[int]) -> dd.DataFrame:
 
 
 def _shards(out: Path) -> list[tuple[bytes, list[dict]]]:
-    """Each shard in order: its tar's bytes and its Parquet rows (less the tar's own name)."""
+    """Each shard in order: its tar's bytes, its Parquet schema and rows (less the tar's own name)."""
     index = json.loads((out / "_index.json").read_text())
     shards = []
     for entry in index["shardlist"]:
         name = entry["url"]
         rows = pq.read_table(out / "metadata" / name.replace(".tar", ".parquet")).drop_columns(["tar_file"])
-        shards.append(((out / name).read_bytes(), rows.to_pylist()))
+        shards.append(((out / name).read_bytes(), str(rows.schema), rows.to_pylist()))
     return shards
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_exact_shards_of_any_partitioning_hold_what_one_partition_gives(tmp_path, data):
+def _write_both(data, tmp_path: Path, config: dict):
+    """Draw a case, write it packed exactly over its partitions and per partition as one; check them."""
     sizes = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=9), label="partition sizes")
     rows = sum(sizes)
     keys = data.draw(st.lists(st.integers(0, rows + 2), min_size=rows, max_size=rows), label="keys")
-    bad = data.draw(st.sets(st.integers(0, max(rows - 1, 0)), max_size=rows // 3), label="bad rows") if rows else set()
+    values = data.draw(st.lists(ROW, min_size=rows, max_size=rows), label="rows")
+    bad = {i for i, row in enumerate(values) if row[0] == "bad"}
     options = {"images_per_tar": data.draw(st.integers(1, 6), label="images_per_tar"),
                "max_shard_bytes": data.draw(st.none() | st.integers(9_000, 30_000), label="max_shard_bytes"),
-               "key_column": "key", "on_error": "skip", "compute": True}
-    budget = data.draw(st.sampled_from([None, 0, 3_000]), label="carry budget")
-    frame = _frame(keys, bad)
+               "key_column": "key", "text_column": "caption", "metadata_columns": ["score", "tag"],
+               "on_error": "skip", "compute": True}
+    frame = _frame(keys, values)
     case = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
     exact, oracle = case / "exact", case / "oracle"
-    with dask.config.set({"scheduler": "threads", "imgsink.carry-bytes": budget}):
+    with dask.config.set(config):
         exact_tasks = _partitioned(frame, sizes).imgsink.to_webdataset(str(exact), packing="exact", **options)
         _partitioned(frame, [rows]).imgsink.to_webdataset(str(oracle), packing="per_partition", **options)
 
@@ -85,3 +100,18 @@ def test_exact_shards_of_any_partitioning_hold_what_one_partition_gives(tmp_path
     assert [e["url"] for e in index["shardlist"]] == [f"shard-{i:06d}.tar" for i in range(len(index["shardlist"]))]
     assert verify_dataset(str(exact)).ok
     assert not any((exact / ".imgsink").rglob("*.tar"))  # no staged shard outlives the job
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_exact_shards_of_any_partitioning_hold_what_one_partition_gives(tmp_path, data):
+    """On threads; the open shard carried whole, written ahead at every group, or past 3,000 bytes."""
+    budget = data.draw(st.sampled_from([None, 0, 3_000]), label="carry budget")
+    _write_both(data, tmp_path, {"scheduler": "threads", "imgsink.carry-bytes": budget})
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_same_on_a_cluster_of_two_worker_processes(tmp_path, client, data):
+    """Runs moved between processes, groups on either worker, the cluster's default carry budget (0)."""
+    _write_both(data, tmp_path, {})
