@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from helpers import make_image, png_bytes
+from helpers import make_image, png_bytes, read_dataset
 
 from dask_imgsink.read.verify import verify_dataset
 
@@ -115,3 +115,33 @@ def test_exact_shards_of_any_partitioning_hold_what_one_partition_gives(tmp_path
 def test_the_same_on_a_cluster_of_two_worker_processes(tmp_path, client, data):
     """Runs moved between processes, groups on either worker, the cluster's default carry budget (0)."""
     _write_both(data, tmp_path, {})
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_an_append_writes_the_samples_one_partition_of_both_jobs_rows_gives(tmp_path, data):
+    """``mode="append"``, ``unique_keys="dataset"``: the appended job leaves out the keys the
+    dataset already holds (read once, handed from group to group) and its own repeats, over any
+    partitioning. Its samples follow the first job's, as when both jobs' rows are one partition."""
+    first = data.draw(st.lists(ROW, max_size=6), label="first job's rows")
+    sizes = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=8), label="appended partition sizes")
+    second = data.draw(st.lists(ROW, min_size=sum(sizes), max_size=sum(sizes)), label="appended rows")
+    keys = data.draw(st.lists(st.integers(0, len(first) + len(second)), min_size=len(first) + len(second),
+                              max_size=len(first) + len(second)), label="keys")
+    options = {"images_per_tar": data.draw(st.integers(1, 5), label="images_per_tar"),
+               "key_column": "key", "text_column": "caption", "metadata_columns": ["score", "tag"],
+               "on_error": "skip", "compute": True}
+    both = _frame(keys, first + second)
+    case = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
+    appended, oracle = case / "appended", case / "oracle"
+    with dask.config.set({"scheduler": "threads", "imgsink.carry-bytes": data.draw(st.sampled_from([None, 0]))}):
+        _partitioned(both.iloc[:len(first)], [len(first)]).imgsink.to_webdataset(str(appended), **options)
+        _partitioned(both.iloc[len(first):].reset_index(drop=True), sizes).imgsink.to_webdataset(
+            str(appended), mode="append", **options)
+        _partitioned(both, [len(both)]).imgsink.to_webdataset(str(oracle), packing="per_partition", **options)
+
+    assert read_dataset(appended)["samples"] == read_dataset(oracle)["samples"]
+    index = json.loads((appended / "_index.json").read_text())
+    assert index["totals"]["rows"] == len(both)
+    assert index["totals"]["images"] == len({k for k, row in zip(keys, first + second) if row[0] != "bad"})
+    assert verify_dataset(str(appended)).ok
