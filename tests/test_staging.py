@@ -162,12 +162,16 @@ def _deleted_files_held_open(under: str) -> list[str]:
     return held
 
 
-def test_a_full_disk_fails_cleanly_and_frees_its_space(small_disk):
+@pytest.mark.parametrize("carry_bytes", ["64 MiB", 0], ids=["carried", "written-ahead"])
+def test_a_full_disk_fails_cleanly_and_frees_its_space(small_disk, carry_bytes):
+    """Whether an open shard's rows are carried to the next group in memory or written ahead
+    into its staged tar at every group (budget 0, a cluster's default) and continued there."""
     root, kind = small_disk
     out = f"{root}/out"
-    # 800 PNGs of noise, ~4.8 kB each: the shards (3.9 MB; runs stay in memory) do not fit in 3 MiB
-    with pytest.raises(OSError) as info:
-        _noise_ddf(800).imgsink.to_webdataset(out, key_column="key", image_format="png", images_per_tar=50,
+    # 800 PNGs of noise, ~4.8 kB each: the shards (3.9 MB; runs stay in memory) do not fit in 3 MiB;
+    # 4 partitions, 230 images a shard: every group but the last leaves its last shard open
+    with pytest.raises(OSError) as info, dask.config.set({"imgsink.carry-bytes": carry_bytes}):
+        _noise_ddf(800).imgsink.to_webdataset(out, key_column="key", image_format="png", images_per_tar=230,
                                              compute=True, compute_kwargs={"scheduler": "threads"})
     assert info.value.errno == errno.ENOSPC, repr(info.value)
     if kind == "tmpfs":
