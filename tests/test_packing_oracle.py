@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import dask
+import fsspec
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -61,19 +62,22 @@ def _partitioned(frame: pd.DataFrame, sizes: list[int]) -> dd.DataFrame:
         return dd.from_map(_same, parts, meta=frame.iloc[:0], enforce_metadata=False)
 
 
-def _shards(out: Path) -> list[tuple[bytes, list[dict]]]:
+def _shards(out, storage_options: dict | None = None) -> list[tuple[bytes, str, list[dict]]]:
     """Each shard in order: its tar's bytes, its Parquet schema and rows (less the tar's own name)."""
-    index = json.loads((out / "_index.json").read_text())
+    fs, root = fsspec.core.url_to_fs(str(out), **(storage_options or {}))
+    index = json.loads(fs.cat_file(f"{root}/_index.json"))
     shards = []
     for entry in index["shardlist"]:
         name = entry["url"]
-        rows = pq.read_table(out / "metadata" / name.replace(".tar", ".parquet")).drop_columns(["tar_file"])
-        shards.append(((out / name).read_bytes(), str(rows.schema), rows.to_pylist()))
+        with fs.open(f"{root}/metadata/{name.replace('.tar', '.parquet')}", "rb") as f:
+            rows = pq.read_table(f).drop_columns(["tar_file"])
+        shards.append((fs.cat_file(f"{root}/{name}"), str(rows.schema), rows.to_pylist()))
     return shards
 
 
-def _write_both(data, tmp_path: Path, config: dict):
-    """Draw a case, write it packed exactly over its partitions and per partition as one; check them."""
+def _write_both(data, tmp_path: Path, config: dict, exact_url: str | None = None, storage_options=None):
+    """Draw a case, write it packed exactly over its partitions (to ``exact_url``, default a
+    local folder) and per partition as one (locally); check them."""
     sizes = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=9), label="partition sizes")
     rows = sum(sizes)
     keys = data.draw(st.lists(st.integers(0, rows + 2), min_size=rows, max_size=rows), label="keys")
@@ -85,21 +89,23 @@ def _write_both(data, tmp_path: Path, config: dict):
                "on_error": "skip", "compute": True}
     frame = _frame(keys, values)
     case = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
-    exact, oracle = case / "exact", case / "oracle"
+    exact, oracle = exact_url or str(case / "exact"), case / "oracle"
     with dask.config.set(config):
-        exact_tasks = _partitioned(frame, sizes).imgsink.to_webdataset(str(exact), packing="exact", **options)
+        exact_tasks = _partitioned(frame, sizes).imgsink.to_webdataset(
+            exact, packing="exact", storage_options=storage_options, **options)
         _partitioned(frame, [rows]).imgsink.to_webdataset(str(oracle), packing="per_partition", **options)
 
-    assert _shards(exact) == _shards(oracle)
-    index = json.loads((exact / "_index.json").read_text())
+    assert _shards(exact, storage_options) == _shards(oracle)
+    fs, root = fsspec.core.url_to_fs(exact, **(storage_options or {}))
+    index = json.loads(fs.cat_file(f"{root}/_index.json"))
     good_keys = {keys[i] for i in range(rows) if i not in bad}  # a key's first good row is kept, later copies left out
     assert index["totals"] == {"rows": rows, "images": len(good_keys), "skipped": rows - len(good_keys),
                                "shards": len(index["shardlist"])}
     assert sum(e["nsamples"] for e in index["shardlist"]) == len(good_keys)
     assert sum(task.metadata["num_images"] for task in exact_tasks) == len(good_keys)
     assert [e["url"] for e in index["shardlist"]] == [f"shard-{i:06d}.tar" for i in range(len(index["shardlist"]))]
-    assert verify_dataset(str(exact)).ok
-    assert not any((exact / ".imgsink").rglob("*.tar"))  # no staged shard outlives the job
+    assert verify_dataset(exact, storage_options=storage_options).ok
+    assert not [p for p in fs.find(root) if p.endswith(".tar") and "/.imgsink/" in p]  # no staged shard outlives the job
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -115,6 +121,15 @@ def test_exact_shards_of_any_partitioning_hold_what_one_partition_gives(tmp_path
 def test_the_same_on_a_cluster_of_two_worker_processes(tmp_path, client, data):
     """Runs moved between processes, groups on either worker, the cluster's default carry budget (0)."""
     _write_both(data, tmp_path, {})
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_same_on_s3(tmp_path, s3, data):
+    """On an object store a group keeps its open shard's bytes in memory (no write ahead) and
+    uploads each shard once, under a staging name the commit copies from."""
+    prefix, options, _ = s3
+    _write_both(data, tmp_path, {"scheduler": "threads"}, f"{prefix}/case-{len(list(tmp_path.iterdir()))}", options)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
