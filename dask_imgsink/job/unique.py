@@ -2,8 +2,9 @@
 
 Each write task returns the XXH3-128 hash of every key it wrote (16 bytes a
 row, so a plan task holds 10 million rows' hashes in 160 MB; a collision
-between different keys is about as likely as 10^-25). The first occurrence of
-a key in row order is kept; a later one is a duplicate:
+between different keys is about as likely as 10^-25). The first written row of
+a key in row order is kept (a row left out for another reason takes no key); a
+later one is a duplicate:
 
 - ``unique_keys="shard"``: only a duplicate that would land in the same shard as
   an earlier copy (WebDataset readers would merge the two samples);
