@@ -83,6 +83,9 @@ def test_a_damaged_header_is_named(out):
     problems = _problems(out)
     assert any(f"{SHARD}: " in p and "header at byte" in p and "damaged" in p and "img00004.jpg" in p
                for p in problems), problems
+    # the scan stops at the damage but still reads the whole file: its size is right, its SHA-256 is not
+    assert f"{SHARD}: does not match the SHA-256 the index records" in problems
+    assert not any("bytes, the index says" in p for p in problems), problems
 
 
 def test_truncation_and_missing_end_blocks(out):
@@ -284,3 +287,58 @@ def test_clean_of_a_missing_directory_is_a_usage_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.fixture(scope="module")
+def with_skipped(tmp_path_factory):
+    """A dataset with an ``_errors.jsonl``: rows 4 and 7 are left out."""
+    out = tmp_path_factory.mktemp("skipped") / "out"
+    pdf = make_frame(9)
+    pdf.at[4, "image"] = np.zeros((0, 4, 3), np.uint8)
+    pdf.at[7, "image"] = "not an image"
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(pdf, npartitions=2, sort=False)
+    ddf.imgsink.to_webdataset(str(out), key_column="key", text_column="caption", label_column="label",
+                              images_per_tar=3, on_error="skip", compute=True)
+    return out
+
+
+def _positions(size: int, count: int = 14) -> list[int]:
+    """The first and last byte and ``count - 2`` spread between them (a varying stride)."""
+    return sorted({0, size - 1, *(round(size * (i * i + 1) / (count * count)) for i in range(count - 2))})
+
+
+# what may also name a changed file: _SUCCESS vouches for the index and the errors file
+_VOUCHED = {"_SUCCESS": {"_SUCCESS", "_index.json", "_errors.jsonl"}}
+
+
+def test_a_byte_changed_anywhere_but_the_card_is_found_and_its_file_named(with_skipped, tmp_path):
+    """Every file of the dataset, at bytes spread over it: tar headers, data, padding and end
+    blocks, Parquet, DALI index, ``_index.json``, ``_SUCCESS`` (which records the index's and
+    the errors file's SHA-256) and ``_errors.jsonl``. Each change is reported, never raised,
+    and the report names the changed file (or, for ``_SUCCESS``, what it vouches for)."""
+    files = sorted(str(p.relative_to(with_skipped)) for p in with_skipped.rglob("*") if p.is_file())
+    assert "_errors.jsonl" in files and "shard-000000.idx" in files and "metadata/shard-000000.parquet" in files
+    missed = []
+    for name in files:
+        if name == "README.md":
+            continue
+        size = (with_skipped / name).stat().st_size
+        for position in _positions(size):
+            out = tmp_path / f"{name.replace('/', '_')}-{position}"
+            shutil.copytree(with_skipped, out)
+            _flip(out / name, position)
+            report = verify_dataset(str(out))
+            named = {p.shard for p in report.problems}
+            if report.ok or not named & _VOUCHED.get(name, {name}):
+                missed.append((name, position, [str(p) for p in report.problems]))
+            shutil.rmtree(out)
+    assert missed == []
+
+
+def test_the_card_is_yours_to_edit(with_skipped, tmp_path):
+    """README.md is the dataset card, documentation that Hugging Face users edit: verify leaves it alone."""
+    out = tmp_path / "out"
+    shutil.copytree(with_skipped, out)
+    (out / "README.md").write_text((out / "README.md").read_text() + "\nLicense: CC-BY-4.0\n")
+    assert verify_dataset(str(out)).ok

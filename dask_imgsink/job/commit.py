@@ -263,17 +263,19 @@ def _write_index(fs, root: str, opts, claim: Claim, journal: Journal, entries: l
 
 def _write_after_index(fs, root: str, opts, claim: Claim, journal: Journal, index: dict, index_sha256: str,
                        skipped: list[SkippedRow]) -> None:
-    """``_errors.jsonl``, the card, then ``_SUCCESS`` (which names the index's SHA-256)."""
+    """``_errors.jsonl``, the card, then ``_SUCCESS`` (which names the index's and the errors file's SHA-256)."""
     tmp = job_dir(root, opts.job_id)
     card = dataset_card(opts.dataset_name, index, text_column=opts.text_column, label_column=opts.label_column,
                         user_schema=opts.user_schema)
     files = [(join(root, CARD_FILE), card)]
-    if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
-        records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")
-        files.append((join(root, ERRORS_FILE), errors_jsonl(records)))
-    write_small_many(fs, files, tmp)  # at once on object stores; _SUCCESS only after both
     success = {"job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at,
                "index_sha256": index_sha256}
+    if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
+        records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")
+        errors = errors_jsonl(records)
+        files.append((join(root, ERRORS_FILE), errors))
+        success["errors_sha256"] = sha256_hex(errors)  # written after the index: _SUCCESS vouches for it
+    write_small_many(fs, files, tmp)  # at once on object stores; _SUCCESS only after both
     write_small(fs, join(root, SUCCESS_FILE), json.dumps(success).encode(), tmp)
 
 

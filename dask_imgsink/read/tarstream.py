@@ -182,6 +182,7 @@ def scan_tar(f: BinaryIO, *, keep: Callable[[str], bool] = lambda name: False,
         if wanted and on_data is not None:
             on_data(member, data)  # empty members too: an empty caption is a kept member
         previous = name
+    stream.skip_rest()  # after damage the scan stops early: the size and SHA-256 are still the whole file's
     scan.size = stream.position
     scan.sha256 = stream.sha.hexdigest()
     return scan

@@ -12,7 +12,8 @@ member, byte ranges, sample checksum); ``key.txt``/``key.cls``/``key.json``
 rebuilt from the row and compared byte for byte, which tells which member of
 a damaged sample changed; with ``decode``, every image decoded under the
 dataset's ``max_pixels``. Dataset-wide: ``_index.json`` parses, ``_SUCCESS``
-exists and names this index, no file is missing or unaccounted for, no job's
+exists, names this index, the job that wrote it last and the SHA-256 of
+``_errors.jsonl`` (every byte of it checked), no file is missing or unaccounted for, no job's
 staging is left, ``_errors.jsonl`` agrees with the totals. Each DALI index
 (``.idx``) is checked against the index's SHA-256 and rebuilt from the tar
 scan, so an index that points at the wrong bytes is found too.
@@ -296,18 +297,58 @@ def _check_listing(fs, root: str, index: dict | None, report: VerifyReport) -> N
             report.problems.append(Problem(name, None, f"is a stray {kind}: the index does not list it"))
 
 
-def _check_success(fs, root: str, index_bytes: bytes | None, report: VerifyReport) -> None:
+#: What a commit writes into ``_SUCCESS``: the job that committed and the index it wrote.
+SUCCESS_FIELDS = ("job_id", "run_id", "committed_at", "index_sha256")
+#: Also there when the dataset has an ``_errors.jsonl``: its SHA-256 (datasets written before it was added lack it).
+SUCCESS_ERRORS_FIELD = "errors_sha256"
+
+
+def _check_success(fs, root: str, index_bytes: bytes | None, index: dict | None, report: VerifyReport) -> None:
     data = read_bytes(fs, join(root, SUCCESS_FILE))
     report.complete = data is not None
     if data is None:
         report.problems.append(Problem(SUCCESS_FILE, None, "is missing: the dataset is not complete"))
         return
     try:
-        recorded = json.loads(data).get("index_sha256") if data.strip() else None
-    except (ValueError, AttributeError):
-        recorded = None
+        record = json.loads(data) if data.strip() else None
+    except ValueError:
+        record = None
+    if index is not None and index_layout(index) >= 2:  # every byte of it is this version's own
+        problem = _success_problem(record, index) or _errors_file_problem(fs, root, record)
+        if problem is not None:
+            report.problems.append(problem)
+            return
+    recorded = record.get("index_sha256") if isinstance(record, dict) else None
     if recorded and index_bytes is not None and recorded != sha256_hex(index_bytes):
         report.problems.append(Problem(INDEX_FILE, None, f"is not the index {SUCCESS_FILE} was written for"))
+
+
+def _success_problem(record, index: dict) -> Problem | None:
+    """What is wrong with a ``_SUCCESS`` record against the index's last job (its digest is checked after)."""
+    fields = sorted(record) if isinstance(record, dict) else None
+    if fields not in (sorted(SUCCESS_FIELDS), sorted((*SUCCESS_FIELDS, SUCCESS_ERRORS_FIELD))):
+        return Problem(SUCCESS_FILE, None, f"is not what a commit writes (a JSON object of {', '.join(SUCCESS_FIELDS)}"
+                                           f" and, with rows skipped, {SUCCESS_ERRORS_FIELD}): it was changed")
+    jobs = index.get("jobs") or [{}]
+    last = jobs[-1] if isinstance(jobs, list) and isinstance(jobs[-1], dict) else {}
+    differing = [name for name in SUCCESS_FIELDS[:3] if record[name] != last.get(name)]
+    if differing:
+        return Problem(SUCCESS_FILE, None, f"its {', '.join(differing)} is not the index's last job's: it was changed")
+    return None
+
+
+def _errors_file_problem(fs, root: str, record: dict) -> Problem | None:
+    """``_errors.jsonl`` against the SHA-256 ``_SUCCESS`` holds for it (datasets written before it did: none)."""
+    recorded = record.get(SUCCESS_ERRORS_FIELD)
+    if recorded is None:
+        return None
+    data = read_bytes(fs, join(root, ERRORS_FILE))
+    if data is None:
+        return Problem(ERRORS_FILE, None, f"is missing, {SUCCESS_FILE} records its SHA-256")
+    if sha256_hex(data) != recorded:
+        return Problem(ERRORS_FILE, None, f"does not match the SHA-256 {SUCCESS_FILE} records for it (one of the two"
+                                          " was changed)")
+    return None
 
 
 def _check_errors_file(fs, root: str, index: dict, report: VerifyReport) -> None:
@@ -396,7 +437,7 @@ def _verify_into(report: VerifyReport, fs, root: str, path: str, storage_options
             index = parse_index(index_bytes)
         except IndexFormatError as exc:
             report.problems.append(Problem(INDEX_FILE, None, str(exc).removeprefix(f"{INDEX_FILE} ")))
-    _check_success(fs, root, index_bytes, report)
+    _check_success(fs, root, index_bytes, index, report)
     _check_listing(fs, root, index, report)
     if index is None:
         return
