@@ -11,10 +11,10 @@ and its page CRCs; its rows against the tar's samples in order (key, image
 member, byte ranges, sample checksum); ``key.txt``/``key.cls``/``key.json``
 rebuilt from the row and compared byte for byte, which tells which member of
 a damaged sample changed; with ``decode``, every image decoded under the
-dataset's ``max_pixels``. Dataset-wide: ``_index.json`` parses, ``_SUCCESS``
-exists, names this index, the job that wrote it last and the SHA-256 of
-``_errors.jsonl`` (every byte of it checked), no file is missing or unaccounted for, no job's
-staging is left, ``_errors.jsonl`` agrees with the totals. Each DALI index
+dataset's ``max_pixels``. Dataset-wide: ``_index.json`` parses; ``_SUCCESS``
+exists and names this index, the job that wrote it last and the SHA-256 of
+``_errors.jsonl`` (every byte of it checked); no file is missing or unaccounted
+for; no job's staging is left; ``_errors.jsonl`` agrees with the totals. Each DALI index
 (``.idx``) is checked against the index's SHA-256 and rebuilt from the tar
 scan, so an index that points at the wrong bytes is found too.
 """
