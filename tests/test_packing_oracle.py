@@ -160,3 +160,48 @@ def test_an_append_writes_the_samples_one_partition_of_both_jobs_rows_gives(tmp_
     assert index["totals"]["rows"] == len(both)
     assert index["totals"]["images"] == len({k for k, row in zip(keys, first + second) if row[0] != "bad"})
     assert verify_dataset(str(appended)).ok
+
+
+def _shard_policy_model(sizes: list[int], keys: list[str], bad: set[int], images_per_tar: int) -> list[list[str]]:
+    """``unique_keys="shard"``, row by row: a bad row is left out; a key that an earlier good row of
+    the same partition has is a repeat, always (the write task decides it, before any plan: even
+    when that earlier row is then left out as a repeat across partitions); a key already in the
+    shard being filled is a repeat; any other row goes into that shard, which closes at
+    ``images_per_tar`` rows."""
+    shards, filling, row = [], [], 0
+    for size in sizes:
+        in_partition: set[str] = set()
+        for key in keys[row:row + size]:
+            if row not in bad and key not in in_partition:
+                in_partition.add(key)
+                if key not in filling:
+                    filling.append(key)
+                    if len(filling) == images_per_tar:
+                        shards.append(filling)
+                        filling = []
+            row += 1
+    return shards + ([filling] if filling else [])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_unique_keys_shard_leaves_out_what_a_row_by_row_model_does(tmp_path, data):
+    """The shard policy allows a key again in a later shard, so per-partition packing (which leaves
+    out every repeat in a partition) cannot be the oracle: a model of the rule, row by row, is."""
+    sizes = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=9), label="partition sizes")
+    rows = sum(sizes)
+    keys = [f"k{k:03d}" for k in data.draw(st.lists(st.integers(0, 5), min_size=rows, max_size=rows), label="keys")]
+    values = data.draw(st.lists(ROW, min_size=rows, max_size=rows), label="rows")
+    bad = {i for i, row in enumerate(values) if row[0] == "bad"}
+    images_per_tar = data.draw(st.integers(1, 6), label="images_per_tar")
+    frame = _frame([int(k[1:]) for k in keys], values)
+    out = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
+    with dask.config.set({"scheduler": "threads", "imgsink.carry-bytes": data.draw(st.sampled_from([None, 0]))}):
+        _partitioned(frame, sizes).imgsink.to_webdataset(
+            str(out), key_column="key", images_per_tar=images_per_tar, unique_keys="shard", on_error="skip",
+            compute=True)
+    written = read_dataset(out)
+    shard_keys = [table.column("key").to_pylist() for table in written["tables"]]
+    assert shard_keys == _shard_policy_model(sizes, keys, bad, images_per_tar)
+    assert [k for k, _ in written["samples"]] == [k for shard in shard_keys for k in shard]
+    assert verify_dataset(str(out)).ok
