@@ -134,6 +134,11 @@ def test_a_job_that_failed_upstream_on_the_cluster_does_not_hold_the_directory(t
     with pytest.raises(RuntimeError, match="upstream failure"):
         future.result(timeout=120)
     del future
+    # Dask cannot stop the job's tasks already running: while one is, the job counts as live and the
+    # next job is refused with "Wait for it to finish" (seen in CI on a loaded machine). Wait for them.
+    deadline = time.monotonic() + 60
+    while any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     frame_ddf(5, 0).imgsink.to_webdataset(str(out), key_column="key", compute=True)
     assert [k for k, _ in read_dataset(out)["samples"]] == [f"img{i:05d}" for i in range(5)]
     assert not (out / ".imgsink").exists() and verify_dataset(str(out)).ok
