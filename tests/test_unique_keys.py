@@ -92,6 +92,21 @@ def test_unique_keys_shard_only_refuses_copies_that_share_a_shard(tmp_path):
     assert _errors(out).key.tolist() == ["k1"]
 
 
+@pytest.mark.parametrize("packing, npartitions", [("exact", 1), ("exact", 2), ("exact", 6), ("per_partition", 1)])
+def test_unique_keys_shard_allows_a_key_again_in_a_later_shard_within_a_partition_too(tmp_path, packing,
+                                                                                       npartitions):
+    """The shard rule is one rule, whatever the partitions: before, a repeat within a partition
+    was always left out (one partition wrote [a, b], [c], [d]), across partitions only in the same shard."""
+    keys = ["a", "b", "a", "c", "a", "a", "d"]
+    out = tmp_path / "out"
+    _ddf(keys, npartitions).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=2, packing=packing,
+                                                  unique_keys="shard", on_error="skip", compute=True)
+    data = read_dataset(out)
+    assert [t.column("key").to_pylist() for t in data["tables"]] == [["a", "b"], ["a", "c"], ["a", "d"]]
+    errors = _errors(out)
+    assert errors.key.tolist() == ["a"] and "used twice" in errors.reason[0]  # row 5, in shard 2 with row 4
+
+
 def test_per_partition_packing_cannot_leave_out_a_copy_so_it_fails_the_job(tmp_path):
     keys = [f"k{i}" for i in range(6)]
     keys[4] = "k0"

@@ -168,6 +168,7 @@ class _OpenShard:
     tar: TarShardWriter
     records: list[tuple] = field(default_factory=list)  # each sample's values of WRITER_FIELDS, in order
     meta_rows: list[int] = field(default_factory=list)
+    rows_by_key: dict[str, int] = field(default_factory=dict)
     layouts: list[str] = field(default_factory=list)
 
     @property
@@ -213,8 +214,15 @@ class ShardRoller:
             start, len(block.data), sample.checksum, image.format, image.width, image.height, image.channels,
         ))
         shard.meta_rows.append(row)
+        shard.rows_by_key.setdefault(sample.key, row)
         layout = sample_layout(block.names, block.data_offsets, block.sizes)
         shard.layouts.append(layout if shard.target.run else idx_line(start, layout))
+
+    def row_in_shard(self, key: str, size: int) -> int | None:
+        """The row of ``key``'s copy in the shard a sample of ``size`` tar bytes would go into, if any."""
+        if self.current is None or self._full(size):
+            return None  # it would start a shard
+        return self.current.rows_by_key.get(key)
 
     def _full(self, size: int) -> bool:
         """Whether the open shard cannot take a sample of ``size`` tar bytes (an empty one always can)."""
@@ -315,7 +323,7 @@ def write_idx(fs, path: str, lines: Sequence[str]) -> tuple[int, str]:
 def _check_keys(raw_keys: Sequence[Any], column: str) -> tuple[list[str | None], dict[int, RowProblem]]:
     """Validate every key; return the keys (``None`` where bad) and each bad key's problem.
 
-    A repeated key is not decided here: see :class:`_FirstWritten`."""
+    A repeated key is not decided here: see :class:`_Repeats`."""
     keys: list[str | None] = []
     problems: dict[int, RowProblem] = {}
     for i, raw in enumerate(raw_keys):
@@ -327,8 +335,15 @@ def _check_keys(raw_keys: Sequence[Any], column: str) -> tuple[list[str | None],
     return keys, problems
 
 
-class _FirstWritten:
-    """The row each key of a partition was first written from: a later row with the key is a bad row.
+#: How :func:`write_rows` finds a repeated key: ``"rows"``, any earlier written row of these rows;
+#: ``"shard"``, an earlier row in the shard it would go into; ``"plan"``, not at all (exact packing
+#: under ``unique_keys="shard"``: the job's plan decides, knowing where the shards are cut).
+REPEAT_RULES = ("rows", "shard", "plan")
+_FIX = "make keys unique, e.g. ddf.drop_duplicates(subset='key')"
+
+
+class _Repeats:
+    """Which rows repeat a key already written, by a rule of :data:`REPEAT_RULES`.
 
     Only written rows count. A row left out for any reason (a bad image, a bad
     value) does not take its key, so the next good row with it is written, as
@@ -339,20 +354,25 @@ class _FirstWritten:
     only then); repeats are rare.
     """
 
-    def __init__(self, column: str) -> None:
-        self.column = column
+    def __init__(self, rule: str, column: str, roller: ShardRoller) -> None:
+        if rule not in REPEAT_RULES:
+            raise ValueError(f"repeats={rule!r} is not one of {list(REPEAT_RULES)}")
+        self.rule, self.column, self.roller = rule, column, roller
         self.rows: dict[str, int] = {}
 
-    def repeat(self, key: str, row: int) -> RowProblem | None:
-        """The problem of writing ``row`` with ``key``, if an earlier row was written with it."""
-        first = self.rows.get(key)
-        if first is None:
-            return None
-        return RowProblem(f"the key is used twice (rows {first} and {row} of this partition)",
-                          "make keys unique, e.g. ddf.drop_duplicates(subset='key')", self.column)
+    def problem(self, key: str, row: int, size: int) -> RowProblem | None:
+        """The problem of writing ``row`` (``size`` tar bytes) with ``key``, if it is a repeat."""
+        if self.rule == "rows" and key in self.rows:
+            return RowProblem(f"the key is used twice (rows {self.rows[key]} and {row} of this partition)", _FIX,
+                              self.column)
+        first = self.roller.row_in_shard(key, size) if self.rule == "shard" else None
+        if first is not None:
+            return RowProblem(f"the key is used twice in one shard (rows {first} and {row} of this partition)",
+                              _FIX, self.column)
+        return None
 
     def taken(self, key: str, row: int) -> None:
-        self.rows[key] = row
+        self.rows.setdefault(key, row)
 
 
 def _in_column(column: str | None, make: Callable[[], Any]) -> Any:
@@ -437,6 +457,7 @@ def write_rows(
     verbose: bool = False,
     shard_checksums: bool = True,
     max_shard_bytes: int | None = None,
+    repeats: str = "rows",
 ) -> tuple[list[WrittenShard], list[SkippedRow]]:
     """Encode and write ``rows`` as shards of at most ``images_per_tar`` images.
 
@@ -462,6 +483,9 @@ def write_rows(
     max_shard_bytes : int, optional
         A shard also closes before a sample that would make its tar larger than
         this; a sample larger on its own gets a shard of its own.
+    repeats : {"rows", "shard", "plan"}
+        Which later row with a written row's key is a bad row: any (default),
+        one that would go into the same shard, or none (a plan decides later).
 
     Returns
     -------
@@ -487,7 +511,7 @@ def write_rows(
         return prepare_sample(keys[i], image, _extra_members(rows, i, keys[i], meta_rows))
 
     roller = ShardRoller(fs, target_for, images_per_tar, rows.meta, verbose, shard_checksums, max_shard_bytes)
-    written = _FirstWritten(rows.column("key"))
+    written = _Repeats(repeats, rows.column("key"), roller)
     skipped: list[SkippedRow] = []
     try:
         if _nothing_to_encode(rows.images, options):
@@ -505,7 +529,7 @@ def write_rows(
                     except RowProblem as exc:
                         problem = exc
                 if problem is None:
-                    problem = written.repeat(keys[i], i)
+                    problem = written.problem(keys[i], i, len(sample.block.data))
                 if problem is not None:
                     shown_key = keys[i] if keys[i] is not None else str(rows.keys[i])
                     if on_error == "raise":

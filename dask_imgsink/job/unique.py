@@ -14,7 +14,10 @@ later one is a duplicate:
 With exact packing the plan drops duplicates before it cuts shards, so each
 shard still holds exactly ``images_per_tar`` images; ``on_error="skip"``
 records them, ``"raise"`` fails the job naming both rows. Within one
-partition the writer itself finds duplicates, as bad rows.
+partition the writer itself finds duplicates, as bad rows, except under
+``"shard"`` with exact packing: only the plan knows where the shards are cut, so
+it decides for every row, within a partition as across (see
+:func:`~dask_imgsink.job.write._repeat_rule`).
 """
 
 from __future__ import annotations

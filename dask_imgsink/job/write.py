@@ -185,7 +185,7 @@ class PartitionWriter:
                 images_per_tar=None if exact else opts.images_per_tar,
                 options=opts.encode, on_error=opts.on_error, partition=partition,
                 encode_threads=opts.encode_threads, shard_checksums=not exact,
-                max_shard_bytes=None if exact else opts.max_shard_bytes,
+                max_shard_bytes=None if exact else opts.max_shard_bytes, repeats=_repeat_rule(opts),
             )
         except BaseException:
             if attempt:
@@ -198,3 +198,16 @@ class PartitionWriter:
             result.written_rows = np.asarray(written, dtype=np.int64)
             result.key_hashes = key_hashes([str(rows.keys[i]) for i in written])
         return result
+
+
+def _repeat_rule(opts: WriteOptions) -> str:
+    """How a write task finds a repeated key in its partition (see :data:`~dask_imgsink.core.writer.REPEAT_RULES`).
+
+    ``unique_keys="dataset"``: any repeat, as the plan would. ``"shard"``: only one in the same
+    shard, the rule the plan applies across partitions, so that which rows are written does
+    not depend on where the partitions split: the partition's own shards decide it under
+    per-partition packing, the job's plan under exact packing.
+    """
+    if opts.unique_keys != "shard":
+        return "rows"
+    return "plan" if opts.packing == "exact" else "shard"
