@@ -106,6 +106,21 @@ def test_append_refuses_a_different_schema(tmp_path):
     assert len(read_dataset(out)["samples"]) == 10 and verify_dataset(str(out)).ok
 
 
+def test_append_to_a_dataset_with_no_shard_checks_the_schema_its_job_recorded(tmp_path):
+    """A filter that kept nothing writes an empty dataset; it still has a schema (recorded in its
+    job's record of ``_index.json``), so an append with other columns is refused there too."""
+    out = tmp_path / "out"
+    ddf = frame_ddf(6, 0)
+    ddf[ddf["key"] == "none of them"].imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    assert read_dataset(out)["shards"] == []
+    ddf = frame_ddf(4, 100)
+    ddf["extra"] = 1
+    with pytest.raises(ValueError, match="extra: int64"):
+        ddf.imgsink.to_webdataset(str(out), key_column="key", mode="append")
+    _write(out, 100, n=4, mode="append")
+    assert len(read_dataset(out)["samples"]) == 4 and verify_dataset(str(out)).ok
+
+
 def _as_layout_1(out) -> None:
     """Turn a dataset into what releases before the metadata/ folder wrote: Parquet beside the tars."""
     import hashlib

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from helpers import make_image, png_bytes, read_dataset
 
+import dask_imgsink
 from dask_imgsink.read.verify import verify_dataset
 
 BAD_IMAGE = np.zeros((0, 4, 3), np.uint8)  # a row error: refused, and left out under on_error="skip"
@@ -200,3 +201,42 @@ def test_unique_keys_shard_leaves_out_what_a_row_by_row_model_does(tmp_path, dat
     assert shard_keys == _shard_policy_model(keys, bad, images_per_tar)
     assert [k for k, _ in written["samples"]] == [k for shard in shard_keys for k in shard]
     assert verify_dataset(str(out)).ok
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_read_webdataset_gives_back_the_rows_written_for_any_rows(tmp_path, data):
+    """What ``read_webdataset`` reads is what was written: the good rows in order, their keys,
+    captions and metadata with their nulls, and passed-through image bytes unchanged; also when
+    no row is good (an empty dataset still has its columns and their types)."""
+    sizes = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=5), label="partition sizes")
+    values = data.draw(st.lists(ROW, min_size=sum(sizes), max_size=sum(sizes)), label="rows")
+    frame = _frame(list(range(sum(sizes))), values)
+    out = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
+    with dask.config.set({"scheduler": "threads"}):
+        _partitioned(frame, sizes).imgsink.to_webdataset(
+            str(out), key_column="key", text_column="caption", metadata_columns=["caption", "score", "tag"],
+            images_per_tar=data.draw(st.integers(1, 4), label="images_per_tar"), on_error="skip", compute=True)
+        read = dask_imgsink.read_webdataset(str(out), verify=True)
+        got = read.compute()
+    written = frame[np.array([row[0] != "bad" for row in values], dtype=bool)].reset_index(drop=True)
+    assert list(read.columns) == list(_NONEMPTY_COLUMNS) and dict(read.dtypes) == _NONEMPTY_COLUMNS
+    assert got["key"].tolist() == written["key"].tolist()
+    for name in ("caption", "score", "tag"):
+        assert [None if pd.isna(v) else v for v in got[name]] == [None if pd.isna(v) else v for v in written[name]]
+    for image, value in zip(got["image"], written["image"]):
+        if isinstance(value, bytes):
+            assert image == value  # passed through: the same bytes
+
+
+def _columns_of_a_dataset_with_rows() -> dict:
+    """The columns and dtypes ``read_webdataset`` gives for the frames above, read from a dataset with rows."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, dask.config.set({"scheduler": "threads"}):
+        _partitioned(_frame([0], [("png", "a", 1.0, "x")]), [1]).imgsink.to_webdataset(
+            f"{folder}/out", key_column="key", text_column="caption", metadata_columns=["caption", "score", "tag"], compute=True)
+        return dict(dask_imgsink.read_webdataset(f"{folder}/out").dtypes)
+
+
+_NONEMPTY_COLUMNS = _columns_of_a_dataset_with_rows()

@@ -8,6 +8,7 @@ empty dataset, agree and ``dd.read_parquet(out)`` reads them together.
 
 from __future__ import annotations
 
+import base64
 from typing import Mapping
 
 import pandas as pd
@@ -107,6 +108,28 @@ def user_schema_from_meta(
 def shard_schema(user_schema: pa.Schema) -> pa.Schema:
     """Writer columns followed by the user's columns."""
     return pa.schema(WRITER_FIELDS + list(user_schema))
+
+
+def schema_record(schema: pa.Schema) -> str:
+    """``schema`` as text for ``_index.json`` (Arrow IPC, base64): a dataset with no shard still has its columns."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
+
+
+def recorded_schema(index: dict) -> pa.Schema | None:
+    """The shards' Parquet schema as the last job of ``index`` recorded it (``None``: written before it did)."""
+    jobs = index.get("jobs") or [{}]
+    last = jobs[-1] if isinstance(jobs, list) and isinstance(jobs[-1], dict) else {}
+    return schema_from_record(last.get("parquet_schema"))
+
+
+def schema_from_record(record) -> pa.Schema | None:
+    """The schema :func:`schema_record` wrote, or ``None`` when ``record`` is absent or not one."""
+    if not isinstance(record, str):
+        return None
+    try:
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(record, validate=True)))
+    except (ValueError, pa.ArrowException):
+        return None
 
 
 def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[int, RowProblem]]:

@@ -46,6 +46,7 @@ from ..format.layout import (
     lock_path,
     parquet_name,
 )
+from ..format.schema import schema_record, shard_schema
 from ..format.skipped import errors_jsonl, read_errors
 from ..storage import (
     files_below,
@@ -244,6 +245,8 @@ def _job_record(opts, claim: Claim, journal: Journal, totals: dict, shard_range:
         "shard_partitions": [list(p) for p in partitions],
         "checksums": {"shard": SHARD_CHECKSUM, "sample": SAMPLE_CHECKSUM},
         "options": opts.recorded(),
+        # the shards' Parquet schema: what readers and appends take from a dataset that has no shard
+        "parquet_schema": schema_record(shard_schema(opts.user_schema)),
     }
 
 

@@ -33,6 +33,7 @@ from ..format.layout import (
     parquet_name,
     shard_files,
 )
+from ..format.schema import recorded_schema
 from ..storage import forget_listings, is_local, is_s3, read_bytes
 
 MODE_CHOICES = ("error", "overwrite", "append")
@@ -126,10 +127,11 @@ def overwrite_removals(fs, root: str, url: str) -> list[str]:
 
 
 def existing_shard_schema(fs, root: str, index: dict) -> pa.Schema | None:
-    """The Parquet schema of the dataset's first shard, or ``None`` when it has none."""
+    """The Parquet schema of the dataset's first shard; with no shard, the one its last job recorded
+    (``None`` if it recorded none)."""
     names = shard_files(index)
     if not names:
-        return None
+        return recorded_schema(index)
     data = read_bytes(fs, posixpath.join(root, parquet_name(names[0], index_layout(index))))
     return None if data is None else pq.read_schema(pa.BufferReader(data))
 

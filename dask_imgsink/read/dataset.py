@@ -40,7 +40,7 @@ from ..errors import CorruptSampleError
 from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sample_checksum
 from ..format.index import read_index
 from ..format.layout import index_layout, parquet_name
-from ..format.schema import WRITER_FIELDS
+from ..format.schema import WRITER_FIELDS, recorded_schema
 from ..storage import join, resolve
 from .ranges import read_ranges
 
@@ -240,7 +240,7 @@ def read_webdataset(
         raise FileNotFoundError(f"{path} holds no _index.json: it is not a dataset written by dask-imgsink, "
                                 "or the job writing it has not committed yet")
     shards = _shard_refs(index, root)
-    schema = _dataset_schema(fs, shards)
+    schema = _dataset_schema(fs, shards, index)
     _check_columns(schema, columns, images)
     wants_images = images and (columns is None or IMAGE_COLUMN in columns)
     reader = ShardReader(fs, schema, images=wants_images, decode=decode, verify=verify, filters=filters,
@@ -269,10 +269,11 @@ def _shard_refs(index: dict, root: str) -> list[ShardRef]:
     return refs
 
 
-def _dataset_schema(fs, shards: list[ShardRef]) -> pa.Schema:
-    """Every shard's Parquet schema (all shards share one); the writer's columns for an empty dataset."""
+def _dataset_schema(fs, shards: list[ShardRef], index: dict) -> pa.Schema:
+    """Every shard's Parquet schema (all shards share one); for a dataset with no shard, the one its
+    job recorded (the writer's columns alone if it recorded none)."""
     if not shards:
-        return pa.schema(WRITER_FIELDS)
+        return recorded_schema(index) or pa.schema(WRITER_FIELDS)
     with fs.open(shards[0].parquet, "rb") as f:
         return pq.ParquetFile(f, pre_buffer=False).schema_arrow
 
