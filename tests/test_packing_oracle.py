@@ -24,6 +24,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from helpers import make_image, png_bytes, read_dataset
@@ -203,9 +204,20 @@ def test_unique_keys_shard_leaves_out_what_a_row_by_row_model_does(tmp_path, dat
     assert verify_dataset(str(out)).ok
 
 
+@pytest.fixture(scope="module")
+def columns_with_rows(tmp_path_factory) -> dict:
+    """The columns and dtypes ``read_webdataset`` gives for the frames above, read from a dataset with rows."""
+    out = tmp_path_factory.mktemp("with-rows") / "out"
+    with dask.config.set({"scheduler": "threads"}):
+        _partitioned(_frame([0], [("png", "a", 1.0, "x")]), [1]).imgsink.to_webdataset(
+            str(out), key_column="key", text_column="caption", metadata_columns=["caption", "score", "tag"],
+            compute=True)
+        return dict(dask_imgsink.read_webdataset(str(out)).dtypes)
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_read_webdataset_gives_back_the_rows_written_for_any_rows(tmp_path, data):
+def test_read_webdataset_gives_back_the_rows_written_for_any_rows(tmp_path, columns_with_rows, data):
     """What ``read_webdataset`` reads is what was written: the good rows in order, their keys,
     captions and metadata with their nulls, and passed-through image bytes unchanged; also when
     no row is good (an empty dataset still has its columns and their types)."""
@@ -220,23 +232,10 @@ def test_read_webdataset_gives_back_the_rows_written_for_any_rows(tmp_path, data
         read = dask_imgsink.read_webdataset(str(out), verify=True)
         got = read.compute()
     written = frame[np.array([row[0] != "bad" for row in values], dtype=bool)].reset_index(drop=True)
-    assert list(read.columns) == list(_NONEMPTY_COLUMNS) and dict(read.dtypes) == _NONEMPTY_COLUMNS
+    assert list(read.columns) == list(columns_with_rows) and dict(read.dtypes) == columns_with_rows
     assert got["key"].tolist() == written["key"].tolist()
     for name in ("caption", "score", "tag"):
         assert [None if pd.isna(v) else v for v in got[name]] == [None if pd.isna(v) else v for v in written[name]]
     for image, value in zip(got["image"], written["image"]):
         if isinstance(value, bytes):
             assert image == value  # passed through: the same bytes
-
-
-def _columns_of_a_dataset_with_rows() -> dict:
-    """The columns and dtypes ``read_webdataset`` gives for the frames above, read from a dataset with rows."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder, dask.config.set({"scheduler": "threads"}):
-        _partitioned(_frame([0], [("png", "a", 1.0, "x")]), [1]).imgsink.to_webdataset(
-            f"{folder}/out", key_column="key", text_column="caption", metadata_columns=["caption", "score", "tag"], compute=True)
-        return dict(dask_imgsink.read_webdataset(f"{folder}/out").dtypes)
-
-
-_NONEMPTY_COLUMNS = _columns_of_a_dataset_with_rows()

@@ -93,7 +93,28 @@ def job_for_shard(index: dict, position: int) -> dict:
         lo, hi = (job.get("shard_range") or [0, 0])
         if lo <= position < hi:
             return job
-    return jobs[-1]
+    return last_job(index)
+
+
+def last_job(index: dict) -> dict:
+    """The record of the job that committed last (``{}`` if the index holds none it can read)."""
+    jobs = index.get("jobs") or [{}]
+    return jobs[-1] if isinstance(jobs, list) and isinstance(jobs[-1], dict) else {}
+
+
+#: What a commit writes into ``_SUCCESS``: the job that committed and the index it wrote ...
+SUCCESS_FIELDS = ("job_id", "run_id", "committed_at", "index_sha256")
+#: ... and, when the dataset has an ``_errors.jsonl``, its SHA-256 (datasets written before it was added lack it).
+SUCCESS_ERRORS_FIELD = "errors_sha256"
+
+
+def success_record(job: dict, index_sha256: str, errors_sha256: str | None) -> dict:
+    """``_SUCCESS``'s content for the job record ``job`` (see :data:`SUCCESS_FIELDS`)."""
+    record = {"job_id": job["job_id"], "run_id": job["run_id"], "committed_at": job["committed_at"],
+              "index_sha256": index_sha256}
+    if errors_sha256 is not None:
+        record[SUCCESS_ERRORS_FIELD] = errors_sha256
+    return record
 
 
 def next_numbers(index: dict, name_prefix: str) -> tuple[int, int]:
@@ -136,5 +157,6 @@ def build_index(
     }
 
 
-__all__ = ["CARD_FILE", "IndexFormatError", "build_index", "job_for_shard", "next_numbers",
+__all__ = ["CARD_FILE", "SUCCESS_ERRORS_FIELD", "SUCCESS_FIELDS", "IndexFormatError", "build_index",
+           "job_for_shard", "last_job", "success_record", "next_numbers",
            "parse_index", "read_index"]

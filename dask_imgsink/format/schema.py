@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from ..errors import RowProblem
 from .checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
+from .index import last_job
 
 #: The writer's own columns, first in every shard's Parquet.
 WRITER_FIELDS = [
@@ -117,9 +118,7 @@ def schema_record(schema: pa.Schema) -> str:
 
 def recorded_schema(index: dict) -> pa.Schema | None:
     """The shards' Parquet schema as the last job of ``index`` recorded it (``None``: written before it did)."""
-    jobs = index.get("jobs") or [{}]
-    last = jobs[-1] if isinstance(jobs, list) and isinstance(jobs[-1], dict) else {}
-    return schema_from_record(last.get("parquet_schema"))
+    return schema_from_record(last_job(index).get("parquet_schema"))
 
 
 def schema_from_record(record) -> pa.Schema | None:

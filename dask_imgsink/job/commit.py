@@ -31,7 +31,7 @@ from ..core.tasks import FileGroupTask
 from ..core.writer import SkippedRow, WrittenShard
 from ..format.card import dataset_card
 from ..format.checksums import SAMPLE_CHECKSUM, SHARD_CHECKSUM, sha256_hex
-from ..format.index import build_index, read_index
+from ..format.index import build_index, last_job, read_index, success_record
 from ..format.layout import (
     CARD_FILE,
     ERRORS_FILE,
@@ -271,14 +271,14 @@ def _write_after_index(fs, root: str, opts, claim: Claim, journal: Journal, inde
     card = dataset_card(opts.dataset_name, index, text_column=opts.text_column, label_column=opts.label_column,
                         user_schema=opts.user_schema)
     files = [(join(root, CARD_FILE), card)]
-    success = {"job_id": opts.job_id, "run_id": claim.run_id, "committed_at": journal.committed_at,
-               "index_sha256": index_sha256}
+    errors_sha256 = None  # the errors file is written after the index: _SUCCESS vouches for it
     if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
         records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")
         errors = errors_jsonl(records)
         files.append((join(root, ERRORS_FILE), errors))
-        success["errors_sha256"] = sha256_hex(errors)  # written after the index: _SUCCESS vouches for it
+        errors_sha256 = sha256_hex(errors)
     write_small_many(fs, files, tmp)  # at once on object stores; _SUCCESS only after both
+    success = success_record(last_job(index), index_sha256, errors_sha256)  # this job's record in the index
     write_small(fs, join(root, SUCCESS_FILE), json.dumps(success).encode(), tmp)
 
 

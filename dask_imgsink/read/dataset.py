@@ -38,7 +38,7 @@ from ..core.encode import DEFAULT_MAX_PIXELS, decode_encoded
 from ..core.pixels import pil_to_array
 from ..errors import CorruptSampleError
 from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sample_checksum
-from ..format.index import read_index
+from ..format.index import last_job, read_index
 from ..format.layout import index_layout, parquet_name
 from ..format.schema import WRITER_FIELDS, recorded_schema
 from ..storage import join, resolve
@@ -295,6 +295,6 @@ def _check_columns(schema: pa.Schema, columns: Sequence[str] | None, images: boo
 
 def _max_pixels(index: dict) -> int:
     """The pixel limit the dataset was written with (decoding refuses larger images)."""
-    options = (index.get("jobs") or [{}])[-1].get("options", {})
+    options = last_job(index).get("options") or {}
     value = options.get("max_pixels")
     return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_PIXELS

@@ -30,7 +30,14 @@ from ..core.encode import DEFAULT_MAX_PIXELS, decode_encoded
 from ..errors import RowProblem
 from ..format.checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
 from ..format.dali import idx_bytes, idx_line, sample_layout
-from ..format.index import IndexFormatError, job_for_shard, parse_index
+from ..format.index import (
+    SUCCESS_ERRORS_FIELD,
+    SUCCESS_FIELDS,
+    IndexFormatError,
+    job_for_shard,
+    last_job,
+    parse_index,
+)
 from ..format.layout import (
     ERRORS_FILE,
     INDEX_FILE,
@@ -297,13 +304,8 @@ def _check_listing(fs, root: str, index: dict | None, report: VerifyReport) -> N
             report.problems.append(Problem(name, None, f"is a stray {kind}: the index does not list it"))
 
 
-#: What a commit writes into ``_SUCCESS``: the job that committed and the index it wrote.
-SUCCESS_FIELDS = ("job_id", "run_id", "committed_at", "index_sha256")
-#: Also there when the dataset has an ``_errors.jsonl``: its SHA-256 (datasets written before it was added lack it).
-SUCCESS_ERRORS_FIELD = "errors_sha256"
-
-
-def _check_success(fs, root: str, index_bytes: bytes | None, index: dict | None, report: VerifyReport) -> None:
+def _check_success(fs, root: str, index_bytes: bytes | None, index: dict | None, errors_bytes: bytes | None,
+                   report: VerifyReport) -> None:
     data = read_bytes(fs, join(root, SUCCESS_FILE))
     report.complete = data is not None
     if data is None:
@@ -314,7 +316,7 @@ def _check_success(fs, root: str, index_bytes: bytes | None, index: dict | None,
     except ValueError:
         record = None
     if index is not None and index_layout(index) >= 2:  # every byte of it is this version's own
-        problem = _success_problem(record, index) or _errors_file_problem(fs, root, record)
+        problem = _success_problem(record, index) or _errors_file_problem(record, errors_bytes)
         if problem is not None:
             report.problems.append(problem)
             return
@@ -329,20 +331,18 @@ def _success_problem(record, index: dict) -> Problem | None:
     if fields not in (sorted(SUCCESS_FIELDS), sorted((*SUCCESS_FIELDS, SUCCESS_ERRORS_FIELD))):
         return Problem(SUCCESS_FILE, None, f"is not what a commit writes (a JSON object of {', '.join(SUCCESS_FIELDS)}"
                                            f" and, with rows skipped, {SUCCESS_ERRORS_FIELD}): it was changed")
-    jobs = index.get("jobs") or [{}]
-    last = jobs[-1] if isinstance(jobs, list) and isinstance(jobs[-1], dict) else {}
+    last = last_job(index)
     differing = [name for name in SUCCESS_FIELDS[:3] if record[name] != last.get(name)]
     if differing:
         return Problem(SUCCESS_FILE, None, f"its {', '.join(differing)} is not the index's last job's: it was changed")
     return None
 
 
-def _errors_file_problem(fs, root: str, record: dict) -> Problem | None:
-    """``_errors.jsonl`` against the SHA-256 ``_SUCCESS`` holds for it (datasets written before it did: none)."""
+def _errors_file_problem(record: dict, data: bytes | None) -> Problem | None:
+    """``_errors.jsonl`` (``data``) against the SHA-256 ``_SUCCESS`` holds for it (datasets written before it did: none)."""
     recorded = record.get(SUCCESS_ERRORS_FIELD)
     if recorded is None:
         return None
-    data = read_bytes(fs, join(root, ERRORS_FILE))
     if data is None:
         return Problem(ERRORS_FILE, None, f"is missing, {SUCCESS_FILE} records its SHA-256")
     if sha256_hex(data) != recorded:
@@ -351,14 +351,14 @@ def _errors_file_problem(fs, root: str, record: dict) -> Problem | None:
     return None
 
 
-def _check_errors_file(fs, root: str, index: dict, report: VerifyReport) -> None:
+def _check_errors_file(index: dict, data: bytes | None, report: VerifyReport) -> None:
+    """``_errors.jsonl`` (``data``) against the index's count of skipped rows."""
     skipped = (index.get("totals") or {}).get("skipped", 0)
     if not isinstance(skipped, int):
         report.problems.append(Problem(INDEX_FILE, None, "its totals.skipped is not a number"))
         return
     if index_layout(index) < 2:
         return  # older datasets kept their error records as Parquet
-    data = read_bytes(fs, join(root, ERRORS_FILE))
     if data is None:
         if skipped:
             report.problems.append(Problem(ERRORS_FILE, None, f"is missing, the index counts {skipped} skipped rows"))
@@ -437,11 +437,12 @@ def _verify_into(report: VerifyReport, fs, root: str, path: str, storage_options
             index = parse_index(index_bytes)
         except IndexFormatError as exc:
             report.problems.append(Problem(INDEX_FILE, None, str(exc).removeprefix(f"{INDEX_FILE} ")))
-    _check_success(fs, root, index_bytes, index, report)
+    errors_bytes = read_bytes(fs, join(root, ERRORS_FILE))  # read once: _SUCCESS vouches for it, the index counts it
+    _check_success(fs, root, index_bytes, index, errors_bytes, report)
     _check_listing(fs, root, index, report)
     if index is None:
         return
-    _check_errors_file(fs, root, index, report)
+    _check_errors_file(index, errors_bytes, report)
     limit = max_pixels or _max_pixels(index)
     checks = [ShardCheck(path, storage_options, entry, job_for_shard(index, i).get("options") or {}, decode, limit,
                          index_layout(index))
