@@ -74,6 +74,7 @@ BAD = {
     "dict with unreadable path": ("image", {"bytes": None, "path": "/nonexistent/x.jpg"}, "cannot be read"),
     "key with a dot": ("key", "a.b", "forbidden character '.'"),
     "key with a slash": ("key", "x/y", "forbidden character '/'"),
+    "key with a space (DALI index)": ("key", "a b", "space, which DALI's index cannot"),
     "empty key": ("key", "", "empty"),
     "missing key": ("key", None, "missing"),
     "non-ascii key": ("key", "caf\u00e9", "not ASCII"),

@@ -316,3 +316,59 @@ def test_huggingface_loads_nested_and_temporal_metadata_through_the_declared_fea
     assert [r["info"] for r in result] == [{"w": 1, "ok": True}, {"w": 2, "ok": False}, None]
     assert [r["when"] for r in result] == ["2026-01-01T00:00:00", "2026-06-30T00:00:00", None]
     assert [r["nested"] for r in result] == [[[1, 2]], [], [[3]]]
+
+
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_keys_holding_commas_and_colons_are_indexed_as_wds2idx_does_and_dali_reads_them(packing, tmp_path):
+    """A key may hold ',' and ':' (DALI's index only separates fields by spaces). The writer keeps
+    each sample's member layout until its index line is known, and once split it at ','."""
+    pytest.importorskip("nvidia.dali")
+    keys = ["a,b", "c:d", "e,f:g,h", "plain"]
+    frame = pd.DataFrame({"key": keys, "image": pd.Series([np.full((6, 5, 3), 40 * i, np.uint8) for i in range(4)],
+                                                            dtype=object),
+                          "caption": [f"caption {i}" for i in range(4)], "uid": keys})
+    out = tmp_path / "out"
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frame, npartitions=2, sort=False)
+    ddf.imgsink.to_webdataset(str(out), key_column="key", text_column="caption", images_per_tar=3,
+                              packing=packing, compute=True)
+    assert verify_dataset(str(out)).ok
+    for tar in sorted(out.glob("*.tar")):
+        theirs = tmp_path / (tar.stem + ".idx")
+        proc = subprocess.run([sys.executable, "-m", "wds2idx", str(tar), str(theirs)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert theirs.read_bytes() == (out / f"{tar.stem}.idx").read_bytes()
+    result = _run(f"""
+        import glob, json, os
+        from nvidia.dali import fn, pipeline_def
+        tars = sorted(glob.glob({str(out)!r} + "/*.tar"))
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            text, meta = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                                               ext=["txt", "json"], missing_component_behavior="error", name="r")
+            return text, meta
+        p = pipe()
+        p.build()
+        rows = []
+        for _ in range(p.epoch_size("r")):
+            text, meta = p.run()
+            rows.append([bytes(text.at(0)).decode(), json.loads(bytes(meta.at(0)))["uid"]])
+        print(json.dumps(rows), flush=True)
+        os._exit(0)
+    """, tmp_path)
+    assert result == [[f"caption {i}", key] for i, key in enumerate(keys)]
+
+
+def test_a_key_with_a_space_is_written_when_no_dali_index_is(tmp_path):
+    """Only DALI's index cannot hold a space (the writer refuses it there, naming the row):
+    webdataset reads such a key as it is."""
+    frame = pd.DataFrame({"key": ["a b", "c"], "image": pd.Series([np.zeros((4, 4, 3), np.uint8)] * 2, dtype=object)})
+    out = tmp_path / "out"
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frame, npartitions=1)
+    with pytest.raises(BadRowError, match="space"):
+        ddf.imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    ddf.imgsink.to_webdataset(str(out), key_column="key", dali_index=False, mode="overwrite", compute=True)
+    assert [s["__key__"] for s in wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False)] == ["a b", "c"]
+    assert verify_dataset(str(out)).ok and not list(out.glob("*.idx"))

@@ -19,13 +19,22 @@ KEY_FIX = (
 )
 
 
-def check_key(key: object) -> str:
+DALI_KEY_FIX = (
+    "DALI's index (.idx) separates its fields with spaces, so it cannot name a member whose key "
+    "holds one: replace them (ddf['key'] = ddf['key'].str.replace(' ', '_')), or write no index "
+    "with dali_index=False"
+)
+
+
+def check_key(key: object, dali_index: bool = False) -> str:
     """Return ``key`` as a string if it is a valid WebDataset sample key.
 
     Parameters
     ----------
     key : object
         A string or an integer.
+    dali_index : bool
+        The key goes into a DALI index too, which cannot hold a space.
 
     Returns
     -------
@@ -54,6 +63,8 @@ def check_key(key: object) -> str:
         raise RowProblem(f"the key contains the forbidden character {bad.group()!r}", KEY_FIX)
     if len(key) > MAX_KEY_BYTES:
         raise RowProblem(f"the key is {len(key)} bytes long, more than {MAX_KEY_BYTES}", KEY_FIX)
+    if dali_index and " " in key:
+        raise RowProblem("the key holds a space, which DALI's index cannot", DALI_KEY_FIX)
     return key
 
 

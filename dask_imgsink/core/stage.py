@@ -147,6 +147,7 @@ class ImageWriterStage:
                 encode_threads=self.encode_threads,
                 verbose=self.verbose,
                 max_shard_bytes=self.max_shard_bytes,
+                dali_index=self.dali_index,
             )
             tars, parquets = [], []
             if shards and is_local(self._fs):

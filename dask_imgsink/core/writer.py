@@ -320,7 +320,8 @@ def write_idx(fs, path: str, lines: Sequence[str]) -> tuple[int, str]:
     return len(data), sha256_hex(data)
 
 
-def _check_keys(raw_keys: Sequence[Any], column: str) -> tuple[list[str | None], dict[int, RowProblem]]:
+def _check_keys(raw_keys: Sequence[Any], column: str,
+                dali_index: bool) -> tuple[list[str | None], dict[int, RowProblem]]:
     """Validate every key; return the keys (``None`` where bad) and each bad key's problem.
 
     A repeated key is not decided here: see :class:`_Repeats`."""
@@ -328,7 +329,7 @@ def _check_keys(raw_keys: Sequence[Any], column: str) -> tuple[list[str | None],
     problems: dict[int, RowProblem] = {}
     for i, raw in enumerate(raw_keys):
         try:
-            keys.append(check_key(raw))
+            keys.append(check_key(raw, dali_index))
         except RowProblem as problem:
             problems[i] = RowProblem(problem.reason, problem.fix, column)
             keys.append(None)
@@ -458,6 +459,7 @@ def write_rows(
     shard_checksums: bool = True,
     max_shard_bytes: int | None = None,
     repeats: str = "rows",
+    dali_index: bool = False,
 ) -> tuple[list[WrittenShard], list[SkippedRow]]:
     """Encode and write ``rows`` as shards of at most ``images_per_tar`` images.
 
@@ -486,6 +488,9 @@ def write_rows(
     repeats : {"rows", "shard", "plan"}
         Which later row with a written row's key is a bad row: any (default),
         one that would go into the same shard, or none (a plan decides later).
+    dali_index : bool
+        The shards get DALI indexes (now, or when a plan assembles them): a key with
+        a space, which an index cannot hold, is a bad row.
 
     Returns
     -------
@@ -500,7 +505,7 @@ def write_rows(
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
-    keys, problems = _check_keys(rows.keys, rows.column("key"))
+    keys, problems = _check_keys(rows.keys, rows.column("key"), dali_index)
     problems = {**rows.problems, **problems}
     meta_rows = rows.meta.to_pylist() if rows.meta is not None and rows.meta.num_columns else None
 

@@ -17,19 +17,21 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 VERSION = "v1.2"
+#: Between a layout's members: a control character, which no key holds (keys may hold ',' and ':').
+MEMBER_SEP = "\x1f"
 
 
 def sample_layout(names: Sequence[str], data_offsets: Sequence[int], sizes: Sequence[int]) -> str:
-    """A sample's members as ``name:offset:size`` relative to the sample's start, comma-separated."""
+    """A sample's members as ``name:offset:size`` relative to the sample's start, :data:`MEMBER_SEP`-separated."""
     if len(names) == 1:  # most samples (an image alone): no generator, no join
         return f"{names[0]}:{data_offsets[0]}:{sizes[0]}"
-    return ",".join(f"{n}:{o}:{s}" for n, o, s in zip(names, data_offsets, sizes))
+    return MEMBER_SEP.join(f"{n}:{o}:{s}" for n, o, s in zip(names, data_offsets, sizes))
 
 
 def idx_line(sample_start: int, layout: str) -> str:
     """The index line of a sample that starts at ``sample_start`` in its tar."""
     parts = []
-    for member in layout.split(","):
+    for member in layout.split(MEMBER_SEP):
         name, offset, size = member.rsplit(":", 2)
         parts.append(f"{name.split('.', 1)[1]} {sample_start + int(offset)} {size} {name}")
     return " ".join(parts)

@@ -186,6 +186,7 @@ class PartitionWriter:
                 options=opts.encode, on_error=opts.on_error, partition=partition,
                 encode_threads=opts.encode_threads, shard_checksums=not exact,
                 max_shard_bytes=None if exact else opts.max_shard_bytes, repeats=_repeat_rule(opts),
+                dali_index=opts.dali_index,
             )
         except BaseException:
             if attempt:
