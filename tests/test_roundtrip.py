@@ -199,17 +199,41 @@ def test_unknown_columns_and_options_are_rejected_up_front(tmp_path):
         ddf.imgsink.to_webdataset(str(tmp_path / "o"), key_column="key", name_prefix="a.b")
 
 
-def test_object_metadata_that_is_not_text_needs_a_schema(tmp_path):
+@pytest.mark.parametrize("npartitions", [1, 3])
+def test_object_metadata_that_is_not_text_needs_a_schema(tmp_path, npartitions):
+    """Lists in an object column do not fit its default type (string). A row names the fix; under
+    on_error="skip" the job fails rather than leave out every row, whatever the partitions (the
+    middle partition of 3 holds only a null)."""
     pdf = make_frame(3)
-    pdf["tags"] = pd.Series([["a", "b"], [], ["c"]], dtype=object)
+    pdf["tags"] = pd.Series([["a", "b"], None, ["c"]], dtype=object)
     with dask.config.set({"dataframe.convert-string": False}):
-        ddf = dd.from_pandas(pdf, npartitions=1)
-    with pytest.raises(TypeError, match="metadata_schema"):
+        ddf = dd.from_pandas(pdf, npartitions=npartitions, sort=False)
+    with pytest.raises(BadRowError, match="metadata_schema") as info:
         ddf.imgsink.to_webdataset(str(tmp_path / "a"), key_column="key", compute=True)
+    assert info.value.column == "tags"
+    with pytest.raises(TypeError, match="'tags': none of its 2 values fits Arrow type string; .*metadata_schema"):
+        ddf.imgsink.to_webdataset(str(tmp_path / "a"), key_column="key", on_error="skip", compute=True)
+    assert not list((tmp_path / "a").iterdir())
     ddf.imgsink.to_webdataset(str(tmp_path / "b"), key_column="key", compute=True,
                               metadata_schema={"tags": pa.list_(pa.string())})
     table = read_dataset(tmp_path / "b")["tables"][0]
-    assert table.column("tags").to_pylist() == [["a", "b"], [], ["c"]]
+    assert table.column("tags").to_pylist() == [["a", "b"], None, ["c"]]
+
+
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_a_value_that_does_not_fit_is_a_bad_row_wherever_the_partitions_split(tmp_path, packing):
+    """A partition whose only value does not fit cannot tell a wrong value from a wrong type:
+    the job judges the column over every partition, so the same rows are skipped either way."""
+    pdf = make_frame(4)
+    pdf["tag"] = pd.Series(["a", "b", 5, "c"], dtype=object)
+    with dask.config.set({"dataframe.convert-string": False}):
+        for npartitions in (1, 4):
+            out = tmp_path / f"{npartitions}"
+            dd.from_pandas(pdf, npartitions=npartitions, sort=False).imgsink.to_webdataset(
+                str(out), key_column="key", on_error="skip", packing=packing, compute=True)
+            errors = pd.read_json(out / "_errors.jsonl", lines=True)
+            assert list(errors.key) == ["img00002"] and list(errors.column) == ["tag"]
+            assert [k for k, _ in read_dataset(out)["samples"]] == ["img00000", "img00001", "img00003"]
 
 
 def test_progress_bar_shows_the_write_tasks(tmp_path, capsys):

@@ -131,23 +131,28 @@ def schema_from_record(record) -> pa.Schema | None:
         return None
 
 
-def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[int, RowProblem]]:
+def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[int, RowProblem], dict[str, list[int]]]:
     """Convert the user's metadata columns of a partition to Arrow with ``schema``.
 
     A value that does not fit its column's type is a problem of its row (named
     with the column and the fix); the row's value becomes null here, and the
-    writer refuses or skips the row.
+    writer refuses or skips the row. Whether a column's type is wrong rather than
+    some of its values is for the job to judge, from every partition's tally
+    (:func:`unfit_column_error`): one partition cannot tell.
 
     Returns
     -------
     table : pyarrow.Table
     problems : dict of row -> RowProblem
+    tally : dict of column -> [values that fit, values that do not] (nulls not counted)
     """
-    columns, problems = [], {}
+    columns, problems, tally = [], {}, {}
     for field in schema:
         values = frame[field.name]
         try:
-            columns.append(pa.Array.from_pandas(values, type=field.type))
+            array = pa.Array.from_pandas(values, type=field.type)
+            columns.append(array)
+            tally[field.name] = [len(array) - array.null_count, 0]
             continue
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError, OverflowError):
             pass
@@ -164,13 +169,28 @@ def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[i
                     f"{SCHEMA_FIX}, clean the value, or leave the column out with metadata_columns=[...]",
                     field.name))
                 cleaned.append(None)
-        if failed == int(values.notna().sum()):  # no value fits: the column's type is wrong, not its rows
-            raise TypeError(
-                f"metadata column {field.name!r}: no value fits Arrow type {field.type} "
-                f"(first: {values.dropna().iloc[0]!r:.60}); {SCHEMA_FIX}, or leave it out with metadata_columns=[...]"
+        array = pa.array(cleaned, type=field.type, from_pandas=True)
+        columns.append(array)
+        tally[field.name] = [len(array) - array.null_count, failed]
+    return pa.Table.from_arrays(columns, schema=schema), problems, tally
+
+
+def unfit_column_error(tallies: list[dict[str, list[int]]], schema: pa.Schema) -> TypeError | None:
+    """The error for a metadata column none of whose values fit its type in the whole job, if any.
+
+    Such a column's type is wrong, not its rows: the job fails, under ``on_error="skip"`` too,
+    rather than leave out every row that has a value. Judged over every partition's tally
+    (:func:`user_table`), so it never depends on where the partitions split.
+    """
+    for field in schema:
+        fit = sum(t[field.name][0] for t in tallies if field.name in t)
+        unfit = sum(t[field.name][1] for t in tallies if field.name in t)
+        if unfit and not fit:
+            return TypeError(
+                f"metadata column {field.name!r}: none of its {unfit} values fits Arrow type {field.type}; "
+                f"{SCHEMA_FIX}, or leave it out with metadata_columns=[...]"
             )
-        columns.append(pa.array(cleaned, type=field.type, from_pandas=True))
-    return pa.Table.from_arrays(columns, schema=schema), problems
+    return None
 
 
 def read_parquet(fs, path: str) -> pa.Table:

@@ -29,7 +29,13 @@ from ..core.encode import DEFAULT_MAX_PIXELS, EncodeOptions
 from ..core.pool import default_encode_threads
 from ..core.tarshard import hex_digest
 from ..core.tasks import FileGroupTask
-from ..format.schema import default_metadata_columns, read_from_dataset, shard_schema, user_schema_from_meta
+from ..format.schema import (
+    default_metadata_columns,
+    read_from_dataset,
+    shard_schema,
+    unfit_column_error,
+    user_schema_from_meta,
+)
 from ..storage import resolve
 from .bag import WriteBag, claim_key, register_job
 from .claim import Claim, claim_output, committed_job
@@ -41,7 +47,7 @@ from .options import WriteOptions
 from .output import check_output
 from .packing import Carry, assemble_group, assemble_shards, runs_by_partition, summarize  # noqa: F401
 from .plan import plan_shards
-from .results import TaskFailed, failure, first_failure
+from .results import PartitionResult, TaskFailed, failure, first_failure
 from .unique import cross_partition_duplicate, dataset_key_hashes, needs_dataset_keys
 from .write import PartitionWriter, check_image_dtype, check_label_dtype, writes_need_claim
 
@@ -65,7 +71,7 @@ def _commit_exact_job(claim: Claim, carried: Carry | TaskFailed | None, assemble
 def _commit_exact(claim: Claim, summaries: list, assembled: list, num_partitions: int, opts: WriteOptions,
                   existing_keys=None):
     plan = plan_shards(summaries, claim, opts, existing_keys)
-    _raise_if_failed(plan.failed or first_failure(assembled), claim, opts)
+    _raise_if_failed(plan.failed or first_failure(assembled) or _unfit_column(summaries, claim, opts), claim, opts)
     built = sorted((item for part in assembled for item in part), key=lambda t: t[0])
     if not claim.done:
         _check_every_shard_built([i for i, _, _ in built], plan, opts)
@@ -94,12 +100,20 @@ def _already_committed(opts: WriteOptions) -> bool:
     return committed_job(fs, root, opts.job_id) is not None
 
 
+def _unfit_column(results: list[PartitionResult], claim: Claim, opts: WriteOptions) -> TaskFailed | None:
+    """A failure when a metadata column's type fits none of its values in the whole job (see ``user_table``)."""
+    if claim.done:  # a rerun after the commit: the job was judged then
+        return None
+    error = unfit_column_error([r.fitting for r in results if r.fitting], opts.user_schema)
+    return None if error is None else failure(error, "the check of the metadata columns' types")
+
+
 def _commit_per_partition(claim: Claim, results: list, num_partitions: int, opts: WriteOptions):
     failed = first_failure(results)
     if failed is None and not claim.done:
         duplicate = cross_partition_duplicate(results, opts)
         failed = None if duplicate is None else failure(duplicate, "the check for duplicate keys")
-    _raise_if_failed(failed, claim, opts)
+    _raise_if_failed(failed or _unfit_column(results, claim, opts), claim, opts)
     results = sorted(results, key=lambda r: r.partition)
     shards = [(s, [r.partition]) for r in results for s in r.shards]
     skipped = [s for r in results for s in r.skipped]

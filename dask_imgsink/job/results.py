@@ -35,6 +35,8 @@ class PartitionResult:
     skipped: list[SkippedRow]
     key_hashes: np.ndarray | None = None
     written_rows: np.ndarray | None = None
+    #: metadata column -> [values that fit its type, values that do not] (see ``user_table``)
+    fitting: dict[str, list[int]] | None = None
 
     @property
     def num_images(self) -> int:

@@ -143,7 +143,8 @@ class PartitionWriter:
             return cancelled(f"partition {partition}")
         return result
 
-    def _rows(self, frame: pd.DataFrame, partition: int, claim: Claim | None) -> Rows:
+    def _rows(self, frame: pd.DataFrame, partition: int, claim: Claim | None) -> tuple[Rows, dict | None]:
+        """The partition's rows for the writer, and its metadata columns' tally (see ``user_table``)."""
         opts = self.opts
         check_image_dtype(frame[opts.image_column].dtype, opts.image_column, f"partition {partition}: ")
         if opts.key_column is None:
@@ -151,7 +152,7 @@ class PartitionWriter:
             keys = [generated_key(first + partition, r) for r in range(len(frame))]
         else:
             keys = frame[opts.key_column].tolist()
-        meta, problems = user_table(frame, opts.user_schema) if opts.metadata_columns else (None, {})
+        meta, problems, fitting = user_table(frame, opts.user_schema) if opts.metadata_columns else (None, {}, None)
         return Rows(
             images=frame[opts.image_column].tolist(),
             keys=keys,
@@ -161,11 +162,11 @@ class PartitionWriter:
                      "label": opts.label_column},
             meta=meta,
             problems=problems,
-        )
+        ), fitting
 
     def _write(self, fs, root: str, frame: pd.DataFrame, partition: int, claim: Claim | None) -> PartitionResult:
         opts = self.opts
-        rows = self._rows(frame, partition, claim)
+        rows, fitting = self._rows(frame, partition, claim)
         exact = opts.packing == "exact"
         attempt: list[str] = []
 
@@ -192,7 +193,7 @@ class PartitionWriter:
             if attempt:
                 remove_quietly(fs, attempt[0], recursive=True)
             raise
-        result = PartitionResult(partition, len(frame), shards, skipped)
+        result = PartitionResult(partition, len(frame), shards, skipped, fitting=fitting)
         if opts.key_column is not None:
             left_out = {s.row for s in skipped}
             written = [i for i in range(len(frame)) if i not in left_out]
