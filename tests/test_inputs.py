@@ -385,3 +385,44 @@ def test_the_stage_default_names_never_collide_between_batches(tmp_path):
     again = stage.process(ImageBatch(data=[ImageObject(image_data=make_image(1, 8, 8))]))
     assert again.data == first.data  # the same batch gives the same names (a rerun replaces its files)
     assert len(list((tmp_path / "out").glob("*.tar"))) == 2
+
+
+NESTED = {"tags": pa.list_(pa.string()), "box": pa.struct([("w", pa.int64()), ("h", pa.int64())]),
+          "boxes": pa.list_(pa.struct([("w", pa.int64())]))}
+#: A value Arrow would reshape to fit its nested type (not refuse): column -> (value, what the error says).
+RESHAPED = {"tags": ("abc", "a str is not a list"),
+            "box": ({"w": 1, "h": 2, "depth": 3}, r"\['depth'\] are not fields"),
+            "boxes": ([{"w": 1}, {"w": 2, "x": 0}], r"\['x'\] are not fields")}
+
+
+@pytest.mark.parametrize("column", sorted(RESHAPED))
+def test_a_value_arrow_would_reshape_to_fit_its_nested_type_is_a_bad_row(column, tmp_path):
+    """Arrow takes a str for a list of its characters and drops a dict's keys a struct has no field
+    for: the value written would not be the value given, so the row is refused (or skipped)."""
+    good = {"tags": ["x", "y"], "box": {"w": 1, "h": 2}, "boxes": [{"w": 1}]}
+    rows = [dict(good) for _ in range(3)]
+    rows[1][column] = RESHAPED[column][0]
+    frame = pd.DataFrame({"key": ["a", "b", "c"], "image": pd.Series([GOOD] * 3, dtype=object),
+                          **{c: pd.Series([r[c] for r in rows], dtype=object) for c in NESTED}})
+    options = dict(key_column="key", metadata_schema=NESTED, compute=True)
+    with pytest.raises(BadRowError, match=RESHAPED[column][1]) as caught:
+        _ddf(frame).imgsink.to_webdataset(str(tmp_path / "raise"), **options)
+    assert (caught.value.row, caught.value.key, caught.value.column) == (1, "b", column)
+    out = tmp_path / "skip"
+    _ddf(frame).imgsink.to_webdataset(str(out), on_error="skip", **options)
+    table = read_dataset(out)["tables"][0]
+    assert table.column("key").to_pylist() == ["a", "c"]
+    assert table.select(list(NESTED)).to_pylist() == [good, good]
+    assert [json.loads(m["json"]) for _, m in read_dataset(out)["samples"]] == [good, good]
+
+
+def test_the_stage_refuses_a_value_arrow_would_reshape(tmp_path):
+    stage = ImageWriterStage(str(tmp_path / "out"))
+    stage.process(ImageBatch(task_id="1", data=[ImageObject(image_id="a", image_data=GOOD,
+                                                            metadata={"box": {"w": 1}, "tags": ["x"]})]))
+    with pytest.raises(ValueError, match=r"'box'.*\['h'\] are not fields"):
+        stage.process(ImageBatch(task_id="2", data=[ImageObject(image_id="b", image_data=GOOD,
+                                                                metadata={"box": {"w": 1, "h": 2}, "tags": ["y"]})]))
+    with pytest.raises(ValueError, match="'tags'.*a str is not a list"):
+        stage.process(ImageBatch(task_id="3", data=[ImageObject(image_id="c", image_data=GOOD,
+                                                                metadata={"box": {"w": 1}, "tags": "yz"})]))

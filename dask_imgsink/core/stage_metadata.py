@@ -11,6 +11,7 @@ holds, so two different batches never get the same shard names.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,6 +20,7 @@ import xxhash
 from PIL import Image
 
 from ..format.schema import check_metadata_names
+from ..format.shapes import is_nested, reshaped
 from .tasks import ImageBatch, ImageObject
 
 _SCHEMA_FIX = "pass metadata_schema={'name': pa.int64(), ...} to the stage to fix the types, or make the values agree"
@@ -79,6 +81,11 @@ def _to_table(rows: list[dict], schema: pa.Schema, batch: str) -> pa.Table:
     columns = []
     for field in schema:
         values = [row.get(field.name) for row in rows]
+        reason = next((r for r in map(partial(reshaped, type_=field.type), values) if r), None) \
+            if is_nested(field.type) else None
+        if reason is not None:
+            raise ValueError(f"batch {batch!r}: metadata key {field.name!r} holds a value that does not fit its type "
+                             f"{field.type}: {reason}; {_SCHEMA_FIX}")
         try:
             columns.append(pa.array(values, type=field.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as exc:

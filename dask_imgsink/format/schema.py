@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from ..errors import RowProblem
 from .checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
 from .index import last_job
+from .shapes import is_nested, reshaped
 
 #: The writer's own columns, first in every shard's Parquet.
 WRITER_FIELDS = [
@@ -148,31 +149,42 @@ def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[i
     """
     columns, problems, tally = [], {}, {}
     for field in schema:
-        values = frame[field.name]
+        array, unfit = _column_array(frame[field.name], field)
+        columns.append(array)
+        tally[field.name] = [len(array) - array.null_count, len(unfit)]
+        for row, problem in unfit.items():
+            problems.setdefault(row, problem)
+    return pa.Table.from_arrays(columns, schema=schema), problems, tally
+
+
+_ARROW_REFUSALS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError, OverflowError)
+
+
+def _column_array(values: pd.Series, field: pa.Field) -> tuple[pa.Array, dict[int, RowProblem]]:
+    """One metadata column as Arrow, and the problem of each row whose value does not fit (null in the array)."""
+    reshapes: dict[int, str] = {}
+    if is_nested(field.type) and values.dtype == object:  # Arrow reshapes some of these values rather than refuse
+        reshapes = {row: why for row, value in enumerate(values.tolist()) if (why := reshaped(value, field.type))}
+    if not reshapes:
         try:
-            array = pa.Array.from_pandas(values, type=field.type)
-            columns.append(array)
-            tally[field.name] = [len(array) - array.null_count, 0]
-            continue
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError, OverflowError):
+            return pa.Array.from_pandas(values, type=field.type), {}
+        except _ARROW_REFUSALS:
             pass
-        cleaned, failed = [], 0
-        for row, value in enumerate(values.tolist()):
+    cleaned, unfit = [], {}
+    for row, value in enumerate(values.tolist()):
+        reason = reshapes.get(row)
+        if reason is None:
             try:
                 pa.array([value], type=field.type, from_pandas=True)
-                cleaned.append(value)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeError,
-                    OverflowError) as exc:
-                failed += 1
-                problems.setdefault(row, RowProblem(
-                    f"the value {value!r:.60} does not fit Arrow type {field.type} ({exc})",
-                    f"{SCHEMA_FIX}, clean the value, or leave the column out with metadata_columns=[...]",
-                    field.name))
-                cleaned.append(None)
-        array = pa.array(cleaned, type=field.type, from_pandas=True)
-        columns.append(array)
-        tally[field.name] = [len(array) - array.null_count, failed]
-    return pa.Table.from_arrays(columns, schema=schema), problems, tally
+            except _ARROW_REFUSALS as exc:
+                reason = str(exc)
+        if reason is not None:
+            unfit[row] = RowProblem(f"the value {value!r:.60} does not fit Arrow type {field.type} ({reason})",
+                                    f"{SCHEMA_FIX}, clean the value, or leave the column out with "
+                                    "metadata_columns=[...]", field.name)
+            value = None
+        cleaned.append(value)
+    return pa.array(cleaned, type=field.type, from_pandas=True), unfit
 
 
 def unfit_column_error(tallies: list[dict[str, list[int]]], schema: pa.Schema) -> TypeError | None:
