@@ -9,6 +9,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 from helpers import S3Requests, make_frame
@@ -176,6 +177,39 @@ def test_re_sharding_keeps_bytes_keys_order_and_types(client, tmp_path):
     user = ["caption", "score", "label", "tags", "taken", "maybe"]
     assert after[user].dtypes.equals(before[user].dtypes)
     pd.testing.assert_frame_equal(after[user].reset_index(drop=True), before[user].reset_index(drop=True))
+    # and the same Arrow types in the Parquet: the copy and its source take each other's appends
+    assert pq.read_schema(f"{resharded}/metadata/shard-000000.parquet").remove_metadata() == \
+        pq.read_schema(f"{out}/metadata/shard-000000.parquet").remove_metadata()
+
+
+@pytest.mark.parametrize("dtype", [object, "str", "string[pyarrow]", "string[python]", pd.ArrowDtype(pa.string())])
+def test_pandas_strings_of_any_storage_are_written_as_arrow_strings(dtype, tmp_path):
+    """pandas gives text columns one dtype or another depending on how a frame was built (pandas 3's
+    ``str`` is Arrow-backed, and Arrow would give it as large_string): all are the same text."""
+    frame = make_frame(4)
+    frame["tag"] = pd.Series(["a", None, "b", "c"], dtype=dtype)
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frame, npartitions=2, sort=False)
+    ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", compute=True)
+    assert pq.read_schema(tmp_path / "out" / "metadata" / "shard-000000.parquet").field("tag").type == pa.string()
+
+
+def test_an_append_takes_the_datasets_offset_width_for_the_same_values(tmp_path):
+    """A dataset whose text columns are large_string (written from pd.ArrowDtype(pa.large_string()), or by
+    releases that wrote pandas' Arrow-backed strings so) takes appends of plain string columns, in its types."""
+    out = str(tmp_path / "out")
+    first = make_frame(4)
+    first["tag"] = pd.Series(list("abcd"), dtype=pd.ArrowDtype(pa.large_string()))
+    then = make_frame(4, start=4)
+    then["tag"] = pd.Series(list("efgh"), dtype="string[pyarrow]")
+    with dask.config.set({"dataframe.convert-string": False}):
+        dd.from_pandas(first, npartitions=1).imgsink.to_webdataset(out, key_column="key", compute=True)
+        dd.from_pandas(then, npartitions=1).imgsink.to_webdataset(out, key_column="key", mode="append",
+                                                                  compute=True)
+    schemas = {pq.read_schema(p).field("tag").type for p in (tmp_path / "out" / "metadata").iterdir()}
+    assert schemas == {pa.large_string()}
+    assert list(read_webdataset(out, images=False).compute().tag) == list("abcdefgh")
+    assert dask_imgsink.verify_dataset(out).ok
 
 
 def test_s3_reads_move_only_the_needed_bytes_as_range_requests(s3, tmp_path):

@@ -81,7 +81,9 @@ def user_schema_from_meta(
 
     Object columns hold no type information; they become ``string`` (what text
     columns are when ``dataframe.convert-string`` is off) unless ``overrides``
-    names their type.
+    names their type. pandas' string columns (``str``, ``string[pyarrow]``, which
+    Arrow would give as ``large_string``) are ``string`` too, so a frame read
+    back from a dataset writes the types it was read with.
 
     Raises
     ------
@@ -99,12 +101,31 @@ def user_schema_from_meta(
     for col in columns:
         if col in overrides:
             fields.append(pa.field(col, overrides[col]))
-        elif meta[col].dtype == object:
-            fields.append(pa.field(col, pa.string()))
+        elif meta[col].dtype == object or isinstance(meta[col].dtype, pd.StringDtype):
+            fields.append(pa.field(col, pa.string()))  # pandas' strings are Arrow's string, whatever their storage
         else:
             inferred = pa.Schema.from_pandas(meta[[col]], preserve_index=False).field(col)
             fields.append(inferred)
     return pa.schema(fields)
+
+
+def narrowed(type_: pa.DataType) -> pa.DataType:
+    """``type_`` with its 64-bit-offset variants (``large_string``, ``large_binary``, ``large_list``) made 32-bit,
+    at any depth: two types alike but for those hold the same values."""
+    if pa.types.is_large_string(type_):
+        return pa.string()
+    if pa.types.is_large_binary(type_):
+        return pa.binary()
+    if pa.types.is_large_list(type_) or pa.types.is_list(type_):
+        return pa.list_(type_.value_field.with_type(narrowed(type_.value_type)))
+    if pa.types.is_fixed_size_list(type_):
+        return pa.list_(type_.value_field.with_type(narrowed(type_.value_type)), type_.list_size)
+    if pa.types.is_struct(type_):
+        return pa.struct([type_.field(i).with_type(narrowed(type_.field(i).type)) for i in range(type_.num_fields)])
+    if pa.types.is_map(type_):
+        return pa.map_(narrowed(type_.key_type), type_.item_field.with_type(narrowed(type_.item_type)),
+                       keys_sorted=type_.keys_sorted)
+    return type_
 
 
 def shard_schema(user_schema: pa.Schema) -> pa.Schema:

@@ -44,7 +44,7 @@ from .commit import commit_job
 from .head import carry_budget
 from .lock import liveness, locked_error, read_lock
 from .options import WriteOptions
-from .output import check_output
+from .output import check_output, schema_to_append
 from .packing import Carry, assemble_group, assemble_shards, runs_by_partition, summarize  # noqa: F401
 from .plan import plan_shards
 from .results import PartitionResult, TaskFailed, failure, first_failure
@@ -325,6 +325,8 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
                            max_pixels=max_pixels, validate=validate)
 
     fs, root = resolve(output_dir, storage_options)
+    if mode == "append":
+        user_schema = schema_to_append(fs, root, user_schema)
     opts = WriteOptions(
         url=str(output_dir),
         root=root,

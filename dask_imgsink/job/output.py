@@ -33,7 +33,7 @@ from ..format.layout import (
     parquet_name,
     shard_files,
 )
-from ..format.schema import recorded_schema
+from ..format.schema import narrowed, recorded_schema
 from ..storage import forget_listings, is_local, is_s3, read_bytes
 
 MODE_CHOICES = ("error", "overwrite", "append")
@@ -134,6 +134,29 @@ def existing_shard_schema(fs, root: str, index: dict) -> pa.Schema | None:
         return recorded_schema(index)
     data = read_bytes(fs, posixpath.join(root, parquet_name(names[0], index_layout(index))))
     return None if data is None else pq.read_schema(pa.BufferReader(data))
+
+
+def adopt_dataset_types(existing: pa.Schema | None, user_schema: pa.Schema) -> pa.Schema:
+    """For an append: the job's metadata schema, with each column whose type is the dataset's but for
+    offset width (``string`` / ``large_string``, ``binary`` / ``large_binary``, ``list`` / ``large_list``)
+    given the dataset's type. Such columns hold the same values; pandas gives either depending on
+    how a frame was built, and the shards of one dataset must have one schema."""
+    if existing is None:
+        return user_schema
+    fields = []
+    for field in user_schema:
+        index = existing.get_field_index(field.name)
+        theirs = existing.field(index).type if index >= 0 else None
+        alike = theirs is not None and theirs != field.type and narrowed(theirs) == narrowed(field.type)
+        fields.append(field.with_type(theirs) if alike else field)
+    return pa.schema(fields)
+
+
+def schema_to_append(fs, root: str, user_schema: pa.Schema) -> pa.Schema:
+    """The metadata schema an append to the dataset at ``root`` writes (:func:`adopt_dataset_types`)."""
+    if INDEX_FILE not in existing_entries(fs, root):
+        return user_schema  # no dataset: the checks of the mode say so
+    return adopt_dataset_types(existing_shard_schema(fs, root, read_index(fs, root)), user_schema)
 
 
 def check_append_schema(existing: pa.Schema | None, new: pa.Schema, url: str) -> None:
