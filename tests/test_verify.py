@@ -111,6 +111,22 @@ def test_missing_and_extra_files(out):
     assert "notes.txt: is a stray file: the index does not list it" in problems
 
 
+@pytest.mark.parametrize("name, data", [("_errors.jsonl", b""), ("_errors.jsonl", b"\n\n"),
+                                        ("_errors.parquet", None)])
+def test_an_error_file_no_job_of_the_dataset_wrote_is_found(out, name, data):
+    """The fixed names are the dataset's only when it wrote them: an errors file beside a dataset that
+    skipped no row is foreign (and an old-layout ``_errors.parquet`` makes dd.read_parquet(out) fail)."""
+    if data is None:
+        pq.write_table(pa.table({"evil": [1]}), out / name)
+    else:
+        (out / name).write_bytes(data)
+    problems = _problems(out)
+    expected = ("is present, but the index counts no skipped row" if name.endswith(".jsonl")
+                else "is a stray file: the index does not list it")
+    assert [p for p in problems if p.startswith(name)] == [f"{name}: {expected}" + (
+        ": no job of this dataset wrote it" if name.endswith(".jsonl") else "")]
+
+
 def _rewrite_parquet(path, change) -> None:
     table = pq.read_table(path)
     pq.write_table(change(table), path)

@@ -42,6 +42,7 @@ from ..format.layout import (
     ERRORS_FILE,
     INDEX_FILE,
     LAYOUT_VERSION,
+    LEGACY_ERRORS_FILE,
     LEGACY_STAGING_DIR,
     SUCCESS_FILE,
     WORK_DIR,
@@ -299,8 +300,8 @@ def _check_listing(fs, root: str, index: dict | None, report: VerifyReport) -> N
         if name in (WORK_DIR, LEGACY_STAGING_DIR):
             report.problems.append(Problem(name, None, "a job's staging or lock is present: a job is writing "
                                                        "this dataset, or died (remove it with dask-imgsink clean)"))
-        elif index is not None and name not in owned:
-            kind = "shard" if name.endswith((".tar", ".parquet", ".idx")) else "file"
+        elif index is not None and (name not in owned or (name == LEGACY_ERRORS_FILE and index_layout(index) >= 2)):
+            kind = "shard" if name.endswith((".tar", ".parquet", ".idx")) and not name.startswith("_") else "file"
             report.problems.append(Problem(name, None, f"is a stray {kind}: the index does not list it"))
 
 
@@ -362,6 +363,10 @@ def _check_errors_file(index: dict, data: bytes | None, report: VerifyReport) ->
     if data is None:
         if skipped:
             report.problems.append(Problem(ERRORS_FILE, None, f"is missing, the index counts {skipped} skipped rows"))
+        return
+    if not skipped:  # a commit writes it only for skipped rows
+        report.problems.append(Problem(ERRORS_FILE, None, "is present, but the index counts no skipped row: "
+                                                          "no job of this dataset wrote it"))
         return
     try:
         rows = len(read_errors(data))
