@@ -276,7 +276,7 @@ def test_clean_removes_leftovers_that_no_lock_owns(tmp_path, capsys):
     job = out / ".imgsink" / "jobs" / uuid.uuid4().hex / "write-000000-abc"
     job.mkdir(parents=True)
     (job / "run-000000.parquet.part").write_bytes(b"x")
-    (out / "_temporary" / "old").mkdir(parents=True)  # staging of releases before 0.2
+    (out / "_temporary" / uuid.uuid4().hex / "attempt").mkdir(parents=True)  # staging of releases before 0.2
     (out / f"._SUCCESS.{uuid.uuid4().hex}.tmp").write_bytes(b"")
     assert not verify_dataset(str(out)).ok
     assert main(["clean", str(out)]) == 0
@@ -285,6 +285,18 @@ def test_clean_removes_leftovers_that_no_lock_owns(tmp_path, capsys):
     assert dataset_names(out) == ["README.md", "_SUCCESS", "_index.json"] + shard_names("shard-000000")
     assert verify_dataset(str(out)).ok
     assert main(["clean", str(out)]) == 0 and "nothing to clean" in capsys.readouterr().out
+
+
+def test_clean_leaves_a_temporary_folder_that_is_not_ours(tmp_path, capsys):
+    """Hadoop and Spark stage in ``_temporary/0/...`` too: only ours (``_temporary/<job id>/``) goes."""
+    foreign = tmp_path / "spark-output"
+    part = foreign / "_temporary" / "0" / "_temporary" / "attempt_1" / "part-00000.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"someone else's data")
+    assert main(["clean", str(foreign)]) == 0
+    assert "nothing to clean" in capsys.readouterr().out
+    assert part.read_bytes() == b"someone else's data"
+    assert sorted(p.name for p in foreign.iterdir()) == ["_temporary"]
 
 
 def test_the_next_job_removes_staging_no_lock_owns(tmp_path):
