@@ -222,6 +222,35 @@ def test_write_reshards_a_dataset_keeping_keys_bytes_and_text_members(tmp_path):
     assert main(["verify", str(out), "--scheduler", "threads"]) == 0
 
 
+def test_write_reshards_a_dataset_whose_jobs_wrote_different_text_and_label_columns(tmp_path):
+    """Each sample keeps the members its own job wrote: a caption as .txt from the first job's samples
+    only, a label as .cls from the second's (some null), and every sample's bytes are the same."""
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+    from helpers import make_frame
+
+    from dask_imgsink import read_webdataset
+
+    first, out = tmp_path / "first", tmp_path / "second"
+    one, two = make_frame(6), make_frame(6, start=100)
+    one.loc[2, "caption"] = None
+    two["label"] = pd.array([1, None, 3, 4, None, 6], dtype="Int64")
+    with dask.config.set({"dataframe.convert-string": False}):
+        dd.from_pandas(one, npartitions=2).imgsink.to_webdataset(
+            str(first), key_column="key", text_column="caption", images_per_tar=4, compute=True)
+        dd.from_pandas(two, npartitions=2).imgsink.to_webdataset(
+            str(first), key_column="key", label_column="label", images_per_tar=4, mode="append", compute=True)
+    proc = _run("write", str(first), str(out), "--images-per-tar", "5", "--scheduler", "threads", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    before = read_webdataset(str(first)).compute(scheduler="sync")
+    after = read_webdataset(str(out)).compute(scheduler="sync")
+    assert list(after["key"]) == list(before["key"])
+    assert list(after["sample_xxh3_64"]) == list(before["sample_xxh3_64"])  # the same members, byte for byte
+    assert list(after.columns) == list(before.columns)  # no column of the re-shard's own
+    assert main(["verify", str(out), "--scheduler", "threads"]) == 0
+
+
 def test_write_into_a_non_empty_directory_fails_with_exit_1_and_keeps_it(tmp_path):
     images = image_folder(tmp_path / "images", 2)
     out = tmp_path / "out"

@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from ..format.schema import default_metadata_columns
 from ..storage import join, resolve
 from .common import UsageError
 
@@ -45,6 +46,7 @@ class Input:
     key_column: str | None = None
     text_column: str | None = None
     label_column: str | None = None
+    metadata_columns: list[str] | None = None  # None: every column but the image and the key
     notes: list[str] = field(default_factory=list)
 
 
@@ -82,17 +84,55 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
+#: The columns a re-shard of a dataset whose jobs wrote different text or label columns builds: each
+#: sample's text and label from the column its own job wrote them from.
+SAMPLE_TEXT, SAMPLE_LABEL = "__imgsink_text__", "__imgsink_label__"
+
+
 def _dataset_input(path: str, storage_options: dict | None) -> Input:
     from ..format.index import read_index
     from ..read.dataset import read_webdataset
 
     fs, root = resolve(path, storage_options)
-    options = ((read_index(fs, root) or {}).get("jobs") or [{}])[-1].get("options", {})
+    index = read_index(fs, root) or {}
     frame = read_webdataset(path, storage_options=storage_options)
-    columns = set(frame.columns)
-    text, label = options.get("text_column"), options.get("label_column")
-    return Input(frame, "dataset", key_column="key", text_column=text if text in columns else None,
-                 label_column=label if label in columns else None)
+    roles = _roles_by_tar(index, set(frame.columns))
+    if len(set(roles.values())) <= 1:  # one text and one label column for every sample (or no shard)
+        text, label = next(iter(roles.values()), (None, None))
+        return Input(frame, "dataset", key_column="key", text_column=text, label_column=label)
+    columns = list(frame.columns)
+    frame = frame.map_partitions(_sample_roles, roles, meta=_sample_roles(frame._meta, roles))
+    return Input(frame, "dataset", key_column="key",
+                 text_column=SAMPLE_TEXT if any(t for t, _ in roles.values()) else None,
+                 label_column=SAMPLE_LABEL if any(lb for _, lb in roles.values()) else None,
+                 metadata_columns=default_metadata_columns(columns, "image", "key"),
+                 notes=["its jobs wrote different text or label columns: each sample keeps its own job's"])
+
+
+def _roles_by_tar(index: dict, columns: set[str]) -> dict[str, tuple[str | None, str | None]]:
+    """Each shard's tar name -> the text and label columns of the job that wrote it (those the frame has)."""
+    from ..format.index import job_for_shard
+
+    roles = {}
+    for position, entry in enumerate(index.get("shardlist") or []):
+        options = job_for_shard(index, position).get("options") or {}
+        text, label = options.get("text_column"), options.get("label_column")
+        roles[entry.get("url")] = (text if text in columns else None, label if label in columns else None)
+    return roles
+
+
+def _sample_roles(part: pd.DataFrame, roles: dict[str, tuple[str | None, str | None]]) -> pd.DataFrame:
+    """``part`` with :data:`SAMPLE_TEXT` and :data:`SAMPLE_LABEL`: each row's text and label, taken from
+    the columns its shard's job wrote them from (null where that job wrote none)."""
+    text = pd.Series(None, index=part.index, dtype=object)
+    label = pd.Series(pd.NA, index=part.index, dtype="Int64")
+    for tar, (text_column, label_column) in roles.items():
+        rows = (part["tar_file"] == tar).to_numpy()
+        if text_column is not None and rows.any():
+            text[rows] = part.loc[rows, text_column].astype(object)
+        if label_column is not None and rows.any():
+            label[rows] = part.loc[rows, label_column]
+    return part.assign(**{SAMPLE_TEXT: text, SAMPLE_LABEL: label})
 
 
 def _parquet_input(path: str, storage_options: dict | None, image_column: str | None) -> Input:

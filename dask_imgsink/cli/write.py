@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     with dask_client(args.scheduler, args.workers) as client:
         start = time.perf_counter()
         bag = to_webdataset(
-            frame, args.output_dir, **roles, metadata_columns=args.columns,
+            frame, args.output_dir, **roles,
+            metadata_columns=args.columns if args.columns is not None else source.metadata_columns,
             images_per_tar=args.images_per_tar, max_shard_bytes=args.max_shard_bytes,
             image_format=args.format, quality=args.quality, packing=args.packing, mode=args.mode,
             on_error=args.on_error, storage_options=options,
