@@ -359,6 +359,11 @@ def _leave_out(plan, run: int, run_row: int, partition: int, row: int, first: tu
 DUPLICATE_FIX = ("make keys unique, e.g. ddf = ddf.drop_duplicates(subset='key'); on_error='skip' leaves "
                  "later copies out and records them; unique_keys='shard' only requires keys unique per shard")
 
+#: on_error="skip" cannot help a per-partition job: its shards are written when the repeat is found.
+PER_PARTITION_DUPLICATE_FIX = ("make keys unique, e.g. ddf = ddf.drop_duplicates(subset='key'); use "
+                               "packing='exact', where on_error='skip' leaves later copies out and records them; "
+                               "or unique_keys='shard', which only requires keys unique per shard")
+
 
 class _Locator:
     """Job row position -> (run, row in run) and -> (partition, row in partition)."""
@@ -405,5 +410,5 @@ def cross_partition_duplicate(results: list, opts) -> BadRowError | None:
     partition, row = where.partition_row(dup.position)
     return BadRowError(
         f"{where.reason(dup)}; with packing='per_partition' the shards are written independently, so the copy "
-        "cannot be left out", fix=DUPLICATE_FIX + "; or use packing='exact', which can skip it",
+        "cannot be left out, whatever on_error says", fix=PER_PARTITION_DUPLICATE_FIX,
         partition=partition, row=row, column=opts.key_column)
