@@ -426,3 +426,26 @@ def test_the_stage_refuses_a_value_arrow_would_reshape(tmp_path):
     with pytest.raises(ValueError, match="'tags'.*a str is not a list"):
         stage.process(ImageBatch(task_id="3", data=[ImageObject(image_id="c", image_data=GOOD,
                                                                 metadata={"box": {"w": 1}, "tags": "yz"})]))
+
+
+def test_categories_dask_does_not_know_are_refused_at_call_time_and_known_ones_written_exactly(tmp_path):
+    """``ddf[col].astype('category')`` leaves the categories unknown: neither their values' type nor
+    their codes' width can be known before the data is read (they were written as strings, and more
+    than 127 of them in a partition failed the job). Known categories keep their values' type."""
+    n = 200
+    frame = pd.DataFrame({"key": [f"k{i}" for i in range(n)], "image": pd.Series([GOOD] * n, dtype=object),
+                          "kind": [i % 150 for i in range(n)], "ratio": [0.5 + i % 3 for i in range(n)]})
+    ddf = _ddf(frame, 2)
+    for column in ("kind", "ratio"):
+        ddf[column] = ddf[column].astype("category")
+    with pytest.raises(TypeError, match=r"\['kind', 'ratio'\] are categorical with unknown categories.*as_known"):
+        ddf.imgsink.to_webdataset(str(tmp_path / "unknown"), key_column="key", compute=True)
+    assert not (tmp_path / "unknown").exists()
+    for column in ("kind", "ratio"):
+        ddf[column] = ddf[column].cat.as_known()
+    out = tmp_path / "known"
+    ddf.imgsink.to_webdataset(str(out), key_column="key", images_per_tar=60, compute=True)
+    data = read_dataset(out)
+    rows = [row for table in data["tables"] for row in table.select(["kind", "ratio"]).to_pylist()]
+    assert rows == frame[["kind", "ratio"]].to_dict("records")
+    assert [json.loads(m["json"]) for _, m in data["samples"]] == rows

@@ -40,6 +40,10 @@ WRITER_COLUMNS = [f.name for f in WRITER_FIELDS]
 #: Where a sample lives in a dataset; a DataFrame holding all of these was read from one (``read_webdataset``).
 LOCATION_COLUMNS = ("tar_file", "member", "offset", "size", "sample_offset", "sample_size", SAMPLE_CHECKSUM_COLUMN)
 
+#: What Dask's meta holds as the categories of a categorical column whose categories it does not know
+#: (``dask.dataframe.utils.UNKNOWN_CATEGORIES``).
+UNKNOWN_CATEGORIES = "__UNKNOWN_CATEGORIES__"
+
 SCHEMA_FIX = "pass metadata_schema={'column': pa.list_(pa.string()), ...} to give its Arrow type"
 
 
@@ -97,6 +101,16 @@ def user_schema_from_meta(
     unknown = set(overrides) - set(columns)
     if unknown:
         raise ValueError(f"metadata_schema names column(s) {sorted(unknown)} that are not metadata columns {columns}")
+    unknown_categories = [c for c in columns if c not in overrides and _unknown_categories(meta[c].dtype)]
+    if unknown_categories:
+        raise TypeError(
+            f"metadata column(s) {unknown_categories} are categorical with unknown categories (as "
+            "ddf[col].astype('category') makes them), so the type of their values, and the width of their "
+            "codes, are unknown until every partition is read. Make them known first, "
+            "ddf[col] = ddf[col].cat.as_known() (one pass over the data), or write the values themselves, "
+            "ddf[col] = ddf[col].astype(<their dtype>), or give metadata_schema={col: pa.dictionary(pa.int32(), "
+            "pa.string())}"
+        )
     fields = []
     for col in columns:
         if col in overrides:
@@ -126,6 +140,11 @@ def narrowed(type_: pa.DataType) -> pa.DataType:
         return pa.map_(narrowed(type_.key_type), type_.item_field.with_type(narrowed(type_.item_type)),
                        keys_sorted=type_.keys_sorted)
     return type_
+
+
+def _unknown_categories(dtype) -> bool:
+    """Whether ``dtype`` is a categorical whose categories Dask does not know (its meta holds a marker)."""
+    return isinstance(dtype, pd.CategoricalDtype) and list(dtype.categories) == [UNKNOWN_CATEGORIES]
 
 
 def shard_schema(user_schema: pa.Schema) -> pa.Schema:
