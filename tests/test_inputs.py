@@ -428,24 +428,31 @@ def test_the_stage_refuses_a_value_arrow_would_reshape(tmp_path):
                                                                 metadata={"box": {"w": 1}, "tags": "yz"})]))
 
 
-def test_categories_dask_does_not_know_are_refused_at_call_time_and_known_ones_written_exactly(tmp_path):
-    """``ddf[col].astype('category')`` leaves the categories unknown: neither their values' type nor
-    their codes' width can be known before the data is read (they were written as strings, and more
-    than 127 of them in a partition failed the job). Known categories keep their values' type."""
+def test_categories_dask_does_not_know_are_text_with_wide_codes_and_other_values_are_refused(tmp_path):
+    """``ddf[col].astype('category')`` (and ``dd.read_parquet`` of a dictionary column) leaves the
+    categories unknown: such a column is written as a dictionary of text with 32-bit codes (int8 codes,
+    from the meta, failed a partition of more than 127 categories). Categories that are not text would
+    be cast to it: they are refused, naming the fix; made known, they keep their type."""
     n = 200
     frame = pd.DataFrame({"key": [f"k{i}" for i in range(n)], "image": pd.Series([GOOD] * n, dtype=object),
-                          "kind": [i % 150 for i in range(n)], "ratio": [0.5 + i % 3 for i in range(n)]})
+                          "tag": [f"tag{i % 150}" for i in range(n)], "kind": [i % 150 for i in range(n)]})
     ddf = _ddf(frame, 2)
-    for column in ("kind", "ratio"):
+    for column in ("tag", "kind"):
         ddf[column] = ddf[column].astype("category")
-    with pytest.raises(TypeError, match=r"\['kind', 'ratio'\] are categorical with unknown categories.*as_known"):
-        ddf.imgsink.to_webdataset(str(tmp_path / "unknown"), key_column="key", compute=True)
-    assert not (tmp_path / "unknown").exists()
-    for column in ("kind", "ratio"):
-        ddf[column] = ddf[column].cat.as_known()
+    out = tmp_path / "text"
+    ddf.drop(columns="kind").imgsink.to_webdataset(str(out), key_column="key", images_per_tar=60, compute=True)
+    data = read_dataset(out)
+    assert str(data["tables"][0].schema.field("tag").type) == "dictionary<values=string, indices=int32, ordered=0>"
+    assert [v for t in data["tables"] for v in t.column("tag").to_pylist()] == list(frame.tag)
+    with pytest.raises(BadRowError, match=r"categories are int64, not text.*as_known") as caught:
+        ddf.imgsink.to_webdataset(str(tmp_path / "ints"), key_column="key", compute=True)
+    assert (caught.value.column, caught.value.row) == ("kind", 0)
+    with pytest.raises(TypeError, match="'kind': none of its 200 values fits"):
+        ddf.imgsink.to_webdataset(str(tmp_path / "ints"), key_column="key", on_error="skip", compute=True)
+    ddf["kind"] = ddf["kind"].cat.as_known()
     out = tmp_path / "known"
     ddf.imgsink.to_webdataset(str(out), key_column="key", images_per_tar=60, compute=True)
     data = read_dataset(out)
-    rows = [row for table in data["tables"] for row in table.select(["kind", "ratio"]).to_pylist()]
-    assert rows == frame[["kind", "ratio"]].to_dict("records")
+    rows = [row for table in data["tables"] for row in table.select(["tag", "kind"]).to_pylist()]
+    assert rows == frame[["tag", "kind"]].to_dict("records")
     assert [json.loads(m["json"]) for _, m in data["samples"]] == rows

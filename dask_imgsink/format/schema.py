@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 from typing import Mapping
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +44,9 @@ LOCATION_COLUMNS = ("tar_file", "member", "offset", "size", "sample_offset", "sa
 #: What Dask's meta holds as the categories of a categorical column whose categories it does not know
 #: (``dask.dataframe.utils.UNKNOWN_CATEGORIES``).
 UNKNOWN_CATEGORIES = "__UNKNOWN_CATEGORIES__"
+
+#: The Arrow type of such a column: its values are usually text, and no partition overflows 32-bit codes.
+UNKNOWN_CATEGORIES_TYPE = pa.dictionary(pa.int32(), pa.string())
 
 SCHEMA_FIX = "pass metadata_schema={'column': pa.list_(pa.string()), ...} to give its Arrow type"
 
@@ -85,7 +89,9 @@ def user_schema_from_meta(
 
     Object columns hold no type information; they become ``string`` (what text
     columns are when ``dataframe.convert-string`` is off) unless ``overrides``
-    names their type. pandas' string columns (``str``, ``string[pyarrow]``, which
+    names their type. A categorical column whose categories Dask does not know
+    (``astype('category')``) is a dictionary of strings with 32-bit codes: the
+    width its partitions' categories need is not known either. pandas' string columns (``str``, ``string[pyarrow]``, which
     Arrow would give as ``large_string``) are ``string`` too, so a frame read
     back from a dataset writes the types it was read with.
 
@@ -101,20 +107,12 @@ def user_schema_from_meta(
     unknown = set(overrides) - set(columns)
     if unknown:
         raise ValueError(f"metadata_schema names column(s) {sorted(unknown)} that are not metadata columns {columns}")
-    unknown_categories = [c for c in columns if c not in overrides and _unknown_categories(meta[c].dtype)]
-    if unknown_categories:
-        raise TypeError(
-            f"metadata column(s) {unknown_categories} are categorical with unknown categories (as "
-            "ddf[col].astype('category') makes them), so the type of their values, and the width of their "
-            "codes, are unknown until every partition is read. Make them known first, "
-            "ddf[col] = ddf[col].cat.as_known() (one pass over the data), or write the values themselves, "
-            "ddf[col] = ddf[col].astype(<their dtype>), or give metadata_schema={col: pa.dictionary(pa.int32(), "
-            "pa.string())}"
-        )
     fields = []
     for col in columns:
         if col in overrides:
             fields.append(pa.field(col, overrides[col]))
+        elif _unknown_categories(meta[col].dtype):  # astype('category'), dd.read_parquet of dictionary columns
+            fields.append(pa.field(col, UNKNOWN_CATEGORIES_TYPE))
         elif meta[col].dtype == object or isinstance(meta[col].dtype, pd.StringDtype):
             fields.append(pa.field(col, pa.string()))  # pandas' strings are Arrow's string, whatever their storage
         else:
@@ -140,6 +138,13 @@ def narrowed(type_: pa.DataType) -> pa.DataType:
         return pa.map_(narrowed(type_.key_type), type_.item_field.with_type(narrowed(type_.item_type)),
                        keys_sorted=type_.keys_sorted)
     return type_
+
+
+def _categories_cast(dtype, type_: pa.DataType) -> bool:
+    """Whether Arrow would cast a categorical's non-text categories to the text values of ``type_``."""
+    return (isinstance(dtype, pd.CategoricalDtype) and pa.types.is_dictionary(type_)
+            and pa.types.is_string(type_.value_type) and dtype.categories.dtype != object
+            and not isinstance(dtype.categories.dtype, pd.StringDtype))
 
 
 def _unknown_categories(dtype) -> bool:
@@ -205,6 +210,10 @@ def _column_array(values: pd.Series, field: pa.Field) -> tuple[pa.Array, dict[in
     reshapes: dict[int, str] = {}
     if is_nested(field.type) and values.dtype == object:  # Arrow reshapes some of these values rather than refuse
         reshapes = {row: why for row, value in enumerate(values.tolist()) if (why := reshaped(value, field.type))}
+    elif _categories_cast(values.dtype, field.type):  # Arrow would write them as their text
+        why = (f"its categories are {values.dtype.categories.dtype}, not text; make the categories known "
+               "(ddf[col] = ddf[col].cat.as_known()) or give their type in metadata_schema")
+        reshapes = {row: why for row in np.flatnonzero(values.notna().to_numpy())}
     if not reshapes:
         try:
             return pa.Array.from_pandas(values, type=field.type), {}
