@@ -325,6 +325,43 @@ def test_options_are_checked_strictly_at_call_time(name, value, error, tmp_path)
         ddf.imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", **{name: value})
 
 
+def _frame_of(columns: dict) -> pd.DataFrame:
+    frame = pd.DataFrame({"key": ["a", "b"], "image": pd.Series([GOOD] * 2, dtype=object)})
+    for name, values in columns.items():
+        frame[name] = values
+    return frame
+
+
+def _interval_column() -> pd.Series:
+    kind = pd.ArrowDtype(pa.month_day_nano_interval())
+    return pd.Series(pa.array([pa.MonthDayNano([1, 2, 3]), None], type=kind.pyarrow_dtype), dtype=kind)
+
+
+@pytest.mark.parametrize("frame, options, error, message", [
+    (_frame_of({"a": [1, 2], "b": [3, 4]}).set_axis(["key", "image", "a", "a"], axis=1), {}, ValueError,
+     r"more than one column named \['a'\]"),
+    (_frame_of({0: [1, 2]}), {}, TypeError, r"column names \[0\] are not strings"),
+    (_frame_of({"a": [1, 2]}), {"metadata_columns": ["a", "a"]}, ValueError, r"names \['a'\] more than once"),
+    (_frame_of({"n": [1, 2]}), {"label_column": "key"}, ValueError, "key_column='key' is also the label_column"),
+    (_frame_of({"n": [1, 2]}), {"text_column": "key"}, ValueError, "is also the text_column"),
+    (_frame_of({"gap": _interval_column()}), {}, TypeError, "'gap' has Arrow type month_day_nano_interval, which "
+                                                            "Parquet cannot store"),
+], ids=["duplicate column names", "a name not a string", "a metadata column twice", "label is the key",
+        "text is the key", "a type Parquet cannot store"])
+def test_columns_the_job_cannot_write_as_given_are_refused_at_call_time(frame, options, error, message, tmp_path):
+    """Each of these wrote an unreadable dataset, or failed mid-job with an error naming no column."""
+    with pytest.raises(error, match=message):
+        _ddf(frame).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_column_the_job_does_not_write_may_have_any_name(tmp_path):
+    frame = _frame_of({0: [1, 2], "n": [3, 4]})
+    _ddf(frame).imgsink.to_webdataset(str(tmp_path / "out"), key_column="key", metadata_columns=["n"],
+                                      compute=True)
+    assert read_dataset(tmp_path / "out")["tables"][0].column("n").to_pylist() == [3, 4]
+
+
 @pytest.mark.parametrize("name, value", [("images_per_tar", 2.5), ("images_per_tar", "10"), ("verbose", 1),
                                          ("on_error", "ignore")])
 def test_stage_options_are_checked_strictly(name, value, tmp_path):

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import dask
 import pyarrow as pa
+import pyarrow.parquet as pq
 from dask.base import tokenize
 from dask.dataframe.extensions import register_dataframe_accessor
 from dask.highlevelgraph import HighLevelGraph
@@ -305,6 +306,9 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
                       ("text_column", text_column), ("label_column", label_column)):
         if col is not None and col not in columns:
             raise ValueError(f"{name}={col!r} is not a column of the DataFrame; columns: {columns}")
+    check_distinct_roles(image_column=image_column, key_column=key_column, text_column=text_column,
+                         label_column=label_column)
+    check_column_names(columns, [c for c in (image_column, key_column, text_column, label_column) if c is not None])
     check_image_dtype(ddf._meta[image_column].dtype, image_column)
     if label_column is not None:
         check_label_dtype(ddf._meta[label_column].dtype, label_column)
@@ -315,12 +319,18 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
         metadata_columns = default_metadata_columns(columns, image_column, key_column)
     else:
         metadata_columns = list(metadata_columns)
+        twice = sorted({c for c in metadata_columns if metadata_columns.count(c) > 1}, key=str)
+        if twice:
+            raise ValueError(f"metadata_columns names {twice} more than once; a Parquet file cannot hold two "
+                             "columns of one name (readers refuse it): name each once")
         missing = [c for c in metadata_columns if c not in columns]
         if missing:
             raise ValueError(f"metadata_columns {missing} are not columns of the DataFrame; columns: {columns}")
         if image_column in metadata_columns:
             raise ValueError(f"metadata_columns must not include the image column {image_column!r}")
+    check_column_names(columns, metadata_columns)
     user_schema = user_schema_from_meta(ddf._meta, metadata_columns, metadata_schema)
+    check_parquet_types(user_schema)
     encode = EncodeOptions(image_format=image_format, quality=quality, jpeg_alpha=jpeg_alpha, reencode=reencode,
                            max_pixels=max_pixels, validate=validate)
 
@@ -352,6 +362,39 @@ def _build_options(ddf, output_dir: str, *, image_column, key_column, images_per
     )
     _check_output_early(fs, root, opts)
     return fs, opts
+
+
+def check_column_names(columns: list, used: list) -> None:
+    """Refuse columns the job writes whose names are not distinct strings: Parquet fields and key.json keys are."""
+    not_text = [c for c in used if not isinstance(c, str)]
+    if not_text:
+        raise TypeError(f"column names {not_text[:5]!r} are not strings; Parquet and key.json name columns with "
+                        "text. Rename them: ddf.columns = [str(c) for c in ddf.columns]")
+    twice = sorted({c for c in used if columns.count(c) > 1})
+    if twice:
+        raise ValueError(f"the DataFrame has more than one column named {twice}; rename them "
+                         "(ddf.columns = [...]) so that each name is one column")
+
+
+def check_distinct_roles(**roles: str | None) -> None:
+    """Refuse one column in two roles (``label_column == key_column``, say): each is written in its own way."""
+    named = {role: column for role, column in roles.items() if column is not None}
+    for role, column in named.items():
+        other = [r for r, c in named.items() if c == column and r != role]
+        if other:
+            raise ValueError(f"{role}={column!r} is also the {other[0]}; each role needs a column of its own: "
+                             f"copy it (ddf = ddf.assign({column}_copy=ddf[{column!r}])) and name the copy")
+
+
+def check_parquet_types(user_schema: pa.Schema) -> None:
+    """Refuse a metadata column whose Arrow type Parquet cannot store, naming it (not a failure mid-job)."""
+    for field in user_schema:
+        try:
+            pq.write_table(pa.table({field.name: pa.array([], type=field.type)}), pa.BufferOutputStream())
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise TypeError(f"metadata column {field.name!r} has Arrow type {field.type}, which Parquet cannot "
+                            f"store ({exc}); convert it (ddf[col].astype(str), say) or leave it out with "
+                            "metadata_columns=[...]") from None
 
 
 def _check_output_early(fs, root: str, opts: WriteOptions) -> None:
