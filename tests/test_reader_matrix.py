@@ -318,10 +318,37 @@ def test_huggingface_loads_nested_and_temporal_metadata_through_the_declared_fea
     assert [r["nested"] for r in result] == [[[1, 2]], [], [[3]]]
 
 
+def test_infinities_in_key_json_read_back_as_infinities_in_every_json_reader(tmp_path):
+    """JSON has no infinity: key.json holds ``1e999`` (valid JSON, which decoders read as infinity), so
+    it says what the Parquet says. NaN has no JSON form at all: null in both."""
+    frame = pd.DataFrame({"key": ["a", "b", "c", "d"], "image": pd.Series([np.zeros((4, 4, 3), np.uint8)] * 4,
+                                                                          dtype=object),
+                          "score": [1.5, np.inf, -np.inf, np.nan],
+                          "steps": pd.Series([[0.5, np.inf], [-np.inf], [], None], dtype=object)})
+    out = tmp_path / "out"
+    _ddf(frame, 2).imgsink.to_webdataset(str(out), key_column="key", metadata_schema={"steps": pa.list_(pa.float64())},
+                                         compute=True)
+    expected = [{"score": 1.5, "steps": [0.5, np.inf]}, {"score": np.inf, "steps": [-np.inf]},
+                {"score": -np.inf, "steps": []}, {"score": None, "steps": None}]
+    table = pq.read_table(out / "metadata", columns=["score", "steps"])
+    assert table.to_pylist() == expected
+    assert [json.loads(s["json"]) for s in wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False)] == expected
+    assert b"1e999" in (out / "shard-000000.tar").read_bytes()
+    result = _run(f"""
+        import datasets, json, os
+        d = datasets.load_dataset({str(out)!r}, split="train", cache_dir="hf")
+        print(json.dumps([r["json"] for r in d]), flush=True)  # json.dumps writes infinity as Infinity
+        os._exit(0)
+    """, tmp_path)
+    assert result == expected
+    assert verify_dataset(str(out)).ok
+
+
 @pytest.mark.parametrize("packing", ["exact", "per_partition"])
 def test_keys_holding_commas_and_colons_are_indexed_as_wds2idx_does_and_dali_reads_them(packing, tmp_path):
     """A key may hold ',' and ':' (DALI's index only separates fields by spaces). The writer keeps
-    each sample's member layout until its index line is known, and once split it at ','."""
+    each sample's member layout until its index line is known (it used to separate the members with
+    ',', and a key holding one failed the job)."""
     pytest.importorskip("nvidia.dali")
     keys = ["a,b", "c:d", "e,f:g,h", "plain"]
     frame = pd.DataFrame({"key": keys, "image": pd.Series([np.full((6, 5, 3), 40 * i, np.uint8) for i in range(4)],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from typing import Any
 
 import pandas as pd
@@ -78,13 +79,22 @@ def label_member(value: Any) -> bytes | None:
     return str(value).encode("ascii")
 
 
-def _json_value(value: Any) -> Any:
+#: JSON has no infinity; a number too large for a double is what standard decoders (Python's json,
+#: JavaScript's JSON.parse) read as one, and it is valid JSON text.
+JSON_INFINITY = "1e999"
+
+
+def _json_value(value: Any, infinity: str | None) -> Any:
+    """``value`` ready for ``json.dumps``: NaN as null; infinities as the placeholder string ``infinity``
+    (``"-"`` before it for minus infinity), or as null when none is given."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        if value != value or infinity is None:
+            return None
+        return infinity if value > 0 else "-" + infinity
     if isinstance(value, dict):
-        return {k: _json_value(v) for k, v in value.items()}
+        return {k: _json_value(v, infinity) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_value(v) for v in value]
+        return [_json_value(v, infinity) for v in value]
     return value
 
 
@@ -99,11 +109,28 @@ def _json_default(value: Any) -> Any:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(_json_value(value), default=_json_default, ensure_ascii=False, allow_nan=False).encode()
+    text = json.dumps(_json_value(value, None), default=_json_default, ensure_ascii=False, allow_nan=False)
+    if _has_infinity(value):  # rare: written again with a placeholder no value can hold, then replaced
+        placeholder = f"imgsink-infinity-{uuid.uuid4().hex}"
+        text = json.dumps(_json_value(value, placeholder), default=_json_default, ensure_ascii=False,
+                          allow_nan=False)
+        text = text.replace(f'"-{placeholder}"', "-" + JSON_INFINITY).replace(f'"{placeholder}"', JSON_INFINITY)
+    return text.encode()
+
+
+def _has_infinity(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isinf(value)
+    if isinstance(value, dict):
+        return any(map(_has_infinity, value.values()))
+    if isinstance(value, list):
+        return any(map(_has_infinity, value))
+    return False
 
 
 def json_member(row: dict[str, Any]) -> bytes:
-    """The ``key.json`` bytes of one metadata row: UTF-8 JSON, NaN as null, times as ISO strings.
+    """The ``key.json`` bytes of one metadata row: UTF-8 JSON, NaN as null (JSON has none), infinities as
+    ``1e999`` and ``-1e999`` (read back as infinities), times as ISO strings.
 
     Raises
     ------
