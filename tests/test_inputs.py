@@ -84,6 +84,8 @@ BAD = {
     "text with a lone surrogate": ("caption", "caf\udce9", "UTF-8"),
     "label a word": ("label", "cat", "integer class id"),
     "label a fraction": ("label", 2.5, "integer class id"),
+    "label beyond int64": ("label", 2**63, "outside the 64-bit signed integers"),
+    "label a huge float": ("label", 1e20, "outside the 64-bit signed integers"),
     "metadata not fitting its type": ("score", "high", "does not fit"),
 }
 
@@ -346,8 +348,11 @@ def _interval_column() -> pd.Series:
     (_frame_of({"n": [1, 2]}), {"text_column": "key"}, ValueError, "is also the text_column"),
     (_frame_of({"gap": _interval_column()}), {}, TypeError, "'gap' has Arrow type month_day_nano_interval, which "
                                                             "Parquet cannot store"),
+    (_frame_of({"month": pd.period_range("2020-01", periods=2, freq="M")}), {}, TypeError,
+     "'month' has the Arrow extension type"),
+    (_frame_of({"span": pd.interval_range(0, 2)}), {}, TypeError, "'span' has the Arrow extension type"),
 ], ids=["duplicate column names", "a name not a string", "a metadata column twice", "label is the key",
-        "text is the key", "a type Parquet cannot store"])
+        "text is the key", "a type Parquet cannot store", "a pandas Period", "a pandas Interval"])
 def test_columns_the_job_cannot_write_as_given_are_refused_at_call_time(frame, options, error, message, tmp_path):
     """Each of these wrote an unreadable dataset, or failed mid-job with an error naming no column."""
     with pytest.raises(error, match=message):

@@ -53,6 +53,9 @@ def text_member(value: Any) -> bytes | None:
                          "remove lone surrogates (s.encode('utf-8', 'replace').decode())") from None
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def label_member(value: Any) -> bytes | None:
     """The ``key.cls`` bytes of an integer class label, or ``None`` for a missing label.
 
@@ -76,6 +79,11 @@ def label_member(value: Any) -> bytes | None:
         raise RowProblem(f"the label must be an integer class id, got {type(value).__name__} {value!r:.40}",
                          "map class names to integers (ddf[col].astype('category').cat.codes), or put "
                          "names in text_column or a metadata column")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise RowProblem(f"the label {value} is outside the 64-bit signed integers that readers decode class ids "
+                         "into (the card declares cls as int64)",
+                         "map labels to class ids (ddf[col].astype('category').cat.codes), or keep the value "
+                         "as a metadata column")
     return str(value).encode("ascii")
 
 

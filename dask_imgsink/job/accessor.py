@@ -387,8 +387,14 @@ def check_distinct_roles(**roles: str | None) -> None:
 
 
 def check_parquet_types(user_schema: pa.Schema) -> None:
-    """Refuse a metadata column whose Arrow type Parquet cannot store, naming it (not a failure mid-job)."""
+    """Refuse a metadata column whose Arrow type Parquet cannot store, or key.json cannot say, naming it
+    (not a failure mid-job, nor a silent change)."""
     for field in user_schema:
+        if isinstance(field.type, pa.ExtensionType):  # pandas' Period and Interval, say
+            raise TypeError(f"metadata column {field.name!r} has the Arrow extension type {field.type}, whose values "
+                            "key.json would hold as their storage (a Period as an integer, an Interval without "
+                            "its closed side); convert it (ddf[col].astype(str), say) or leave it out with "
+                            "metadata_columns=[...]")
         try:
             pq.write_table(pa.table({field.name: pa.array([], type=field.type)}), pa.BufferOutputStream())
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
