@@ -126,6 +126,19 @@ def test_filters_are_applied_before_images_are_read_and_keep_the_sample_position
     assert frame["image"].map(len).gt(0).all()
 
 
+def test_filters_as_an_arrow_expression_or_in_dnf_and_bad_ones_refused_at_call_time(tmp_path):
+    import pyarrow.compute as pc
+
+    out = written(tmp_path)
+    by_expression = read_webdataset(out, filters=pc.field("score") == 3, columns=["key"]).compute(scheduler="sync")
+    by_dnf = read_webdataset(out, filters=[("score", "==", 3)], columns=["key"]).compute(scheduler="sync")
+    assert list(by_expression["key"]) == list(by_dnf["key"]) == ["img00003", "img00013", "img00023", "img00033"]
+    with pytest.raises(ValueError, match=r"filters name column\(s\) \['scroe'\] the dataset does not have"):
+        read_webdataset(out, filters=[("scroe", ">", 3)])
+    with pytest.raises(ValueError, match="not pyarrow's DNF form"):
+        read_webdataset(out, filters=[("score", ">")])
+
+
 def test_verify_names_the_shard_and_key_of_a_damaged_sample(tmp_path):
     out = written(tmp_path, n=16)
     frame = read_webdataset(out, images=False).compute(scheduler="sync")

@@ -126,7 +126,7 @@ class ShardReader:
             needed += ["key", "offset", "size", "format"]
             if self.verify:
                 needed += ["sample_offset", "sample_size", SAMPLE_CHECKSUM_COLUMN]
-        expression = pq.filters_to_expression(self.filters) if self.filters else None
+        expression = None if self.filters is None else pq.filters_to_expression(self.filters)
         if expression is not None:
             needed += _filter_columns(self.filters, self.schema)
         needed = list(dict.fromkeys(needed))
@@ -173,6 +173,21 @@ class ShardReader:
         except Exception as exc:
             raise CorruptSampleError(shard.tar, key, f"its {fmt.upper()} image cannot be decoded "
                                      f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_filters(schema: pa.Schema, filters: Any) -> None:
+    """Refuse, at call time, filters pyarrow cannot read or that name a column the dataset lacks."""
+    if filters is None or isinstance(filters, pc.Expression):
+        return
+    try:
+        pq.filters_to_expression(filters)
+        names = _filter_columns(filters, schema)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"filters={filters!r:.200} is not pyarrow's DNF form, a list of (column, op, value) "
+                         f"tuples or a list of such lists ({exc})") from None
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        raise ValueError(f"filters name column(s) {missing} the dataset does not have; columns: {schema.names}")
 
 
 def _filter_columns(filters: Any, schema: pa.Schema) -> list[str]:
@@ -242,6 +257,7 @@ def read_webdataset(
     shards = _shard_refs(index, root)
     schema = _dataset_schema(fs, shards, index)
     _check_columns(schema, columns, images)
+    _check_filters(schema, filters)
     wants_images = images and (columns is None or IMAGE_COLUMN in columns)
     reader = ShardReader(fs, schema, images=wants_images, decode=decode, verify=verify, filters=filters,
                          max_pixels=_max_pixels(index))
