@@ -59,6 +59,21 @@ def test_an_unreadable_image_is_a_labelled_gray_tile_not_an_error():
     assert (cell == 215).mean() > 0.5
 
 
+def test_a_damaged_or_missing_shard_gives_gray_tiles_not_an_error(dataset):
+    """A preview of a damaged dataset shows what it can: the first shard cut short, the second gone."""
+    from pathlib import Path
+
+    first = Path(dataset) / "shard-000000.tar"
+    first.write_bytes(first.read_bytes()[:600])  # the first image's header and a few of its bytes
+    (Path(dataset) / "shard-000001.tar").unlink()
+    grid = show(dataset, n=20, size=32)
+    pixels = np.asarray(grid)
+    cell_w, cell_h = 32 + 2 * PADDING, 32 + 2 * PADDING + LINE_HEIGHT
+    gray = [(pixels[top + PADDING:top + PADDING + 32, left + PADDING:left + PADDING + 32] == 215).mean() > 0.5
+            for top in range(0, grid.height, cell_h) for left in range(0, grid.width, cell_w)][:20]
+    assert gray == [True] * 16 + [False] * 4  # shards 0 and 1 hold 8 images each; shard 2 is intact
+
+
 @pytest.mark.parametrize("kwargs, match", [({"n": 0}, "positive"), ({"size": 2}, "at least 16"),
                                            ({"columns": ["nope"]}, "not in the data")])
 def test_bad_arguments_are_clear_errors(kwargs, match):

@@ -77,14 +77,16 @@ def _first_rows(data: Any, n: int, captions: list[str] | None, image_column: str
                 storage_options: dict[str, Any] | None) -> pd.DataFrame:
     """The first ``n`` rows of ``data`` with the image and caption columns."""
     if isinstance(data, (str, os.PathLike)):
-        from .dataset import read_webdataset
-
-        data = read_webdataset(os.fspath(data), storage_options=storage_options)
+        return _first_dataset_rows(os.fspath(data), n, captions, image_column, storage_options)
     wanted = [image_column] + [c for c in (captions if captions is not None else ["key"]) if c in data.columns]
     missing = [c for c in [image_column] + (captions or []) if c not in data.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the data; it has {list(data.columns)}")
-    frame = data[list(dict.fromkeys(wanted))]
+    return _head(data[list(dict.fromkeys(wanted))], n)
+
+
+def _head(frame: Any, n: int) -> pd.DataFrame:
+    """The first ``n`` rows of a pandas or Dask DataFrame, reading only the partitions that hold them."""
     if isinstance(frame, pd.DataFrame):
         return frame.head(n)
     parts, count = [], 0
@@ -95,6 +97,34 @@ def _first_rows(data: Any, n: int, captions: list[str] | None, image_column: str
         if count >= n:
             break
     return pd.concat(parts) if parts else frame._meta
+
+
+def _first_dataset_rows(path: str, n: int, captions: list[str] | None, image_column: str,
+                        storage_options: dict[str, Any] | None) -> pd.DataFrame:
+    """The first ``n`` rows of the dataset at ``path``, each image read on its own: a damaged or missing
+    tar makes gray tiles that say why, not an error (read_webdataset reads a shard's images together)."""
+    from ..storage import join, resolve
+    from .dataset import read_webdataset
+    from .ranges import read_ranges
+
+    if image_column != "image":
+        raise ValueError(f"a dataset's images are its 'image' column, not {image_column!r}")
+    meta = read_webdataset(path, images=False, storage_options=storage_options)
+    missing = [c for c in captions or [] if c not in meta.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the data; it has {list(meta.columns) + ['image']}")
+    shown = [c for c in (captions if captions is not None else ["key"]) if c in meta.columns]
+    rows = _head(meta[list(dict.fromkeys(["tar_file", "offset", "size", *shown]))], n)
+    fs, root = resolve(path, storage_options)
+
+    def image(tar: str, offset: int, size: int) -> Any:
+        try:
+            return read_ranges(fs, join(root, tar), [(offset, offset + size)])[0]
+        except Exception as exc:  # a preview shows what it cannot read
+            return exc
+
+    images = [image(*place) for place in rows[["tar_file", "offset", "size"]].itertuples(index=False)]
+    return rows[shown].assign(image=images)
 
 
 def _tile(value: Any, size: int) -> Image.Image:
@@ -109,6 +139,8 @@ def _tile(value: Any, size: int) -> Image.Image:
 
 
 def _as_pil(value: Any) -> Image.Image:
+    if isinstance(value, Exception):  # the image could not be read at all
+        raise value
     if isinstance(value, dict):
         value = read_hf_dict(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
