@@ -100,14 +100,20 @@ def test_version_and_every_help_is_plain_text():
     ["write", "IMAGES", "OUT", "--filter", "key >"],
     ["write", "IMAGES", "OUT", "--storage-option", "novalue"],
     ["write", "IMAGES", "OUT", "--scheduler", "tcp://127.0.0.1:9"],
+    ["write", "IMAGES", "OUT", "--key-column", "nope"],
+    ["write", "IMAGES", "OUT", "--columns", "nope"],
+    ["write", "IMAGES", "OUT", "--filter", "key > 5"],
     ["info", "IMAGES"],
+    ["info", "AFILE"],
     ["verify", "NOWHERE"],
+    ["verify", "IMAGES", "--decode", "--max-pixels", "0"],
     ["frobnicate"],
 ])
 def test_usage_errors_exit_2_with_a_message_and_no_traceback(tmp_path, args):
     images = image_folder(tmp_path / "images", 3)
-    args = [{"OUT": str(tmp_path / "out"), "NOWHERE": str(tmp_path / "nowhere"), "IMAGES": str(images)}.get(a, a)
-            for a in args]
+    (tmp_path / "afile").write_text("not a dataset")
+    args = [{"OUT": str(tmp_path / "out"), "NOWHERE": str(tmp_path / "nowhere"), "IMAGES": str(images),
+             "AFILE": str(tmp_path / "afile")}.get(a, a) for a in args]
     # an unreachable scheduler is given up after Dask's connect timeout: 3 s here, not the default 30
     proc = _run(*args, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
@@ -249,6 +255,16 @@ def test_write_reshards_a_dataset_whose_jobs_wrote_different_text_and_label_colu
     assert list(after["sample_xxh3_64"]) == list(before["sample_xxh3_64"])  # the same members, byte for byte
     assert list(after.columns) == list(before.columns)  # no column of the re-shard's own
     assert main(["verify", str(out), "--scheduler", "threads"]) == 0
+
+
+def test_write_refuses_an_image_column_for_a_dataset_input(tmp_path):
+    from helpers import frame_ddf
+
+    first = tmp_path / "first"
+    frame_ddf(4, 0, npartitions=1).imgsink.to_webdataset(str(first), key_column="key", compute=True)
+    proc = _run("write", str(first), str(tmp_path / "out"), "--image-column", "caption", "--scheduler", "sync")
+    assert proc.returncode == 2 and "leave out --image-column caption" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_write_into_a_non_empty_directory_fails_with_exit_1_and_keeps_it(tmp_path):

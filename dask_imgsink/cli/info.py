@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"dask-imgsink info: {exc}", file=sys.stderr)
         return 1
+    except NotADirectoryError:
+        raise UsageError(f"{args.path} is a file, not a dataset directory") from None
     if args.json:
         print(json.dumps(info, indent=1))
     else:

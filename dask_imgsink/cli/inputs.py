@@ -68,6 +68,9 @@ def open_input(path: str, *, storage_options: dict | None, image_column: str | N
         raise UsageError(f"the input {path!r} is a file but not .parquet; pass a Parquet file or dataset, "
                          "a folder of images, or a dataset written by dask-imgsink")
     if fs.exists(join(root, "_index.json")):
+        if image_column not in (None, "image"):
+            raise UsageError(f"the input {path!r} is a dataset written by dask-imgsink: its images are its "
+                             f"tars' images, not a column; leave out --image-column {image_column}")
         return _dataset_input(path, storage_options)
     files = [p for p in sorted(fs.find(root)) if not _hidden(p, root)]
     if any(p.endswith(".parquet") for p in files):

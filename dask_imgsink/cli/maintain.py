@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, add_scheduler, add_storage_option, dask_client, print_report, storage_options
+from .common import (
+    UsageError,
+    add_scheduler,
+    add_storage_option,
+    dask_client,
+    positive_int,
+    print_report,
+    storage_options,
+)
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -51,7 +59,7 @@ def add_parsers(sub) -> None:
     )
     verify.add_argument("path", help="the dataset directory (local path or fsspec URL)")
     verify.add_argument("--decode", action="store_true", help="also decode every image")
-    verify.add_argument("--max-pixels", type=int, default=None,
+    verify.add_argument("--max-pixels", type=positive_int, default=None,
                         help="largest image to decode (default: the limit the dataset was written with)")
     add_scheduler(verify)
     add_storage_option(verify)

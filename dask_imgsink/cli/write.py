@@ -37,6 +37,7 @@ def _filtered(frame, expression: str | None):
     if not expression:
         return frame
     try:
+        frame._meta_nonempty.query(expression)  # Dask's stand-in rows: a type mismatch shows now, not mid-job
         return frame.query(expression)
     except Exception as exc:  # pandas raises many types for a bad expression
         raise UsageError(f"--filter {expression!r} cannot be applied ({type(exc).__name__}: {exc}); "
@@ -67,13 +68,16 @@ def run(args: argparse.Namespace) -> int:
     }
     with dask_client(args.scheduler, args.workers) as client:
         start = time.perf_counter()
-        bag = to_webdataset(
-            frame, args.output_dir, **roles,
-            metadata_columns=args.columns if args.columns is not None else source.metadata_columns,
-            images_per_tar=args.images_per_tar, max_shard_bytes=args.max_shard_bytes,
-            image_format=args.format, quality=args.quality, packing=args.packing, mode=args.mode,
-            on_error=args.on_error, storage_options=options,
-        )
+        try:  # what to_webdataset checks before any work is about the arguments
+            bag = to_webdataset(
+                frame, args.output_dir, **roles,
+                metadata_columns=args.columns if args.columns is not None else source.metadata_columns,
+                images_per_tar=args.images_per_tar, max_shard_bytes=args.max_shard_bytes,
+                image_format=args.format, quality=args.quality, packing=args.packing, mode=args.mode,
+                on_error=args.on_error, storage_options=options,
+            )
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
         tasks = run_with_progress(bag, client, progress=not args.no_progress)
         elapsed = time.perf_counter() - start
     images = sum(t.metadata["num_images"] for t in tasks)
