@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+import dask.dataframe as dd
+import pandas as pd
+
 import pyarrow as pa
 import pytest
 from helpers import dataset_names, frame_ddf, read_dataset, shard_names
@@ -117,8 +120,43 @@ def test_append_to_a_dataset_with_no_shard_checks_the_schema_its_job_recorded(tm
     ddf["extra"] = 1
     with pytest.raises(ValueError, match="extra: int64"):
         ddf.imgsink.to_webdataset(str(out), key_column="key", mode="append")
+    assert (out / "metadata" / "empty.parquet").exists()
     _write(out, 100, n=4, mode="append")
     assert len(read_dataset(out)["samples"]) == 4 and verify_dataset(str(out)).ok
+    assert not (out / "metadata" / "empty.parquet").exists()  # the stand-in goes with the first shards
+    assert len(dd.read_parquet(str(out)).compute()) == 4
+
+
+@pytest.mark.parametrize("packing", ["exact", "per_partition"])
+def test_an_empty_dataset_reads_in_every_parquet_reader_and_verify_checks_its_stand_in(tmp_path, packing):
+    """No shard, no Parquet file: every Parquet reader's natural call failed. A Parquet file of no row
+    in the shards' schema stands in; verify requires it exactly when there is no shard."""
+    import duckdb
+    import polars as pl
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    ddf = frame_ddf(6, 0)
+    ddf[ddf["key"] == "none of them"].imgsink.to_webdataset(str(out), key_column="key", packing=packing,
+                                                           compute=True)
+    names = pq.read_schema(out / "metadata" / "empty.parquet").names
+    assert "caption" in names and "key" in names
+    assert list(dd.read_parquet(str(out)).compute().columns) == names
+    assert len(pd.read_parquet(out / "metadata")) == 0 == pq.read_table(out / "metadata").num_rows
+    assert pads.dataset(out / "metadata", format="parquet").to_table().num_rows == 0
+    assert pl.read_parquet(f"{out}/metadata/*.parquet").columns == names
+    assert duckdb.sql(f"SELECT count(*) FROM '{out}/metadata/*.parquet'").fetchall() == [(0,)]
+    assert verify_dataset(str(out)).ok
+    stand_in = (out / "metadata" / "empty.parquet").read_bytes()
+    pq.write_table(pa.table({"key": ["x"]}), out / "metadata" / "empty.parquet")
+    assert [p.message for p in verify_dataset(str(out)).problems] == [
+        "is not the dataset's: it should hold no row, in the schema its last job recorded"]
+    (out / "metadata" / "empty.parquet").unlink()
+    assert [p.message for p in verify_dataset(str(out)).problems] == [
+        "is missing: a dataset with no shard holds it, for the Parquet readers"]
+    (out / "metadata" / "empty.parquet").write_bytes(stand_in)
+    assert verify_dataset(str(out)).ok
 
 
 def _as_layout_1(out) -> None:

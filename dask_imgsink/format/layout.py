@@ -41,7 +41,11 @@ CARD_FILE = "README.md"
 METADATA_DIR = "metadata"
 #: What older releases called the skipped-rows file (``overwrite`` removes it).
 LEGACY_ERRORS_FILE = "_errors.parquet"
-FIXED_FILES = (INDEX_FILE, SUCCESS_FILE, ERRORS_FILE, CARD_FILE, LEGACY_ERRORS_FILE)
+#: A dataset with no shard holds this Parquet file of no row in its shards' schema, so that the
+#: Parquet readers' natural calls (``dd.read_parquet(out)``, ``pd.read_parquet("out/metadata")``, a
+#: glob in polars or duckdb) give an empty frame with the dataset's columns, not an error.
+EMPTY_PARQUET = f"{METADATA_DIR}/empty.parquet"
+FIXED_FILES = (INDEX_FILE, SUCCESS_FILE, ERRORS_FILE, CARD_FILE, LEGACY_ERRORS_FILE, EMPTY_PARQUET)
 
 #: The dataset layout this release writes (recorded in ``_index.json``): 2 puts
 #: the Parquet files in ``metadata/``; 1 (no ``layout`` field) kept them beside the tars.

@@ -34,6 +34,7 @@ from ..format.checksums import SAMPLE_CHECKSUM, SHARD_CHECKSUM, sha256_hex
 from ..format.index import build_index, last_job, read_index, success_record
 from ..format.layout import (
     CARD_FILE,
+    EMPTY_PARQUET,
     ERRORS_FILE,
     INDEX_FILE,
     METADATA_DIR,
@@ -46,7 +47,7 @@ from ..format.layout import (
     lock_path,
     parquet_name,
 )
-from ..format.schema import schema_record, shard_schema
+from ..format.schema import parquet_bytes, schema_record, shard_schema
 from ..format.skipped import errors_jsonl, read_errors
 from ..storage import (
     files_below,
@@ -271,6 +272,12 @@ def _write_after_index(fs, root: str, opts, claim: Claim, journal: Journal, inde
     card = dataset_card(opts.dataset_name, index, text_column=opts.text_column, label_column=opts.label_column,
                         user_schema=opts.user_schema)
     files = [(join(root, CARD_FILE), card)]
+    if not index["shardlist"]:  # no shard: a Parquet of no row stands in, for the Parquet readers
+        if is_local(fs):
+            fs.makedirs(join(root, METADATA_DIR), exist_ok=True)
+        files.append((join(root, EMPTY_PARQUET), parquet_bytes(shard_schema(opts.user_schema).empty_table())))
+    elif opts.mode == "append" and (last_job(index).get("shard_range") or [0])[0] == 0:  # an empty one's first
+        remove_file(fs, join(root, EMPTY_PARQUET))
     errors_sha256 = None  # the errors file is written after the index: _SUCCESS vouches for it
     if skipped or (opts.mode == "append" and fs.exists(join(root, ERRORS_FILE))):
         records = _errors_records(fs, root, skipped, opts.job_id, opts.mode == "append")

@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 
 import dask
+import pyarrow as pa
 
 from ..core.encode import DEFAULT_MAX_PIXELS, decode_encoded
 from ..errors import RowProblem
@@ -39,6 +40,7 @@ from ..format.index import (
     parse_index,
 )
 from ..format.layout import (
+    EMPTY_PARQUET,
     ERRORS_FILE,
     INDEX_FILE,
     LAYOUT_VERSION,
@@ -60,7 +62,7 @@ from ..format.members import (
     label_member,
     text_member,
 )
-from ..format.schema import WRITER_COLUMNS, parquet_from_bytes
+from ..format.schema import WRITER_COLUMNS, parquet_from_bytes, recorded_schema
 from ..format.skipped import read_errors
 from ..storage import forget_listings, join, read_bytes, resolve
 from .tarstream import Sample, TarScan, scan_tar
@@ -377,6 +379,30 @@ def _check_errors_file(index: dict, data: bytes | None, report: VerifyReport) ->
         report.problems.append(Problem(ERRORS_FILE, None, f"lists {rows} rows, the index counts {skipped} skipped"))
 
 
+def _check_empty_parquet(fs, root: str, index: dict, report: VerifyReport) -> None:
+    """The stand-in Parquet of a dataset with no shard: there exactly then, with no row, in the recorded schema."""
+    data = read_bytes(fs, join(root, EMPTY_PARQUET))
+    recorded = recorded_schema(index)
+    if index["shardlist"]:
+        if data is not None:
+            report.problems.append(Problem(EMPTY_PARQUET, None, "is present, but the dataset has shards: it stands "
+                                                                "in only for a dataset with none"))
+        return
+    if data is None:
+        if recorded is not None:  # written by a release that writes it
+            report.problems.append(Problem(EMPTY_PARQUET, None, "is missing: a dataset with no shard holds it, "
+                                                                "for the Parquet readers"))
+        return
+    try:
+        table = parquet_from_bytes(data)
+    except (pa.ArrowException, OSError) as exc:
+        report.problems.append(Problem(EMPTY_PARQUET, None, f"is not a readable Parquet file ({exc})"))
+        return
+    if table.num_rows or (recorded is not None and not table.schema.equals(recorded, check_metadata=False)):
+        report.problems.append(Problem(EMPTY_PARQUET, None, "is not the dataset's: it should hold no row, in the "
+                                                            "schema its last job recorded"))
+
+
 def _max_pixels(index: dict) -> int:
     recorded = [(j.get("options") or {}).get("max_pixels") for j in index.get("jobs", [])]
     return max([m for m in recorded if isinstance(m, int)] or [DEFAULT_MAX_PIXELS])
@@ -448,6 +474,8 @@ def _verify_into(report: VerifyReport, fs, root: str, path: str, storage_options
     if index is None:
         return
     _check_errors_file(index, errors_bytes, report)
+    if index_layout(index) >= 2:
+        _check_empty_parquet(fs, root, index, report)
     limit = max_pixels or _max_pixels(index)
     checks = [ShardCheck(path, storage_options, entry, job_for_shard(index, i).get("options") or {}, decode, limit,
                          index_layout(index))
