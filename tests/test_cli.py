@@ -75,6 +75,19 @@ def test_verify_and_info(tmp_path, capsys):
     assert "INCOMPLETE" in capsys.readouterr().out
 
 
+def test_info_of_a_dataset_whose_first_job_wrote_no_shard(tmp_path, capsys):
+    from helpers import frame_ddf
+
+    out = tmp_path / "out"
+    ddf = frame_ddf(4, 0)
+    ddf[ddf["key"] == "none"].imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    frame_ddf(4, 10).imgsink.to_webdataset(str(out), key_column="key", images_per_tar=3, mode="append",
+                                          compute=True)
+    assert main(["info", str(out)]) == 0
+    jobs = capsys.readouterr().out.split("written by 2 jobs:")[1].splitlines()[1:]
+    assert jobs[0].endswith("0 images, 0 skipped, no shard") and jobs[1].endswith("4 images, 0 skipped, shards 0-1")
+
+
 def test_version_and_every_help_is_plain_text():
     from dask_imgsink import __version__
 

@@ -83,9 +83,14 @@ def print_summary(info: dict) -> None:
         print(f"    {bucket['longer_side']:>8} px  {bar:<{BAR_WIDTH}} {bucket['images']}")
     print(f"  written by {len(info['jobs'])} job{'s' * (len(info['jobs']) != 1)}:")
     for job in info["jobs"]:
-        lo, hi = job["shard_range"] or [0, 0]
+        lo, hi = job["shard_range"] if _is_range(job["shard_range"]) else (0, 0)
+        shards = f"shards {lo}-{hi - 1}" if hi > lo else "no shard"
         print(f"    {job['committed_at']}  {(job['job_id'] or '?')[:12]}  mode={job['mode']} "
-              f"packing={job['packing']}  {job['images']} images, {job['skipped']} skipped, shards {lo}-{hi - 1}")
+              f"packing={job['packing']}  {job['images']} images, {job['skipped']} skipped, {shards}")
+
+
+def _is_range(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
 
 def run(args: argparse.Namespace) -> int:
