@@ -241,9 +241,9 @@ def test_write_reshards_a_dataset_keeping_keys_bytes_and_text_members(tmp_path):
     assert main(["verify", str(out), "--scheduler", "threads"]) == 0
 
 
-def test_write_reshards_a_dataset_whose_jobs_wrote_different_text_and_label_columns(tmp_path):
-    """Each sample keeps the members its own job wrote: a caption as .txt from the first job's samples
-    only, a label as .cls from the second's (some null), and every sample's bytes are the same."""
+def test_write_of_a_dataset_whose_jobs_wrote_different_text_and_label_columns_asks_for_the_rule(tmp_path):
+    """The first job wrote captions as .txt, the second labels as .cls (captions only in key.json): one
+    rule for every sample would add or drop members, so the command asks for it; given, it applies."""
     import dask
     import dask.dataframe as dd
     import pandas as pd
@@ -253,21 +253,21 @@ def test_write_reshards_a_dataset_whose_jobs_wrote_different_text_and_label_colu
 
     first, out = tmp_path / "first", tmp_path / "second"
     one, two = make_frame(6), make_frame(6, start=100)
-    one.loc[2, "caption"] = None
     two["label"] = pd.array([1, None, 3, 4, None, 6], dtype="Int64")
     with dask.config.set({"dataframe.convert-string": False}):
         dd.from_pandas(one, npartitions=2).imgsink.to_webdataset(
             str(first), key_column="key", text_column="caption", images_per_tar=4, compute=True)
         dd.from_pandas(two, npartitions=2).imgsink.to_webdataset(
             str(first), key_column="key", label_column="label", images_per_tar=4, mode="append", compute=True)
-    proc = _run("write", str(first), str(out), "--images-per-tar", "5", "--scheduler", "threads", "--no-progress")
+    proc = _run("write", str(first), str(out), "--scheduler", "threads", "--no-progress")
+    assert proc.returncode == 2 and "different columns" in proc.stderr and "--text-column" in proc.stderr
+    assert not out.exists()
+    proc = _run("write", str(first), str(out), "--text-column", "caption", "--scheduler", "threads", "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    before = read_webdataset(str(first)).compute(scheduler="sync")
     after = read_webdataset(str(out)).compute(scheduler="sync")
-    assert list(after["key"]) == list(before["key"])
-    assert list(after["sample_xxh3_64"]) == list(before["sample_xxh3_64"])  # the same members, byte for byte
-    assert list(after.columns) == list(before.columns)  # no column of the re-shard's own
-    assert main(["verify", str(out), "--scheduler", "threads"]) == 0
+    assert len(after) == 12 and main(["verify", str(out), "--scheduler", "threads"]) == 0
+    index = json.loads((out / "_index.json").read_text())
+    assert [(j["options"]["text_column"], j["options"]["label_column"]) for j in index["jobs"]] == [("caption", None)]
 
 
 def test_write_refuses_an_image_column_for_a_dataset_input(tmp_path):

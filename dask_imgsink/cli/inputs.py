@@ -2,7 +2,10 @@
 
 - A directory holding ``_index.json`` is a dataset written by dask-imgsink: it is
   read with :func:`~dask_imgsink.read_webdataset` and re-sharded; its keys are
-  kept, and the text and label columns of the job that wrote it are used again.
+  kept, and the text and label columns its jobs wrote members from are used again.
+  Jobs that used different ones cannot be re-sharded under one rule without
+  adding or dropping members: the command then asks for ``--text-column`` and
+  ``--label-column``, which apply to every sample.
 - A ``.parquet`` file, or a directory holding ``.parquet`` files, is read with
   ``dd.read_parquet``; the image column is ``--image-column``, else ``image``, else
   the only column of encoded bytes or Hugging Face ``{"bytes", "path"}`` structs.
@@ -28,7 +31,6 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from ..format.schema import default_metadata_columns
 from ..storage import join, resolve
 from .common import UsageError
 
@@ -46,7 +48,6 @@ class Input:
     key_column: str | None = None
     text_column: str | None = None
     label_column: str | None = None
-    metadata_columns: list[str] | None = None  # None: every column but the image and the key
     notes: list[str] = field(default_factory=list)
 
 
@@ -57,7 +58,8 @@ def key_for_path(relative: str) -> str:
 
 
 def open_input(path: str, *, storage_options: dict | None, image_column: str | None,
-               files_per_partition: int) -> Input:
+               files_per_partition: int, text_column: str | None = None,
+               label_column: str | None = None) -> Input:
     """Recognise ``path`` and open it as a Dask DataFrame (see the module docstring)."""
     fs, root = resolve(path, storage_options)
     if not fs.exists(root):
@@ -71,7 +73,7 @@ def open_input(path: str, *, storage_options: dict | None, image_column: str | N
         if image_column not in (None, "image"):
             raise UsageError(f"the input {path!r} is a dataset written by dask-imgsink: its images are its "
                              f"tars' images, not a column; leave out --image-column {image_column}")
-        return _dataset_input(path, storage_options)
+        return _dataset_input(path, storage_options, text_column, label_column)
     files = [p for p in sorted(fs.find(root)) if not _hidden(p, root)]
     if any(p.endswith(".parquet") for p in files):
         return _parquet_input(path, storage_options, image_column)
@@ -87,55 +89,39 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/"))
 
 
-#: The columns a re-shard of a dataset whose jobs wrote different text or label columns builds: each
-#: sample's text and label from the column its own job wrote them from.
-SAMPLE_TEXT, SAMPLE_LABEL = "__imgsink_text__", "__imgsink_label__"
-
-
-def _dataset_input(path: str, storage_options: dict | None) -> Input:
+def _dataset_input(path: str, storage_options: dict | None, text_column: str | None = None,
+                   label_column: str | None = None) -> Input:
     from ..format.index import read_index
     from ..read.dataset import read_webdataset
 
     fs, root = resolve(path, storage_options)
     index = read_index(fs, root) or {}
     frame = read_webdataset(path, storage_options=storage_options)
-    roles = _roles_by_tar(index, set(frame.columns))
-    if len(set(roles.values())) <= 1:  # one text and one label column for every sample (or no shard)
-        text, label = next(iter(roles.values()), (None, None))
-        return Input(frame, "dataset", key_column="key", text_column=text, label_column=label)
-    columns = list(frame.columns)
-    frame = frame.map_partitions(_sample_roles, roles, meta=_sample_roles(frame._meta, roles))
-    return Input(frame, "dataset", key_column="key",
-                 text_column=SAMPLE_TEXT if any(t for t, _ in roles.values()) else None,
-                 label_column=SAMPLE_LABEL if any(lb for _, lb in roles.values()) else None,
-                 metadata_columns=default_metadata_columns(columns, "image", "key"),
-                 notes=["its jobs wrote different text or label columns: each sample keeps its own job's"])
+    roles = _roles_by_job(index, set(frame.columns))
+    if len(roles) > 1:
+        if text_column is not None or label_column is not None:  # the user's rule for every sample
+            return Input(frame, "dataset", key_column="key")
+        raise UsageError(
+            f"the jobs that wrote {path!r} wrote text and label members from different columns "
+            f"({', '.join(f'text {t!r}, label {lb!r}' for t, lb in sorted(roles, key=str))}): a re-shard, which "
+            "applies one rule to every sample, would add or drop some samples' .txt/.cls members. Choose the "
+            "rule with --text-column and/or --label-column (a role not given then writes no member), or "
+            "re-shard each job's shards apart with read_webdataset and to_webdataset"
+        )
+    text, label = next(iter(roles), (None, None))
+    return Input(frame, "dataset", key_column="key", text_column=text, label_column=label)
 
 
-def _roles_by_tar(index: dict, columns: set[str]) -> dict[str, tuple[str | None, str | None]]:
-    """Each shard's tar name -> the text and label columns of the job that wrote it (those the frame has)."""
-    from ..format.index import job_for_shard
-
-    roles = {}
-    for position, entry in enumerate(index.get("shardlist") or []):
-        options = job_for_shard(index, position).get("options") or {}
-        text, label = options.get("text_column"), options.get("label_column")
-        roles[entry.get("url")] = (text if text in columns else None, label if label in columns else None)
+def _roles_by_job(index: dict, columns: set[str]) -> set[tuple[str | None, str | None]]:
+    """The (text column, label column) pairs the dataset's jobs that wrote shards used (those the frame has)."""
+    roles = set()
+    for job in index.get("jobs") or []:
+        lo, hi = (job.get("shard_range") or [0, 0]) if isinstance(job, dict) else (0, 0)
+        if hi > lo:
+            options = job.get("options") or {}
+            text, label = options.get("text_column"), options.get("label_column")
+            roles.add((text if text in columns else None, label if label in columns else None))
     return roles
-
-
-def _sample_roles(part: pd.DataFrame, roles: dict[str, tuple[str | None, str | None]]) -> pd.DataFrame:
-    """``part`` with :data:`SAMPLE_TEXT` and :data:`SAMPLE_LABEL`: each row's text and label, taken from
-    the columns its shard's job wrote them from (null where that job wrote none)."""
-    text = pd.Series(None, index=part.index, dtype=object)
-    label = pd.Series(pd.NA, index=part.index, dtype="Int64")
-    for tar, (text_column, label_column) in roles.items():
-        rows = (part["tar_file"] == tar).to_numpy()
-        if text_column is not None and rows.any():
-            text[rows] = part.loc[rows, text_column].astype(object)
-        if label_column is not None and rows.any():
-            label[rows] = part.loc[rows, label_column]
-    return part.assign(**{SAMPLE_TEXT: text, SAMPLE_LABEL: label})
 
 
 def _parquet_input(path: str, storage_options: dict | None, image_column: str | None) -> Input:

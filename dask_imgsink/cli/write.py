@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = storage_options(args.storage_option)
     source = open_input(args.input, storage_options=options, image_column=args.image_column,
-                        files_per_partition=args.files_per_partition)
+                        files_per_partition=args.files_per_partition, text_column=args.text_column,
+                        label_column=args.label_column)
     frame = _filtered(source.frame, args.filter)
     roles = {
         "image_column": source.image_column,
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         try:  # what to_webdataset checks before any work is about the arguments
             bag = to_webdataset(
                 frame, args.output_dir, **roles,
-                metadata_columns=args.columns if args.columns is not None else source.metadata_columns,
+                metadata_columns=args.columns,
                 images_per_tar=args.images_per_tar, max_shard_bytes=args.max_shard_bytes,
                 image_format=args.format, quality=args.quality, packing=args.packing, mode=args.mode,
                 on_error=args.on_error, storage_options=options,
