@@ -430,18 +430,19 @@ def test_the_stage_default_names_never_collide_between_batches(tmp_path):
 
 
 NESTED = {"tags": pa.list_(pa.string()), "box": pa.struct([("w", pa.int64()), ("h", pa.int64())]),
-          "boxes": pa.list_(pa.struct([("w", pa.int64())]))}
+          "boxes": pa.list_(pa.struct([("w", pa.int64())])), "groups": pa.list_(pa.list_(pa.string()))}
 #: A value Arrow would reshape to fit its nested type (not refuse): column -> (value, what the error says).
 RESHAPED = {"tags": ("abc", "a str is not a list"),
             "box": ({"w": 1, "h": 2, "depth": 3}, r"\['depth'\] are not fields"),
-            "boxes": ([{"w": 1}, {"w": 2, "x": 0}], r"\['x'\] are not fields")}
+            "boxes": ([{"w": 1}, {"w": 2, "x": 0}], r"\['x'\] are not fields"),
+            "groups": ([["a"], "bc"], "a str is not a list")}
 
 
 @pytest.mark.parametrize("column", sorted(RESHAPED))
 def test_a_value_arrow_would_reshape_to_fit_its_nested_type_is_a_bad_row(column, tmp_path):
     """Arrow takes a str for a list of its characters and drops a dict's keys a struct has no field
     for: the value written would not be the value given, so the row is refused (or skipped)."""
-    good = {"tags": ["x", "y"], "box": {"w": 1, "h": 2}, "boxes": [{"w": 1}]}
+    good = {"tags": ["x", "y"], "box": {"w": 1, "h": 2}, "boxes": [{"w": 1}], "groups": [["a"], []]}
     rows = [dict(good) for _ in range(3)]
     rows[1][column] = RESHAPED[column][0]
     frame = pd.DataFrame({"key": ["a", "b", "c"], "image": pd.Series([GOOD] * 3, dtype=object),
@@ -498,3 +499,14 @@ def test_categories_dask_does_not_know_are_text_with_wide_codes_and_other_values
     rows = [row for table in data["tables"] for row in table.select(["tag", "kind"]).to_pylist()]
     assert rows == frame[["tag", "kind"]].to_dict("records")
     assert [json.loads(m["json"]) for _, m in data["samples"]] == rows
+
+
+def test_an_infinity_inside_a_map_value_is_written_as_in_any_other_column(tmp_path):
+    """Arrow gives a map's entries as tuples: an infinity inside one is 1e999 in key.json too."""
+    frame = pd.DataFrame({"key": ["a"], "image": pd.Series([GOOD], dtype=object),
+                          "weights": pd.Series([[("x", float("inf")), ("y", 0.5)]], dtype=object)})
+    out = tmp_path / "out"
+    _ddf(frame).imgsink.to_webdataset(str(out), key_column="key", compute=True,
+                                      metadata_schema={"weights": pa.map_(pa.string(), pa.float64())})
+    (_, members), = read_dataset(out)["samples"]
+    assert members["json"] == b'{"weights": [["x", 1e999], ["y", 0.5]]}'

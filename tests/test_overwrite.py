@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import dask
 import dask.dataframe as dd
 import pandas as pd
 
 import pyarrow as pa
 import pytest
-from helpers import dataset_names, frame_ddf, read_dataset, shard_names
+from helpers import dataset_names, frame_ddf, make_frame, read_dataset, shard_names
 
 import dask_imgsink  # noqa: F401
 from dask_imgsink import verify_dataset
@@ -130,7 +131,7 @@ def test_append_to_a_dataset_with_no_shard_checks_the_schema_its_job_recorded(tm
 @pytest.mark.parametrize("packing", ["exact", "per_partition"])
 def test_an_empty_dataset_reads_in_every_parquet_reader_and_verify_checks_its_stand_in(tmp_path, packing):
     """No shard, no Parquet file: every Parquet reader's natural call failed. A Parquet file of no row
-    in the shards' schema stands in; verify requires it exactly when there is no shard."""
+    in the shards' schema stands in; verify checks it when there, and that it is there only then."""
     import duckdb
     import polars as pl
     import pyarrow.dataset as pads
@@ -153,9 +154,25 @@ def test_an_empty_dataset_reads_in_every_parquet_reader_and_verify_checks_its_st
     assert [p.message for p in verify_dataset(str(out)).problems] == [
         "is not the dataset's: it should hold no row, in the schema its last job recorded"]
     (out / "metadata" / "empty.parquet").unlink()
-    assert [p.message for p in verify_dataset(str(out)).problems] == [
-        "is missing: a dataset with no shard holds it, for the Parquet readers"]
+    assert verify_dataset(str(out)).ok  # releases before it wrote none: it holds no data
     (out / "metadata" / "empty.parquet").write_bytes(stand_in)
+    assert verify_dataset(str(out)).ok
+    _write(out, 100, n=4, mode="append")
+    (out / "metadata" / "empty.parquet").write_bytes(stand_in)  # beside shards: a stray
+    assert [p.message for p in verify_dataset(str(out)).problems] == [
+        "is present, but the dataset has shards: it stands in only for a dataset with none"]
+
+
+def test_verify_accepts_the_stand_in_of_types_parquet_stores_otherwise(tmp_path):
+    """Parquet stores date64 as date32 and timestamp[s] as milliseconds: the stand-in read back is
+    compared with the recorded schema as Parquet stores it."""
+    frame = make_frame(2)
+    frame["taken"] = pd.Series(pd.to_datetime(["2026-01-01", "2026-01-02"]).astype("datetime64[s]"))
+    frame["day"] = pd.Series(pa.array([0, 1], pa.date64()).to_pandas(types_mapper=pd.ArrowDtype))
+    with dask.config.set({"dataframe.convert-string": False}):
+        ddf = dd.from_pandas(frame, npartitions=1)
+    out = tmp_path / "out"
+    ddf[ddf["key"] == "none"].imgsink.to_webdataset(str(out), key_column="key", compute=True)
     assert verify_dataset(str(out)).ok
 
 

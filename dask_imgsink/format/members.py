@@ -92,17 +92,22 @@ def label_member(value: Any) -> bytes | None:
 JSON_INFINITY = "1e999"
 
 
-def _json_value(value: Any, infinity: str | None) -> Any:
-    """``value`` ready for ``json.dumps``: NaN as null; infinities as the placeholder string ``infinity``
-    (``"-"`` before it for minus infinity), or as null when none is given."""
+#: Stands for an infinity in the text ``json.dumps`` makes, then is replaced: random for each
+#: process, so no value written can hold it.
+_INFINITY = f"imgsink-infinity-{uuid.uuid4().hex}"
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` ready for ``json.dumps``: NaN as null, infinities as :data:`_INFINITY` (``"-"`` before it
+    for minus infinity); tuples (Arrow's map entries) as lists, as ``json.dumps`` writes them."""
     if isinstance(value, float) and not math.isfinite(value):
-        if value != value or infinity is None:
+        if value != value:
             return None
-        return infinity if value > 0 else "-" + infinity
+        return _INFINITY if value > 0 else "-" + _INFINITY
     if isinstance(value, dict):
-        return {k: _json_value(v, infinity) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_value(v, infinity) for v in value]
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
     return value
 
 
@@ -117,23 +122,10 @@ def _json_default(value: Any) -> Any:
 
 
 def _dumps(value: Any) -> bytes:
-    text = json.dumps(_json_value(value, None), default=_json_default, ensure_ascii=False, allow_nan=False)
-    if _has_infinity(value):  # rare: written again with a placeholder no value can hold, then replaced
-        placeholder = f"imgsink-infinity-{uuid.uuid4().hex}"
-        text = json.dumps(_json_value(value, placeholder), default=_json_default, ensure_ascii=False,
-                          allow_nan=False)
-        text = text.replace(f'"-{placeholder}"', "-" + JSON_INFINITY).replace(f'"{placeholder}"', JSON_INFINITY)
+    text = json.dumps(_json_value(value), default=_json_default, ensure_ascii=False, allow_nan=False)
+    if _INFINITY in text:  # rare: a substring search, not a second walk of the value
+        text = text.replace(f'"-{_INFINITY}"', "-" + JSON_INFINITY).replace(f'"{_INFINITY}"', JSON_INFINITY)
     return text.encode()
-
-
-def _has_infinity(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isinf(value)
-    if isinstance(value, dict):
-        return any(map(_has_infinity, value.values()))
-    if isinstance(value, list):
-        return any(map(_has_infinity, value))
-    return False
 
 
 def json_member(row: dict[str, Any]) -> bytes:

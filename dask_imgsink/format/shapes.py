@@ -29,15 +29,17 @@ def reshaped(value: Any, type_: pa.DataType) -> str | None:
     if any(is_list(type_) for is_list in _LIST_TYPES):
         if isinstance(value, _NOT_LISTS):
             return f"a {type(value).__name__} is not a list (Arrow would split it into items)"
-        return _first(reshaped(item, type_.value_type) for item in value) if _iterable(value) else None
+        if not is_nested(type_.value_type) or not _iterable(value) or _plain_array(value):
+            return None  # items of a flat type are converted or refused, never reshaped
+        return _first(reshaped(item, type_.value_type) for item in value)
     if pa.types.is_struct(type_):
         if not isinstance(value, dict):
             return None  # Arrow refuses it itself
-        names = {type_.field(i).name for i in range(type_.num_fields)}
-        extra = [k for k in value if k not in names]
+        fields = [type_.field(i) for i in range(type_.num_fields)]
+        extra = [k for k in value if k not in {f.name for f in fields}]
         if extra:
             return f"the key(s) {extra[:5]} are not fields of {type_} (Arrow would drop them)"
-        return _first(reshaped(value.get(type_.field(i).name), type_.field(i).type) for i in range(type_.num_fields))
+        return _first(reshaped(value.get(f.name), f.type) for f in fields if is_nested(f.type))
     if pa.types.is_map(type_):
         items = value.items() if isinstance(value, dict) else value if _iterable(value) else ()
         return _first(reshaped(v, type_.item_type) for pair in items if isinstance(pair, tuple) and len(pair) == 2
@@ -47,6 +49,11 @@ def reshaped(value: Any, type_: pa.DataType) -> str | None:
 
 def _iterable(value: Any) -> bool:
     return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _plain_array(value: Any) -> bool:
+    """A NumPy array of numbers or booleans: no item of it can be a str or a dict."""
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biufc"
 
 
 def _first(reasons: Iterable[str | None]) -> str | None:

@@ -62,7 +62,7 @@ from ..format.members import (
     label_member,
     text_member,
 )
-from ..format.schema import WRITER_COLUMNS, parquet_from_bytes, recorded_schema
+from ..format.schema import WRITER_COLUMNS, parquet_bytes, parquet_from_bytes, recorded_schema
 from ..format.skipped import read_errors
 from ..storage import forget_listings, join, read_bytes, resolve
 from .tarstream import Sample, TarScan, scan_tar
@@ -380,7 +380,7 @@ def _check_errors_file(index: dict, data: bytes | None, report: VerifyReport) ->
 
 
 def _check_empty_parquet(fs, root: str, index: dict, report: VerifyReport) -> None:
-    """The stand-in Parquet of a dataset with no shard: there exactly then, with no row, in the recorded schema."""
+    """The stand-in Parquet of a dataset with no shard: there only then, with no row, in the recorded schema."""
     data = read_bytes(fs, join(root, EMPTY_PARQUET))
     recorded = recorded_schema(index)
     if index["shardlist"]:
@@ -388,16 +388,15 @@ def _check_empty_parquet(fs, root: str, index: dict, report: VerifyReport) -> No
             report.problems.append(Problem(EMPTY_PARQUET, None, "is present, but the dataset has shards: it stands "
                                                                 "in only for a dataset with none"))
         return
-    if data is None:
-        if recorded is not None:  # written by a release that writes it
-            report.problems.append(Problem(EMPTY_PARQUET, None, "is missing: a dataset with no shard holds it, "
-                                                                "for the Parquet readers"))
+    if data is None:  # releases before it wrote none, and it holds no data: nothing is lost
         return
     try:
         table = parquet_from_bytes(data)
     except (pa.ArrowException, OSError) as exc:
         report.problems.append(Problem(EMPTY_PARQUET, None, f"is not a readable Parquet file ({exc})"))
         return
+    if recorded is not None:  # as Parquet stores it (date64 as date32, timestamp[s] as [ms], ...)
+        recorded = parquet_from_bytes(parquet_bytes(recorded.empty_table())).schema
     if table.num_rows or (recorded is not None and not table.schema.equals(recorded, check_metadata=False)):
         report.problems.append(Problem(EMPTY_PARQUET, None, "is not the dataset's: it should hold no row, in the "
                                                             "schema its last job recorded"))
