@@ -487,6 +487,13 @@ def test_categories_dask_does_not_know_are_text_with_wide_codes_and_other_values
     data = read_dataset(out)
     assert str(data["tables"][0].schema.field("tag").type) == "dictionary<values=string, indices=int32, ordered=0>"
     assert [v for t in data["tables"] for v in t.column("tag").to_pylist()] == list(frame.tag)
+    # dd.read_parquet gives a dictionary column as a categorical whose meta holds no category at all
+    back = dd.read_parquet(str(out), columns=["key", "tag"])
+    assert isinstance(back["tag"].dtype, pd.CategoricalDtype) and len(back._meta["tag"].cat.categories) == 0
+    back = back.assign(image=back["key"].map(lambda _: GOOD, meta=("image", object)))
+    back.imgsink.to_webdataset(str(tmp_path / "again"), key_column="key", images_per_tar=60, compute=True)
+    again = read_dataset(tmp_path / "again")["tables"]
+    assert [v for t in again for v in t.column("tag").to_pylist()] == list(frame.tag)
     with pytest.raises(BadRowError, match=r"categories are int64, not text.*as_known") as caught:
         ddf.imgsink.to_webdataset(str(tmp_path / "ints"), key_column="key", compute=True)
     assert (caught.value.column, caught.value.row) == ("kind", 0)

@@ -111,7 +111,7 @@ def user_schema_from_meta(
     for col in columns:
         if col in overrides:
             fields.append(pa.field(col, overrides[col]))
-        elif _unknown_categories(meta[col].dtype):  # astype('category'), dd.read_parquet of dictionary columns
+        elif _unknown_categories(meta[col].dtype):  # astype('category'); dd.read_parquet of a dictionary column
             fields.append(pa.field(col, UNKNOWN_CATEGORIES_TYPE))
         elif meta[col].dtype == object or isinstance(meta[col].dtype, pd.StringDtype):
             fields.append(pa.field(col, pa.string()))  # pandas' strings are Arrow's string, whatever their storage
@@ -148,8 +148,9 @@ def _categories_cast(dtype, type_: pa.DataType) -> bool:
 
 
 def _unknown_categories(dtype) -> bool:
-    """Whether ``dtype`` is a categorical whose categories Dask does not know (its meta holds a marker)."""
-    return isinstance(dtype, pd.CategoricalDtype) and list(dtype.categories) == [UNKNOWN_CATEGORIES]
+    """Whether ``dtype`` is a categorical whose categories the meta does not give: Dask's marker for
+    unknown categories (``astype('category')``), or none at all (``dd.read_parquet`` of a dictionary column)."""
+    return isinstance(dtype, pd.CategoricalDtype) and list(dtype.categories) in ([UNKNOWN_CATEGORIES], [])
 
 
 def shard_schema(user_schema: pa.Schema) -> pa.Schema:
