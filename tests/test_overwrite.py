@@ -89,7 +89,7 @@ def test_overwrite_removes_a_symlinked_shard_but_not_what_it_points_to(tmp_path)
 def test_overwrite_of_a_dataset_with_leftovers_of_an_old_release_says_how_to_clean(tmp_path):
     out = tmp_path / "out"
     _write(out)
-    (out / "_temporary" / "job").mkdir(parents=True)
+    (out / "_temporary" / ("ab" * 16)).mkdir(parents=True)  # an older release's job folder
     with pytest.raises(ValueError, match="dask-imgsink clean"):
         _write(out, 100, mode="overwrite")
 

@@ -299,6 +299,23 @@ def test_clean_leaves_a_temporary_folder_that_is_not_ours(tmp_path, capsys):
     assert sorted(p.name for p in foreign.iterdir()) == ["_temporary"]
 
 
+def test_verify_and_clean_agree_on_which_temporary_folder_is_ours(tmp_path, capsys):
+    """An empty ``_temporary`` (an older release's aborted job) is ours: verify says to clean it and
+    clean does. Spark's ``_temporary/0`` is not: verify says so, and clean leaves it."""
+    out = tmp_path / "out"
+    frame_ddf(5, 0).imgsink.to_webdataset(str(out), key_column="key", compute=True)
+    (out / "_temporary").mkdir()
+    assert [str(p) for p in verify_dataset(str(out)).problems] == [
+        "_temporary: a job's staging or lock is present: a job is writing this dataset, or died (remove it "
+        "with dask-imgsink clean)"]
+    assert main(["clean", str(out)]) == 0 and "_temporary" in capsys.readouterr().out
+    assert verify_dataset(str(out)).ok
+    (out / "_temporary" / "0").mkdir(parents=True)
+    assert [p.message for p in verify_dataset(str(out)).problems] == [
+        "is a stray folder, another tool's staging (Hadoop's and Spark's are named so): not ours to remove"]
+    assert main(["clean", str(out)]) == 0 and (out / "_temporary" / "0").is_dir()
+
+
 def test_the_next_job_removes_staging_no_lock_owns(tmp_path):
     out = tmp_path / "out"
     orphan = out / ".imgsink" / "jobs" / uuid.uuid4().hex / "assemble-000000-abc"

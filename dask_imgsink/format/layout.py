@@ -81,6 +81,19 @@ def index_layout(index: dict | None) -> int:
     return layout if isinstance(layout, int) and not isinstance(layout, bool) else 1
 
 
+_LEGACY_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def legacy_staging(fs, folder: str) -> bool:
+    """Whether ``folder`` (a ``_temporary/``) is staging an older dask-imgsink left: empty, or only
+    ``<job id>/`` folders (32 hex digits). Hadoop and Spark stage in ``_temporary/0/...``: not ours."""
+    try:
+        entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return all(_LEGACY_JOB_ID.match(name) for name in entries)
+
+
 def lock_path(root: str) -> str:
     return join(root, LOCK_FILE)
 

@@ -14,6 +14,7 @@ from ..format.layout import (
     WORK_DIR,
     job_dir,
     jobs_root,
+    legacy_staging,
 )
 from ..storage import forget_listings, join, remove_empty_dir, remove_quietly, resolve
 from .lock import (
@@ -29,7 +30,6 @@ from .lock import (
 logger = logging.getLogger("dask_imgsink")
 
 #: Temporary small files of releases before 0.2, left in the dataset by a killed commit.
-_LEGACY_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _LEGACY_TMP = re.compile(r"^\.(_SUCCESS|_index\.json|README\.md|_errors\.parquet)\.[0-9a-f]{32}\.tmp$")
 
 
@@ -115,16 +115,6 @@ class CleanReport:
     broke_lock: str | None = None
 
 
-def _legacy_staging(fs, folder: str) -> bool:
-    """Whether ``folder`` is staging an older dask-imgsink left: ``_temporary/<job id>/...``, every entry
-    a 32-hex job id. Other tools stage in folders of that name too (Hadoop and Spark: ``_temporary/0/``)."""
-    try:
-        entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    return bool(entries) and all(_LEGACY_JOB_ID.match(name) for name in entries)
-
-
 def clean(path: str, *, break_lock: bool = False, storage_options: dict | None = None) -> CleanReport:
     """Remove staging and lock files that no live job owns from a dataset directory.
 
@@ -174,7 +164,7 @@ def clean(path: str, *, break_lock: bool = False, storage_options: dict | None =
         report.removed += sweep_dead_staging(fs, root, mine.job_id, mine.run_id)
         remove_empty_dir(fs, jobs_root(root))
         legacy = join(root, LEGACY_STAGING_DIR)
-        if _legacy_staging(fs, legacy):
+        if legacy_staging(fs, legacy):
             remove_quietly(fs, legacy, recursive=True)
             report.removed.append(legacy)
         for entry in fs.ls(root, detail=False):

@@ -30,11 +30,12 @@ from ..format.layout import (
     dataset_files,
     dataset_listing,
     index_layout,
+    legacy_staging,
     parquet_name,
     shard_files,
 )
 from ..format.schema import narrowed, recorded_schema
-from ..storage import forget_listings, is_local, is_s3, read_bytes
+from ..storage import forget_listings, is_local, is_s3, join, read_bytes
 
 MODE_CHOICES = ("error", "overwrite", "append")
 
@@ -117,7 +118,8 @@ def overwrite_removals(fs, root: str, url: str) -> list[str]:
     unknown = unknown_entries(names, index)
     if unknown:
         hint = (f" ({LEGACY_STAGING_DIR} is staging left by an older dask-imgsink: remove it with "
-                f"`dask-imgsink clean {url}`)") if LEGACY_STAGING_DIR in unknown else ""
+                f"`dask-imgsink clean {url}`)") if LEGACY_STAGING_DIR in unknown and legacy_staging(
+                    fs, join(root, LEGACY_STAGING_DIR)) else ""
         raise ValueError(
             f"mode='overwrite' only removes the files a dataset's {INDEX_FILE} accounts for, and "
             f"{url!r} also holds {_shown(unknown)}{hint}. Move or delete them yourself, or write "

@@ -52,6 +52,7 @@ from ..format.layout import (
     dataset_listing,
     idx_name,
     index_layout,
+    legacy_staging,
     parquet_name,
 )
 from ..format.members import (
@@ -299,9 +300,12 @@ def _check_listing(fs, root: str, index: dict | None, report: VerifyReport) -> N
     forget_listings(fs, root)
     owned = dataset_files(index) if index is not None else set()
     for name in dataset_listing(fs, root):
-        if name in (WORK_DIR, LEGACY_STAGING_DIR):
+        if name == WORK_DIR or (name == LEGACY_STAGING_DIR and legacy_staging(fs, join(root, name))):
             report.problems.append(Problem(name, None, "a job's staging or lock is present: a job is writing "
                                                        "this dataset, or died (remove it with dask-imgsink clean)"))
+        elif name == LEGACY_STAGING_DIR:
+            report.problems.append(Problem(name, None, "is a stray folder, another tool's staging (Hadoop's and "
+                                                       "Spark's are named so): not ours to remove"))
         elif index is not None and (name not in owned or (name == LEGACY_ERRORS_FILE and index_layout(index) >= 2)):
             kind = "shard" if name.endswith((".tar", ".parquet", ".idx")) and not name.startswith("_") else "file"
             report.problems.append(Problem(name, None, f"is a stray {kind}: the index does not list it"))
