@@ -287,6 +287,9 @@ def test_write_into_a_non_empty_directory_fails_with_exit_1_and_keeps_it(tmp_pat
     (out / "mine.txt").write_text("keep me")
     proc = _run("write", str(images), str(out), "--scheduler", "threads")
     assert proc.returncode == 1 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+    # what the directory holds does not suit the mode: the output's state, not a usage error
+    proc = _run("write", str(images), str(out), "--mode", "overwrite", "--scheduler", "threads")
+    assert proc.returncode == 1 and "also holds mine.txt" in proc.stderr and "usage:" not in proc.stderr
     assert (out / "mine.txt").read_text() == "keep me"
 
 

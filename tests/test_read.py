@@ -133,6 +133,7 @@ def test_filters_as_an_arrow_expression_or_in_dnf_and_bad_ones_refused_at_call_t
     by_expression = read_webdataset(out, filters=pc.field("score") == 3, columns=["key"]).compute(scheduler="sync")
     by_dnf = read_webdataset(out, filters=[("score", "==", 3)], columns=["key"]).compute(scheduler="sync")
     assert list(by_expression["key"]) == list(by_dnf["key"]) == ["img00003", "img00013", "img00023", "img00033"]
+    assert len(read_webdataset(out, filters=[], columns=["key"]).compute(scheduler="sync")) == 40  # no condition
     with pytest.raises(ValueError, match=r"filters name column\(s\) \['scroe'\] the dataset does not have"):
         read_webdataset(out, filters=[("scroe", ">", 3)])
     with pytest.raises(ValueError, match="not pyarrow's DNF form"):

@@ -54,7 +54,9 @@ def _skipped_rows(output_dir: str, options: dict | None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..format.index import IndexFormatError
     from ..job.accessor import to_webdataset
+    from ..job.output import OutputStateError
 
     options = storage_options(args.storage_option)
     source = open_input(args.input, storage_options=options, image_column=args.image_column,
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
                 image_format=args.format, quality=args.quality, packing=args.packing, mode=args.mode,
                 on_error=args.on_error, storage_options=options,
             )
+        except (OutputStateError, IndexFormatError):
+            raise  # the output's state, not the arguments: exit 1
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         tasks = run_with_progress(bag, client, progress=not args.no_progress)

@@ -40,6 +40,11 @@ from ..storage import forget_listings, is_local, is_s3, join, read_bytes
 MODE_CHOICES = ("error", "overwrite", "append")
 
 
+class OutputStateError(ValueError):
+    """What the output directory holds does not suit the mode (a foreign file, another schema, ...):
+    the state of the output, not a bad argument."""
+
+
 def existing_entries(fs, root: str) -> list[str]:
     """Names in the output directory, leaving out our hidden work folder.
 
@@ -80,7 +85,7 @@ def check_overwrite_target(fs, root: str, url: str) -> None:
     """
     if not is_local(fs):
         if root.strip("/").count("/") == 0:
-            raise ValueError(f"mode='overwrite' refuses {url!r}: it is a bucket root; write to a folder in it")
+            raise OutputStateError(f"mode='overwrite' refuses {url!r}: it is a bucket root; write to a folder in it")
         return
     target = os.path.realpath(root)
     cwd = os.path.realpath(os.getcwd())
@@ -93,7 +98,7 @@ def check_overwrite_target(fs, root: str, url: str) -> None:
         reason = "it holds the current working directory"
     else:
         return
-    raise ValueError(
+    raise OutputStateError(
         f"mode='overwrite' refuses {url!r} (resolved: {target}): {reason}. Write the dataset to a directory of its own"
     )
 
@@ -120,7 +125,7 @@ def overwrite_removals(fs, root: str, url: str) -> list[str]:
         hint = (f" ({LEGACY_STAGING_DIR} is staging left by an older dask-imgsink: remove it with "
                 f"`dask-imgsink clean {url}`)") if LEGACY_STAGING_DIR in unknown and legacy_staging(
                     fs, join(root, LEGACY_STAGING_DIR)) else ""
-        raise ValueError(
+        raise OutputStateError(
             f"mode='overwrite' only removes the files a dataset's {INDEX_FILE} accounts for, and "
             f"{url!r} also holds {_shown(unknown)}{hint}. Move or delete them yourself, or write "
             "to another directory"
@@ -171,7 +176,7 @@ def check_append_schema(existing: pa.Schema | None, new: pa.Schema, url: str) ->
         return
     gone = [f"{n}: {t}" for n, t in old if (n, t) not in now]
     added = [f"{n}: {t}" for n, t in now if (n, t) not in old]
-    raise ValueError(
+    raise OutputStateError(
         f"mode='append' would add shards whose Parquet schema differs from the dataset in {url!r} "
         f"(the dataset has {gone or 'the same columns in another order'}, this job has "
         f"{added or 'the same columns in another order'}); readers such as dd.read_parquet would "
@@ -201,12 +206,12 @@ def check_output(fs, root: str, url: str, mode: str, shard_schema: pa.Schema) ->
         return read_index(fs, root) if INDEX_FILE in names else None
     index = read_index(fs, root) if INDEX_FILE in names else None
     if index is None:
-        raise ValueError(
+        raise OutputStateError(
             f"mode='append' needs the dataset's {INDEX_FILE} in {url!r}, and there is none: "
             "it is not a complete dask-imgsink dataset. Use mode='overwrite' to replace it"
         )
     if index_layout(index) != LAYOUT_VERSION:
-        raise ValueError(
+        raise OutputStateError(
             f"mode='append' cannot add to the dataset in {url!r}: an older dask-imgsink wrote it with its "
             f"Parquet files beside the tars (layout {index_layout(index)}), and this release puts them in "
             f"{METADATA_DIR}/ (layout {LAYOUT_VERSION}). Rewrite it as a new dataset, or use mode='overwrite'"

@@ -257,6 +257,8 @@ def read_webdataset(
     shards = _shard_refs(index, root)
     schema = _dataset_schema(fs, shards, index)
     _check_columns(schema, columns, images)
+    if isinstance(filters, (list, tuple)) and not filters:
+        filters = None  # no condition: every row, as pyarrow reads it
     _check_filters(schema, filters)
     wants_images = images and (columns is None or IMAGE_COLUMN in columns)
     reader = ShardReader(fs, schema, images=wants_images, decode=decode, verify=verify, filters=filters,
