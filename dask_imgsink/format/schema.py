@@ -178,7 +178,7 @@ def schema_from_record(record) -> pa.Schema | None:
         return None
 
 
-def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[int, RowProblem], dict[str, list[int]]]:
+def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[int, RowProblem], dict[str, list]]:
     """Convert the user's metadata columns of a partition to Arrow with ``schema``.
 
     A value that does not fit its column's type is a problem of its row (named
@@ -191,13 +191,14 @@ def user_table(frame: pd.DataFrame, schema: pa.Schema) -> tuple[pa.Table, dict[i
     -------
     table : pyarrow.Table
     problems : dict of row -> RowProblem
-    tally : dict of column -> [values that fit, values that do not] (nulls not counted)
+    tally : dict of column -> [values that fit, values that do not (nulls not counted), why the first did not]
     """
     columns, problems, tally = [], {}, {}
     for field in schema:
         array, unfit = _column_array(frame[field.name], field)
         columns.append(array)
-        tally[field.name] = [len(array) - array.null_count, len(unfit)]
+        first = unfit[min(unfit)].reason if unfit else ""
+        tally[field.name] = [len(array) - array.null_count, len(unfit), first]
         for row, problem in unfit.items():
             problems.setdefault(row, problem)
     return pa.Table.from_arrays(columns, schema=schema), problems, tally
@@ -237,7 +238,7 @@ def _column_array(values: pd.Series, field: pa.Field) -> tuple[pa.Array, dict[in
     return pa.array(cleaned, type=field.type, from_pandas=True), unfit
 
 
-def unfit_column_error(tallies: list[dict[str, list[int]]], schema: pa.Schema) -> TypeError | None:
+def unfit_column_error(tallies: list[dict[str, list]], schema: pa.Schema) -> TypeError | None:
     """The error for a metadata column none of whose values fit its type in the whole job, if any.
 
     Such a column's type is wrong, not its rows: the job fails, under ``on_error="skip"`` too,
@@ -248,9 +249,10 @@ def unfit_column_error(tallies: list[dict[str, list[int]]], schema: pa.Schema) -
         fit = sum(t[field.name][0] for t in tallies if field.name in t)
         unfit = sum(t[field.name][1] for t in tallies if field.name in t)
         if unfit and not fit:
+            first = next(t[field.name][2] for t in tallies if field.name in t and t[field.name][2])
             return TypeError(
-                f"metadata column {field.name!r}: none of its {unfit} values fits Arrow type {field.type}; "
-                f"{SCHEMA_FIX}, or leave it out with metadata_columns=[...]"
+                f"metadata column {field.name!r}: none of its {unfit} values fits Arrow type {field.type} (the "
+                f"first: {first}); {SCHEMA_FIX}, or leave it out with metadata_columns=[...]"
             )
     return None
 

@@ -35,8 +35,8 @@ class PartitionResult:
     skipped: list[SkippedRow]
     key_hashes: np.ndarray | None = None
     written_rows: np.ndarray | None = None
-    #: metadata column -> [values that fit its type, values that do not] (see ``user_table``)
-    fitting: dict[str, list[int]] | None = None
+    #: metadata column -> [values that fit its type, values that do not, why the first did not] (``user_table``)
+    fitting: dict[str, list] | None = None
 
     @property
     def num_images(self) -> int:
