@@ -517,3 +517,35 @@ def test_an_infinity_inside_a_map_value_is_written_as_in_any_other_column(tmp_pa
                                       metadata_schema={"weights": pa.map_(pa.string(), pa.float64())})
     (_, members), = read_dataset(out)["samples"]
     assert members["json"] == b'{"weights": [["x", 1e999], ["y", 0.5]]}'
+
+
+@pytest.mark.parametrize("kind, value, message", [
+    (pa.int64(), 2.5, "truncated"),
+    (pa.date32(), pd.Timestamp("2020-01-01 23:59"), "time of day"),
+    (pa.timestamp("us"), pd.Timestamp("2020-01-01 00:00:00.000000123"), "lose data"),
+], ids=["a fraction into integers", "a time of day into dates", "nanoseconds into microseconds"])
+def test_a_number_or_time_its_type_would_change_is_a_bad_row_not_cut(kind, value, message, tmp_path):
+    """Arrow casts numbers and times to a column's type without checking: 2.5 became 2, a datetime
+    its date. The value is refused (or skipped); a value the type holds exactly is written."""
+    exact = {pa.int64(): 2.0, pa.date32(): pd.Timestamp("2020-01-02"),
+             pa.timestamp("us"): pd.Timestamp("2020-01-01 00:00:00.000001")}[kind]
+    frame = pd.DataFrame({"key": ["a", "b", "c"], "image": pd.Series([GOOD] * 3, dtype=object),
+                          "v": pd.Series([exact, value, None], dtype=object)})
+    options = dict(key_column="key", metadata_schema={"v": kind}, compute=True)
+    with pytest.raises(BadRowError, match=message) as caught:
+        _ddf(frame).imgsink.to_webdataset(str(tmp_path / "raise"), **options)
+    assert (caught.value.row, caught.value.column) == (1, "v")
+    _ddf(frame).imgsink.to_webdataset(str(tmp_path / "skip"), on_error="skip", **options)
+    table = read_dataset(tmp_path / "skip")["tables"][0]
+    assert table.column("key").to_pylist() == ["a", "c"]
+    assert table.column("v").to_pylist()[1] is None
+    written = table.column("v").to_pylist()[0]
+    assert written == (2 if kind == pa.int64() else exact.date() if kind == pa.date32() else exact.to_pydatetime())
+
+
+def test_the_stage_refuses_a_number_its_type_would_cut(tmp_path):
+    stage = ImageWriterStage(str(tmp_path / "out"))
+    stage.process(ImageBatch(task_id="1", data=[ImageObject(image_id="a", image_data=GOOD, metadata={"n": 1})]))
+    with pytest.raises(ValueError, match="'n'.*truncated"):
+        stage.process(ImageBatch(task_id="2", data=[ImageObject(image_id="b", image_data=GOOD, metadata={"n": 0.5})]))
+    stage.process(ImageBatch(task_id="3", data=[ImageObject(image_id="c", image_data=GOOD, metadata={"n": 3.0})]))

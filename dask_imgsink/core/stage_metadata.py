@@ -20,7 +20,7 @@ import xxhash
 from PIL import Image
 
 from ..format.schema import check_metadata_names
-from ..format.shapes import is_nested, reshaped
+from ..format.shapes import exact_array, is_nested, reshaped
 from .tasks import ImageBatch, ImageObject
 
 _SCHEMA_FIX = "pass metadata_schema={'name': pa.int64(), ...} to the stage to fix the types, or make the values agree"
@@ -87,7 +87,7 @@ def _to_table(rows: list[dict], schema: pa.Schema, batch: str) -> pa.Table:
             raise ValueError(f"batch {batch!r}: metadata key {field.name!r} holds a value that does not fit its type "
                              f"{field.type}: {reason}; {_SCHEMA_FIX}")
         try:
-            columns.append(pa.array(values, type=field.type))
+            columns.append(exact_array(values, field.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as exc:
             raise ValueError(
                 f"batch {batch!r}: metadata key {field.name!r} holds a value that does not fit its type "

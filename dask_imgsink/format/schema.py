@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ..errors import RowProblem
 from .checksums import SAMPLE_CHECKSUM_COLUMN, sha256_hex
 from .index import last_job
-from .shapes import is_nested, reshaped
+from .shapes import exact_array, is_nested, reshaped
 
 #: The writer's own columns, first in every shard's Parquet.
 WRITER_FIELDS = [
@@ -218,7 +218,7 @@ def _column_array(values: pd.Series, field: pa.Field) -> tuple[pa.Array, dict[in
         reshapes = {row: why for row in np.flatnonzero(values.notna().to_numpy())}
     if not reshapes:
         try:
-            return pa.Array.from_pandas(values, type=field.type), {}
+            return exact_array(values, field.type), {}
         except _ARROW_REFUSALS:
             pass
     cleaned, unfit = [], {}
@@ -226,7 +226,7 @@ def _column_array(values: pd.Series, field: pa.Field) -> tuple[pa.Array, dict[in
         reason = reshapes.get(row)
         if reason is None:
             try:
-                pa.array([value], type=field.type, from_pandas=True)
+                exact_array([value], field.type)
             except _ARROW_REFUSALS as exc:
                 reason = str(exc)
         if reason is not None:
