@@ -549,3 +549,34 @@ def test_the_stage_refuses_a_number_its_type_would_cut(tmp_path):
     with pytest.raises(ValueError, match="'n'.*truncated"):
         stage.process(ImageBatch(task_id="2", data=[ImageObject(image_id="b", image_data=GOOD, metadata={"n": 0.5})]))
     stage.process(ImageBatch(task_id="3", data=[ImageObject(image_id="c", image_data=GOOD, metadata={"n": 3.0})]))
+
+
+def test_the_stage_keeps_an_id_of_0_and_never_names_two_different_batches_alike(tmp_path):
+    """``image_id=0`` is a key like 1 (only None or "" get a generated one). Batches that differ only in
+    the middle of a long array of metadata, or in a "P" image's palette, got one name, and the second
+    replaced the first."""
+    stage = ImageWriterStage(str(tmp_path / "out"))
+    written = stage.process(ImageBatch(data=[ImageObject(image_id=0, image_data=GOOD)]))
+    assert [s[0] for s in read_dataset_files(written.data)] == ["0"]
+    stage = ImageWriterStage(str(tmp_path / "vectors"))
+    vector = np.zeros(2000)
+    other = vector.copy()
+    other[1000] = 1.0
+    first = stage.process(ImageBatch(data=[ImageObject(image_id="v", image_data=GOOD, metadata={"v": vector})]))
+    second = stage.process(ImageBatch(data=[ImageObject(image_id="v", image_data=GOOD, metadata={"v": other})]))
+    assert set(first.data).isdisjoint(second.data)
+    red, blue = (Image.new("P", (4, 4), 0) for _ in range(2))
+    red.putpalette([255, 0, 0] * 256)
+    blue.putpalette([0, 0, 255] * 256)
+    named = [set(stage.process(ImageBatch(data=[ImageObject(image_id="p", image_data=img, metadata={"v": vector})])).data)
+             for img in (red, blue)]
+    assert named[0].isdisjoint(named[1])
+
+
+def test_the_stage_removes_the_image_data_of_written_objects_only(tmp_path):
+    stage = ImageWriterStage(str(tmp_path / "out"), remove_image_data=True, on_error="skip")
+    bad = np.zeros((0, 4, 3), np.uint8)
+    objects = [ImageObject(image_id="a", image_data=GOOD), ImageObject(image_id="b", image_data=bad)]
+    result = stage.process(ImageBatch(data=objects))
+    assert result.metadata["num_skipped"] == 1
+    assert objects[0].image_data is None and objects[1].image_data is bad  # not written: kept

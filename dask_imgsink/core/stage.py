@@ -123,7 +123,8 @@ class ImageWriterStage:
         meta = self._schema.table(objects, task.task_id or base) if objects else None
         rows = Rows(
             images=[obj.image_data for obj in objects],
-            keys=[obj.image_id or f"{base[len('images-'):]}_{i:08d}" for i, obj in enumerate(objects)],
+            keys=[f"{base[len('images-'):]}_{i:08d}" if obj.image_id is None or obj.image_id == "" else obj.image_id
+                  for i, obj in enumerate(objects)],
             meta=meta,
             columns={"image": "image_data", "key": "image_id"},
         )
@@ -167,8 +168,10 @@ class ImageWriterStage:
             remove_empty_dir(self._fs, jobs_root(self._root))
             remove_empty_dir(self._fs, join(self._root, WORK_DIR))
         if self.remove_image_data:
-            for obj in objects:
-                obj.image_data = None
+            left_out = {r.row for r in skipped}
+            for i, obj in enumerate(objects):
+                if i not in left_out:  # a skipped object keeps its image: it was not written
+                    obj.image_data = None
         return FileGroupTask(
             task_id=task.task_id,
             dataset_name=task.dataset_name,

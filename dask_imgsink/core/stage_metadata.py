@@ -105,6 +105,7 @@ def _image_fingerprint(value: Any, digest) -> None:
     elif isinstance(value, Image.Image):
         digest.update(f"{value.mode}{value.size}".encode())
         digest.update(value.tobytes())
+        digest.update(bytes(value.getpalette() or []))  # a "P" image's pixels are indexes into it
     elif isinstance(value, dict):
         data = value.get("bytes")
         _image_fingerprint(data if isinstance(data, (bytes, bytearray, memoryview)) else None, digest)
@@ -121,5 +122,12 @@ def batch_fingerprint(task: ImageBatch) -> str:
     for obj in task.data:
         digest.update(f"{obj.image_path}\0{obj.image_id}\0".encode())
         _image_fingerprint(obj.image_data, digest)
-        digest.update(json.dumps(obj.metadata or {}, sort_keys=True, default=str).encode() + b"\0")
+        digest.update(json.dumps(obj.metadata or {}, sort_keys=True, default=_whole).encode() + b"\0")
     return digest.hexdigest()
+
+
+def _whole(value: Any) -> Any:
+    """A metadata value JSON cannot hold, whole (``str`` of a long NumPy array elides its middle)."""
+    if isinstance(value, np.ndarray):
+        return [value.dtype.str, list(value.shape), value.tobytes().hex()]
+    return str(value)
