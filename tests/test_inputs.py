@@ -580,3 +580,23 @@ def test_the_stage_removes_the_image_data_of_written_objects_only(tmp_path):
     result = stage.process(ImageBatch(data=objects))
     assert result.metadata["num_skipped"] == 1
     assert objects[0].image_data is None and objects[1].image_data is bad  # not written: kept
+
+
+@pytest.mark.parametrize("metadata, message", [({7: 1}, "metadata key 7 is not a string"),
+                                               ({"image_path": "thumb.jpg"}, "would replace the object's image_path")])
+def test_the_stage_refuses_metadata_keys_it_cannot_write_as_given(metadata, message, tmp_path):
+    stage = ImageWriterStage(str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=message):
+        stage.process(ImageBatch(data=[ImageObject(image_id="a", image_path="/data/a.jpg", image_data=GOOD,
+                                                   metadata=metadata)]))
+
+
+def test_the_stage_returns_paths_that_open_where_it_wrote(tmp_path):
+    """Written to an fsspec URL, the result's paths keep its protocol (they opened as local paths)."""
+    import fsspec
+
+    stage = ImageWriterStage("memory://stage-paths/out")
+    result = stage.process(ImageBatch(data=[ImageObject(image_id="a", image_data=GOOD)]))
+    assert all(p.startswith("memory://") for p in result.data)
+    with fsspec.open(result.data[0], "rb") as f:
+        assert f.read(512)

@@ -161,8 +161,8 @@ class ImageWriterStage:
                 if shard.target.idx_path is not None:
                     publish(self._fs, shard.target.idx_path, join(self._root, idx_name(tar)))
                 publish(self._fs, shard.target.tar_path, tar_final)
-                tars.append(tar_final)
-                parquets.append(parquet_final)
+                tars.append(tar_final if is_local(self._fs) else self._fs.unstrip_protocol(tar_final))
+                parquets.append(parquet_final if is_local(self._fs) else self._fs.unstrip_protocol(parquet_final))
         finally:
             remove_quietly(self._fs, folder, recursive=True)
             remove_empty_dir(self._fs, jobs_root(self._root))

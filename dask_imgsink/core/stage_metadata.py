@@ -11,6 +11,7 @@ holds, so two different batches never get the same shard names.
 from __future__ import annotations
 
 import json
+import threading
 from functools import partial
 from typing import Any, Mapping
 
@@ -35,6 +36,7 @@ class MetadataSchema:
         self.declared = dict(declared or {})
         check_metadata_names(list(self.declared))
         self.schema: pa.Schema | None = None
+        self._fixing = threading.Lock()  # two threads' first batches must not fix two schemas
 
     def table(self, objects: list[ImageObject], batch: str) -> pa.Table:
         """The metadata of ``objects`` (``image_path`` first) as Arrow in the stage's schema.
@@ -45,11 +47,14 @@ class MetadataSchema:
             A key the first batch did not have, or a value that does not fit its
             key's type; names the batch, the key and the fix.
         """
+        for obj in objects:
+            _check_keys_of(obj.metadata or {}, batch)
         rows = [{"image_path": obj.image_path, **dict(obj.metadata or {})} for obj in objects]
         names = list(dict.fromkeys(name for row in rows for name in row))
         check_metadata_names([n for n in names if n != "image_path"])
-        if self.schema is None:
-            self.schema = self._first_schema(rows, names, batch)
+        with self._fixing:
+            if self.schema is None:
+                self.schema = self._first_schema(rows, names, batch)
         new = [n for n in names if n not in self.schema.names]
         if new:
             raise ValueError(
@@ -75,6 +80,17 @@ class MetadataSchema:
             if name not in names:
                 fields.append(pa.field(name, type_))
         return pa.schema(fields)
+
+
+def _check_keys_of(metadata: Mapping, batch: str) -> None:
+    """Refuse metadata keys that are not strings, or that would replace the stage's ``image_path`` column."""
+    for key in metadata:
+        if not isinstance(key, str):
+            raise ValueError(f"batch {batch!r}: metadata key {key!r} is not a string; Parquet columns and key.json "
+                             "keys are text: use str keys")
+        if key == "image_path":
+            raise ValueError(f"batch {batch!r}: metadata key 'image_path' would replace the object's image_path, "
+                             "which the stage writes in that column; rename the key")
 
 
 def _to_table(rows: list[dict], schema: pa.Schema, batch: str) -> pa.Table:
