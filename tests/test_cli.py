@@ -293,6 +293,18 @@ def test_write_into_a_non_empty_directory_fails_with_exit_1_and_keeps_it(tmp_pat
     assert (out / "mine.txt").read_text() == "keep me"
 
 
+def test_a_file_that_cannot_be_read_is_a_bad_row_of_its_own(tmp_path):
+    """A dangling link (or a file gone meanwhile) failed the whole job, under --on-error skip too."""
+    images = image_folder(tmp_path / "images", 2)
+    (images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    out = tmp_path / "out"
+    proc = _run("write", str(images), str(out), "--scheduler", "threads", "--no-progress")
+    assert proc.returncode == 1 and "key 'gone'" in proc.stderr and "missing" in proc.stderr, proc.stderr
+    proc = _run("write", str(images), str(out), "--on-error", "skip", "--scheduler", "threads", "--no-progress")
+    assert proc.returncode == 0 and "skipped 1 rows" in proc.stdout, proc.stderr
+    assert json.loads((out / "_errors.jsonl").read_text())["key"] == "gone"
+
+
 def test_skipped_rows_are_counted_by_write_and_info(tmp_path):
     images = image_folder(tmp_path / "images", 4)
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

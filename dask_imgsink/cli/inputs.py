@@ -184,8 +184,10 @@ class FileReader:
         self.fs = fs
 
     def __call__(self, paths: list[str], keys: list[str], relative: list[str]) -> pd.DataFrame:
-        found = self.fs.cat(paths, on_error="raise") if paths else {}  # concurrent GETs on object stores
-        data = [found[p] for p in paths]
+        found = self.fs.cat(paths, on_error="return") if paths else {}  # concurrent GETs on object stores
+        # a file that cannot be read (gone, a dangling link) is a missing image: a bad row, whose key
+        # names the file, and which on_error="skip" leaves out and records like any other
+        data = [None if isinstance(found.get(p), Exception) else found[p] for p in paths]
         return pd.DataFrame({
             "key": pd.Series(keys, dtype=pd.StringDtype("pyarrow")),
             "image": pd.Series(pd.arrays.ArrowExtensionArray(pa.array(data, type=pa.large_binary()))),
