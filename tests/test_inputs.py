@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import dask
 import dask.dataframe as dd
@@ -600,3 +601,14 @@ def test_the_stage_returns_paths_that_open_where_it_wrote(tmp_path):
     assert all(p.startswith("memory://") for p in result.data)
     with fsspec.open(result.data[0], "rb") as f:
         assert f.read(512)
+
+
+def test_a_stage_rerun_with_fewer_shards_replaces_all_its_files(tmp_path):
+    """The names hash the batch, not images_per_tar: a rerun that writes fewer shards removes the
+    rest of its earlier run's, or the directory held each key twice."""
+    objects = [ImageObject(image_id=f"k{i}", image_data=make_image(i, 8, 8)) for i in range(3)]
+    ImageWriterStage(str(tmp_path / "out"), images_per_tar=1).process(ImageBatch(task_id="t", data=objects))
+    assert len(list((tmp_path / "out").glob("*.tar"))) == 3
+    result = ImageWriterStage(str(tmp_path / "out"), images_per_tar=10).process(ImageBatch(task_id="t", data=objects))
+    assert {p.name for p in (tmp_path / "out").rglob("*") if p.is_file()} == {
+        Path(p).name for p in result.data} | {Path(result.data[0]).name[:-4] + ".idx"}

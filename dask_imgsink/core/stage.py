@@ -109,6 +109,16 @@ class ImageWriterStage:
             return f"images-{batch_fingerprint(task)[:16]}"
         return f"images-{uuid.uuid4().hex[:16]}"
 
+    def _remove_later_chunks(self, base: str, written: int) -> None:
+        """Remove this batch's shards numbered from ``written`` on: an earlier run of it (with a smaller
+        ``images_per_tar``, say) wrote more, and a rerun replaces all its own files."""
+        chunk = written
+        while self._fs.exists(tar := join(self._root, f"{base}-{chunk:06d}.tar")):
+            for path in (tar, join(self._root, parquet_name(f"{base}-{chunk:06d}.tar")),
+                         join(self._root, idx_name(f"{base}-{chunk:06d}.tar"))):
+                remove_quietly(self._fs, path)
+            chunk += 1
+
     def process(self, task: ImageBatch) -> FileGroupTask:
         """Write the batch; return the written files and facts about them.
 
@@ -163,6 +173,8 @@ class ImageWriterStage:
                 publish(self._fs, shard.target.tar_path, tar_final)
                 tars.append(tar_final if is_local(self._fs) else self._fs.unstrip_protocol(tar_final))
                 parquets.append(parquet_final if is_local(self._fs) else self._fs.unstrip_protocol(parquet_final))
+            if self.deterministic_name:
+                self._remove_later_chunks(base, len(shards))
         finally:
             remove_quietly(self._fs, folder, recursive=True)
             remove_empty_dir(self._fs, jobs_root(self._root))
