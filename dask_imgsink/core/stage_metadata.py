@@ -60,7 +60,8 @@ class MetadataSchema:
             raise ValueError(
                 f"batch {batch!r}: metadata key(s) {new} were not in the stage's first batch, which fixed its "
                 f"Parquet schema ({self.schema.names}); every shard must have the same schema. Give every "
-                f"object every key (None where unknown) from the first batch on, or {_SCHEMA_FIX}"
+                f"object every key (None where unknown; a key that is None in the whole first batch takes the type "
+                f"null, so give its type in metadata_schema) from the first batch on, or {_SCHEMA_FIX}"
             )
         return _to_table(rows, self.schema, batch)
 
