@@ -35,15 +35,17 @@ import pandas as pd
 from bench_encode import photographs
 
 import dask_imgsink
-import dask_imgsink.core.tarshard as tarshard
 import dask_imgsink.core.writer as writer_module
-import dask_imgsink.format.schema as schema_module
+import dask_imgsink.format.checksums as checksums_module
 from dask_imgsink.core.encode import EncodeOptions
 from dask_imgsink.core.writer import Rows, ShardTarget, write_rows
 from dask_imgsink.read.verify import ShardCheck, verify_dataset, verify_shard
 
 
 class _NoHash:
+    def __init__(self, data=b"") -> None:
+        pass
+
     def update(self, data) -> None:
         pass
 
@@ -58,14 +60,15 @@ class _NoHashlib:
 @contextlib.contextmanager
 def checksums_off():
     """Switch off the three checksums taken while writing (page CRCs stay: they are Parquet's own)."""
-    saved = (tarshard.hashlib, writer_module.sample_checksum, schema_module.sha256_hex)
-    tarshard.hashlib = _NoHashlib
-    writer_module.sample_checksum = lambda data: "0" * 16
-    schema_module.sha256_hex = lambda data: ""
+    # every SHA-256 (shards, Parquet, .idx) goes through format/checksums.py's hashlib; the
+    # sample checksum is taken in the writer
+    saved = (checksums_module.hashlib, writer_module.pieces_checksum)
+    checksums_module.hashlib = _NoHashlib
+    writer_module.pieces_checksum = lambda pieces: "0" * 16
     try:
         yield
     finally:
-        tarshard.hashlib, writer_module.sample_checksum, schema_module.sha256_hex = saved
+        checksums_module.hashlib, writer_module.pieces_checksum = saved
 
 
 def interleaved(with_fn, without_fn, repeats: int) -> tuple[float, float]:

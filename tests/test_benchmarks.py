@@ -79,3 +79,13 @@ def test_the_carry_benchmark_runs(tmp_path):
     assert len(rows) == 4 and all("ratio to the limit median" in row for row in rows), proc.stdout
     assert sum("RSS rise" in row for row in rows) == 2  # memory on the cluster only: one process on threads
     assert list(tmp_path.iterdir()) == []  # it cleaned up after itself
+
+
+def test_the_trust_benchmark_runs():
+    """It switches the checksums off by patching where they are taken: a move of that code broke it once."""
+    pytest.importorskip("skimage")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_trust.py"), "--images", "20", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in ("checksums while writing", "accessor, exact packing", "verify --decode", "baseline: sha256"):
+        assert line in proc.stdout, proc.stdout
