@@ -282,15 +282,19 @@ def test_dali_follows_the_index_we_wrote(datasets_by_state, tmp_path):
     assert proc.returncode != 0
 
 
-def test_our_index_files_are_what_dalis_wds2idx_writes(datasets_by_state, tmp_path):
-    pytest.importorskip("nvidia.dali")
-    out, _ = datasets_by_state["appended"]
+def _assert_our_index_files_are_what_wds2idx_writes(out: Path, tmp_path: Path) -> None:
     for tar in sorted(out.glob("*.tar")):
         theirs = tmp_path / (tar.stem + ".idx")
         proc = subprocess.run([sys.executable, "-m", "wds2idx", str(tar), str(theirs)], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert theirs.read_bytes() == (out / f"{tar.stem}.idx").read_bytes()
+
+
+def test_our_index_files_are_what_dalis_wds2idx_writes(datasets_by_state, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out, _ = datasets_by_state["appended"]
+    _assert_our_index_files_are_what_wds2idx_writes(out, tmp_path)
 
 
 def test_huggingface_loads_nested_and_temporal_metadata_through_the_declared_features(tmp_path):
@@ -355,17 +359,10 @@ def test_keys_holding_commas_and_colons_are_indexed_as_wds2idx_does_and_dali_rea
                                                             dtype=object),
                           "caption": [f"caption {i}" for i in range(4)], "uid": keys})
     out = tmp_path / "out"
-    with dask.config.set({"dataframe.convert-string": False}):
-        ddf = dd.from_pandas(frame, npartitions=2, sort=False)
-    ddf.imgsink.to_webdataset(str(out), key_column="key", text_column="caption", images_per_tar=3,
-                              packing=packing, compute=True)
+    _ddf(frame, 2).imgsink.to_webdataset(str(out), key_column="key", text_column="caption", images_per_tar=3,
+                                         packing=packing, compute=True)
     assert verify_dataset(str(out)).ok
-    for tar in sorted(out.glob("*.tar")):
-        theirs = tmp_path / (tar.stem + ".idx")
-        proc = subprocess.run([sys.executable, "-m", "wds2idx", str(tar), str(theirs)], capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert theirs.read_bytes() == (out / f"{tar.stem}.idx").read_bytes()
+    _assert_our_index_files_are_what_wds2idx_writes(out, tmp_path)
     result = _run(f"""
         import glob, json, os
         from nvidia.dali import fn, pipeline_def

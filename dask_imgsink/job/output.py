@@ -161,9 +161,10 @@ def adopt_dataset_types(existing: pa.Schema | None, user_schema: pa.Schema) -> p
 
 def schema_to_append(fs, root: str, user_schema: pa.Schema) -> pa.Schema:
     """The metadata schema an append to the dataset at ``root`` writes (:func:`adopt_dataset_types`)."""
-    if INDEX_FILE not in existing_entries(fs, root):
+    index = read_index(fs, root)
+    if index is None:
         return user_schema  # no dataset: the checks of the mode say so
-    return adopt_dataset_types(existing_shard_schema(fs, root, read_index(fs, root)), user_schema)
+    return adopt_dataset_types(existing_shard_schema(fs, root, index), user_schema)
 
 
 def check_append_schema(existing: pa.Schema | None, new: pa.Schema, url: str) -> None:
